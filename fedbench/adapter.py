@@ -1,0 +1,92 @@
+"""The Adapter base class and the trained federation it receives: what an unseen site does at test
+time with the federation's models and its own unlabeled images."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from fedbench.data import UnlabeledImages
+from fedbench.errors import FedbenchError
+from fedbench.method import State
+from fedbench.tasks import Task
+
+
+@dataclass
+class TrainedFederation:
+    """The models a federation hands to an unseen site: the global one (if any) and one
+    personalized model per training site."""
+
+    method: str
+    build_model: Callable[[], nn.Module]
+    global_state: State | None
+    personalized: list[State]
+    site_names: list[str]
+    device: torch.device
+
+    def model(self, state: State) -> nn.Module:
+        """A fresh module on the run's device holding `state`."""
+        module = self.build_model()
+        module.load_state_dict(state)
+        return module.to(self.device)
+
+
+@dataclass(frozen=True)
+class AdaptContext:
+    """Run settings an adapter may use."""
+
+    batch_size: int
+    seed: int
+    task: Task
+
+
+class Adapter:
+    """Base of adapters. `predict` returns the model outputs for every image, in order."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+    needs_global_model: ClassVar[bool] = True
+    needs_normalization: ClassVar[bool] = False
+    needs_dense_task: ClassVar[bool] = False
+    required: ClassVar[tuple[str, ...]] = ("predict",)
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = {**self.defaults, **params}
+
+    def check(self, method: type, model: nn.Module, task: Task) -> None:
+        """Raise a clear error, before any training, when this adapter cannot apply to the
+        method (class), its model or the task."""
+        from fedbench.models import normalization_modules
+
+        if self.needs_global_model and not method.has_global_model:
+            raise FedbenchError(
+                f"adapter '{self.name}' needs a global model, and method '{method.name}' "
+                "has none; try --adapter ensemble"
+            )
+        if self.needs_dense_task and not task.dense_prediction:
+            raise FedbenchError(f"adapter '{self.name}' applies to segmentation tasks only")
+        if self.needs_normalization and not normalization_modules(model):
+            raise FedbenchError(
+                f"adapter '{self.name}' needs normalization layers, and this model has none"
+            )
+
+    def predict(
+        self, federation: TrainedFederation, images: UnlabeledImages, ctx: AdaptContext
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@torch.inference_mode()
+def predict_batched(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Outputs of `model` in eval mode for all inputs, batch by batch, on the model's device."""
+    model.eval()
+    device = next(model.parameters()).device
+    outputs = [
+        model(inputs[i : i + batch_size].to(device)) for i in range(0, len(inputs), batch_size)
+    ]
+    return torch.cat(outputs).float().cpu()

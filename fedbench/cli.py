@@ -1,0 +1,182 @@
+"""The `fedbench` command line. Heavy libraries (torch, MONAI) are imported only by the commands
+that need them."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedbench.errors import FedbenchError
+
+app = typer.Typer(
+    help="Benchmark personalized federated learning on multi-site medical image segmentation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+STATE: dict[str, Any] = {"debug": False, "plugins": ()}
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Expected failures become one line on stderr and a non-zero exit (a traceback with --debug)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except FedbenchError as exc:
+            if STATE["debug"]:
+                raise
+            fail(str(exc))
+        except KeyboardInterrupt:
+            if STATE["debug"]:
+                raise
+            fail("interrupted; records already written are intact", code=130)
+
+    return wrapper
+
+
+def registry():
+    from fedbench.registry import load_registry
+
+    reg = load_registry(tuple(STATE["plugins"]))
+    for line in reg.failures:
+        typer.echo(f"warning: {line}", err=True)
+    return reg
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+    plugin: Annotated[
+        list[Path] | None, typer.Option("--plugin", help="Load a plugin module from a file.")
+    ] = None,
+) -> None:
+    """Global options."""
+    STATE["debug"] = debug
+    STATE["plugins"] = tuple(plugin or ())
+
+
+@app.command("run")
+@user_errors
+def run_command(
+    method: Annotated[str, typer.Option(help="Method name (fedbench list methods).")],
+    adapter: Annotated[str | None, typer.Option(help="Adapter for unseen sites.")] = None,
+    dataset: Annotated[str, typer.Option(help="Dataset name.")] = "synth-prostate",
+    holdout: Annotated[str, typer.Option(help="all, none, or SITE,SITE: sites held out.")] = "all",
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    preset: Annotated[str, typer.Option(help="quick, default or paper.")] = "default",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a setting: KEY=VALUE.")
+    ] = None,
+    results_dir: Annotated[Path, typer.Option(help="Where records go.")] = Path("results"),
+    json_: Annotated[bool, typer.Option("--json", help="Print only the run record.")] = False,
+) -> None:
+    """Train a federation, score each site inside it, and adapt to each held-out site."""
+    from fedbench.progress import make_reporter
+    from fedbench.runner import RunSpec, execute, resolve
+
+    spec = RunSpec(
+        method=method,
+        adapter=adapter,
+        dataset=dataset,
+        holdout=holdout,
+        seed=seed,
+        preset=preset,
+        device=device,
+        rounds=rounds,
+        overrides=list(set_ or []),
+        results_dir=results_dir,
+    )
+    reg = registry()
+    resolved = resolve(spec, reg)
+    reporter = make_reporter(err, quiet=json_)
+    try:
+        record = execute(resolved, reg, reporter)
+    finally:
+        reporter.close()
+    if json_:
+        sys.stdout.write(json.dumps(record, indent=2) + "\n")
+    else:
+        print_summary(record, results_dir)
+    if record["status"] != "ok":
+        fail(f"run {record['status']}: {record.get('error', '')}", code=1)
+
+
+def print_summary(record: dict[str, Any], results_dir: Path) -> None:
+    """The per-site table a person reads after a run."""
+    table = Table(title=f"{record['method']} on {record['dataset']} (seed {record['seed']})")
+    table.add_column("site")
+    values: dict[tuple[str, str, str], float] = {
+        (r["site"], r["regime"], r["metric"]): r["value"]
+        for r in record["metrics"]
+        if r["selection"] == "final"
+    }
+    columns = [("inside", "dice"), ("inside", "hd95")]
+    if record["adapter"]:
+        columns += [("outside", "dice"), ("outside", "hd95")]
+    for regime, metric in columns:
+        label = f"{regime} {metric}" + (f" ({record['adapter']})" if regime == "outside" else "")
+        table.add_column(label, justify="right")
+    sites = list(dict.fromkeys(r["site"] for r in record["metrics"]))
+    for site in sites:
+        cells = [values.get((site, regime, metric)) for regime, metric in columns]
+        table.add_row(site, *("-" if v is None else f"{v:.3f}" for v in cells))
+    out.print(table)
+    cost = record["cost"]
+    path = results_dir / "runs" / f"{record['run_id']}.json"
+    out.print(
+        f"status {record['status']} in {record['wall_s']:.1f} s; "
+        f"sent {cost['bytes_up'] / 1e6:.1f} MB up, {cost['bytes_down'] / 1e6:.1f} MB down; "
+        f"record {path}",
+        highlight=False,
+    )
+
+
+@app.command("list")
+@user_errors
+def list_command(
+    kind: Annotated[str, typer.Argument(help="methods, adapters or datasets")],
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the installed methods, adapters or datasets."""
+    if kind not in ("methods", "adapters", "datasets"):
+        raise FedbenchError(f"unknown kind '{kind}'; known: methods, adapters, datasets")
+    reg = registry()
+    rows = []
+    for name in reg.names(kind):
+        cls = reg.get(kind, name)
+        row = {"name": name, "description": getattr(cls, "description", "")}
+        if kind == "methods":
+            row["default_adapter"] = cls.default_adapter
+        rows.append(row)
+    if json_:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table(title=kind)
+    for column in rows[0] if rows else ["name"]:
+        table.add_column(column.replace("_", " "))
+    for row in rows:
+        table.add_row(*row.values())
+    out.print(table)
+
+
+def main() -> None:
+    app()

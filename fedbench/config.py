@@ -1,0 +1,142 @@
+"""Run configuration: presets, component defaults, `--set KEY=VALUE` overrides, validation and
+the stable hash that identifies a run's settings."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from typing import Any
+
+from fedbench.errors import FedbenchError
+
+Config = dict[str, Any]
+
+BASE: Config = {
+    "train": {"rounds": 12, "local_epochs": 1, "batch_size": 8, "lr": 2e-3, "optimizer": "adam"},
+    "model": {"channels": [16, 32, 64, 128], "res_units": 1},
+    "eval": {"batch_size": 64, "val_best": False, "history": True},
+}
+
+# What each preset changes on top of BASE; datasets add their own data-side preset values.
+PRESETS: dict[str, Config] = {
+    "quick": {
+        "train": {"rounds": 2, "batch_size": 8},
+        "model": {"channels": [8, 16, 32], "res_units": 0},
+    },
+    "default": {},
+    # The IOP-FL scale: U-Net 32..512 channels, Adam 1e-3, batch 5, 100 rounds (meant for a GPU).
+    "paper": {
+        "train": {"rounds": 100, "batch_size": 5, "lr": 1e-3, "optimizer": "adam"},
+        "model": {"channels": [32, 64, 128, 256, 512], "res_units": 1},
+        "eval": {"batch_size": 16},
+    },
+}
+
+POSITIVE = ("train.rounds", "train.local_epochs", "train.batch_size", "train.lr", "eval.batch_size")
+OPTIMIZERS = ("adam", "sgd")
+
+
+def deep_merge(base: Config, override: Config) -> Config:
+    """A copy of `base` with `override` merged in, section by section."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def preset_config(preset: str) -> Config:
+    if preset not in PRESETS:
+        raise FedbenchError(f"unknown preset '{preset}'; known: {', '.join(PRESETS)}")
+    return deep_merge(BASE, PRESETS[preset])
+
+
+def parse_assignment(text: str) -> tuple[list[str], str]:
+    """'train.lr=0.01' -> (['train', 'lr'], '0.01'), or one clear error."""
+    key, sep, value = text.partition("=")
+    path = key.strip().split(".")
+    if not sep or not key.strip() or any(not part for part in path):
+        raise FedbenchError(f"malformed --set '{text}': expected KEY=VALUE, e.g. train.lr=0.01")
+    return path, value.strip()
+
+
+def coerce(value: str, like: Any, key: str) -> Any:
+    """Convert a command-line string to the type of the setting's current value."""
+    try:
+        if isinstance(like, bool):
+            lowered = value.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(like, int):
+            return int(value)
+        if isinstance(like, float):
+            return float(value)
+        if isinstance(like, list):
+            items = [v for v in value.strip("[]").split(",") if v.strip()]
+            kind = type(like[0]) if like else str
+            return [kind(v.strip()) for v in items]
+    except ValueError:
+        expected = {bool: "true or false", int: "an integer", float: "a number", list: "a list"}
+        raise FedbenchError(
+            f"setting {key} expects {expected[type(like)]}, got '{value}'"
+        ) from None
+    return None if value.lower() in ("none", "null") else value
+
+
+def apply_overrides(config: Config, assignments: list[str]) -> Config:
+    """Apply `--set` assignments; a key that no component declared is an error."""
+    out = copy.deepcopy(config)
+    for text in assignments:
+        path, raw = parse_assignment(text)
+        node = out
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise FedbenchError(f"unknown setting '{'.'.join(path)}'; known: {known_keys(out)}")
+            node = node[part]
+        if path[-1] not in node or isinstance(node[path[-1]], dict):
+            raise FedbenchError(f"unknown setting '{'.'.join(path)}'; known: {known_keys(out)}")
+        node[path[-1]] = coerce(raw, node[path[-1]], ".".join(path))
+    return out
+
+
+def flatten(config: Config, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def known_keys(config: Config) -> str:
+    return ", ".join(sorted(flatten(config)))
+
+
+def validate(config: Config) -> None:
+    """Reject settings no run can use, naming the setting."""
+    flat = flatten(config)
+    for key in POSITIVE:
+        value = flat.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise FedbenchError(f"setting {key} must be a positive number, got {value!r}")
+    if flat["train.optimizer"] not in OPTIMIZERS:
+        raise FedbenchError(
+            f"setting train.optimizer must be one of {', '.join(OPTIMIZERS)}, "
+            f"got '{flat['train.optimizer']}'"
+        )
+    if len(flat["model.channels"]) < 2 or any(c <= 0 for c in flat["model.channels"]):
+        raise FedbenchError("setting model.channels needs at least two positive widths")
+
+
+def stable_hash(payload: Any) -> str:
+    """A short hash of JSON-serialisable data that does not depend on key order."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,124 @@
+"""In-memory federated data: sites with case-level train/val/test splits, and the Dataset base."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from fedbench.tasks import Task
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split of one site: inputs, targets and the case (patient) each sample belongs to."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    cases: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def batches(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (inputs, targets) batches; shuffled when a generator is given.
+
+        A trailing batch of one sample is dropped while shuffling (training), since BatchNorm
+        cannot normalise a single sample.
+        """
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if generator is not None else None
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            if order is not None and stop - start == 1 and n > 1:
+                break
+            idx = order[start:stop] if order is not None else slice(start, stop)
+            yield self.inputs[idx], self.targets[idx]
+
+    def to(self, device: torch.device | str) -> Split:
+        return Split(self.inputs.to(device), self.targets.to(device), self.cases.to(device))
+
+    @staticmethod
+    def concat(splits: list[Split]) -> Split:
+        """Pool several splits into one (cases are renumbered so they stay distinct)."""
+        offset, cases = 0, []
+        for split in splits:
+            cases.append(split.cases + offset)
+            offset += int(split.cases.max()) + 1 if len(split) else 0
+        return Split(
+            torch.cat([s.inputs for s in splits]),
+            torch.cat([s.targets for s in splits]),
+            torch.cat(cases),
+        )
+
+
+@dataclass(frozen=True)
+class UnlabeledImages:
+    """What an unseen site offers an adapter: its images in a fixed order, and no labels at all."""
+
+    inputs: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """Consecutive batches without shuffling: neighbouring slices of a case share a batch."""
+        for start in range(0, len(self), batch_size):
+            yield self.inputs[start : start + batch_size]
+
+
+@dataclass(frozen=True)
+class Site:
+    """One institution: a name and its three case-level splits."""
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+
+    def all_samples(self) -> Split:
+        """Every sample of the site (train, val and test), as an unseen site uses them."""
+        return Split.concat([self.train, self.val, self.test])
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """A loaded dataset: its sites and the task (model, loss, metrics) they share."""
+
+    name: str
+    sites: list[Site]
+    task: Task
+
+    def site(self, name: str) -> Site:
+        for site in self.sites:
+            if site.name == name:
+                return site
+        from fedbench.errors import unknown_name
+
+        raise unknown_name(f"site of dataset '{self.name}'", name, [s.name for s in self.sites])
+
+
+class Dataset:
+    """Base of dataset plugins: declares its `data.*` settings and loads a FederatedData."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+    required: ClassVar[tuple[str, ...]] = ("load",)
+
+    def preset(self, preset: str) -> dict[str, Any]:
+        """Config overrides this dataset wants for a preset (e.g. FLamby's published constants)."""
+        return {}
+
+    def site_names(self, cfg: dict[str, Any]) -> list[str] | None:
+        """The site names, when known without loading (for early validation); None otherwise."""
+        return None
+
+    def load(self, cfg: dict[str, Any], seed: int, cache_dir: Path) -> FederatedData:
+        raise NotImplementedError

@@ -1,0 +1,163 @@
+"""The run record (DESIGN.md section 5): one JSON file per run, written atomically inside the
+results folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import secrets
+import subprocess
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fedbench import __version__
+from fedbench.errors import FedbenchError
+
+SCHEMA_VERSION = 1
+REQUIRED_FIELDS = (
+    "schema_version",
+    "run_id",
+    "status",
+    "method",
+    "adapter",
+    "dataset",
+    "seed",
+    "config",
+    "config_hash",
+    "environment",
+    "started_at",
+    "finished_at",
+    "wall_s",
+    "cost",
+    "metrics",
+)
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def safe_token(text: str) -> str:
+    """A file-name-safe token: run ids can never escape the results folder."""
+    return _UNSAFE.sub("-", text).strip(".-") or "x"
+
+
+def new_run_id(dataset: str, method: str, adapter: str | None, seed: int, config_hash: str) -> str:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    parts = [
+        dataset,
+        method,
+        adapter or "inside",
+        f"s{seed}",
+        config_hash[:8],
+        stamp,
+        secrets.token_hex(2),
+    ]
+    return "_".join(safe_token(p) for p in parts)
+
+
+def git_sha() -> str | None:
+    """The commit fedbench runs from, when it runs from a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def environment(device: str) -> dict[str, Any]:
+    import torch
+
+    return {
+        "fedbench": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_sha": git_sha(),
+        "device": device,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def runs_dir(results_dir: Path) -> Path:
+    """The records folder, created if needed; a results path that is a file or read-only is an
+    error before any work starts."""
+    results_dir = Path(results_dir)
+    if results_dir.exists() and not results_dir.is_dir():
+        raise FedbenchError(f"results folder {results_dir} is a file, not a folder")
+    runs = results_dir / "runs"
+    try:
+        runs.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=runs, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise FedbenchError(
+            f"results folder {results_dir} is not writable: {exc.strerror}"
+        ) from None
+    return runs
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to a temp file in the same folder, then rename over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, allow_nan=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_record(results_dir: Path, record: dict[str, Any]) -> Path:
+    runs = runs_dir(results_dir)
+    path = runs / f"{safe_token(record['run_id'])}.json"
+    write_json_atomic(path, record)
+    return path
+
+
+def validate_record(payload: Any) -> str | None:
+    """Why `payload` is not a valid run record, or None when it is."""
+    if not isinstance(payload, dict):
+        return "not a JSON object"
+    missing = [f for f in REQUIRED_FIELDS if f not in payload]
+    if missing:
+        return f"missing field(s): {', '.join(missing)}"
+    if payload["schema_version"] != SCHEMA_VERSION:
+        return f"unsupported schema_version {payload['schema_version']!r}"
+    if payload["status"] not in ("ok", "failed", "diverged"):
+        return f"bad status {payload['status']!r}"
+    if not isinstance(payload["metrics"], list):
+        return "metrics is not a list"
+    return None
+
+
+def read_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every valid record under RESULTS/runs, plus one warning line per file that is not one."""
+    records, warnings = [], []
+    for path in sorted((Path(results_dir) / "runs").glob("*.json")):
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            warnings.append(f"skipped {path}: not valid JSON ({exc.__class__.__name__})")
+            continue
+        problem = validate_record(payload)
+        if problem:
+            warnings.append(f"skipped {path}: {problem}")
+            continue
+        records.append(payload)
+    return records, warnings

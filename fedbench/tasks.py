@@ -1,0 +1,64 @@
+"""Tasks: what a dataset asks of the engine (model, training loss, scores). The engine itself
+knows no task, so a dataset plugin can bring classification or survival as well as segmentation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Task:
+    """Model, loss and scoring for one kind of problem."""
+
+    primary_metric: str = "dice"
+    #: whether unlabeled test-time adapters (entropy, routing, ...) make sense for this task
+    dense_prediction: bool = False
+
+    def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(
+        self, outputs: torch.Tensor, targets: torch.Tensor, cases: torch.Tensor
+    ) -> dict[str, float]:
+        """Site-level metrics from the model outputs on every sample of one split."""
+        raise NotImplementedError
+
+
+@dataclass
+class SegmentationTask(Task):
+    """2D segmentation with a U-Net, Dice + cross-entropy loss, Dice/HD95 scores."""
+
+    in_channels: int
+    class_names: list[str] = field(default_factory=lambda: ["foreground"])
+    primary_metric: str = "dice"
+    dense_prediction: bool = True
+
+    def __post_init__(self) -> None:
+        from monai.losses import DiceCELoss
+
+        self._loss = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names) + 1
+
+    def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
+        from fedbench.models import build_unet
+
+        return build_unet(self.in_channels, self.num_classes, model_cfg)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self._loss(outputs, targets.unsqueeze(1))
+
+    def score(
+        self, outputs: torch.Tensor, targets: torch.Tensor, cases: torch.Tensor
+    ) -> dict[str, float]:
+        from fedbench.metrics import segmentation_scores
+
+        return segmentation_scores(outputs.argmax(1), targets, cases, self.class_names)

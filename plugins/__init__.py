@@ -1,0 +1,1 @@
+"""Built-in fedbench method and adapter plugins (import name `fedbench_plugins`)."""

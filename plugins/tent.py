@@ -1,0 +1,53 @@
+"""Adapter `tent` (Wang et al., ICLR 2021): entropy minimisation on normalization affine weights."""
+
+import torch
+
+from fedbench.adapter import AdaptContext, Adapter, TrainedFederation
+from fedbench.data import UnlabeledImages
+from fedbench.hookspecs import hookimpl
+from fedbench.models import normalization_modules, use_batch_statistics
+
+
+def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean per-pixel Shannon entropy of the softmax prediction."""
+    log_probs = logits.log_softmax(1)
+    return -(log_probs.exp() * log_probs).sum(1).mean()
+
+
+class Tent(Adapter):
+    """Online: for each consecutive test batch, one Adam step on the prediction's entropy (batch
+    statistics, only normalization weights trainable), then predict with the updated model."""
+
+    name = "tent"
+    description = "TENT: entropy minimisation of normalization affine weights at test time"
+    needs_normalization = True
+    needs_dense_task = True
+    defaults = {"lr": 1e-3, "epochs": 1}
+
+    def predict(
+        self, federation: TrainedFederation, images: UnlabeledImages, ctx: AdaptContext
+    ) -> torch.Tensor:
+        torch.manual_seed(ctx.seed)
+        model = use_batch_statistics(federation.model(federation.global_state)).train()
+        model.requires_grad_(False)
+        affine = []
+        for _, module in normalization_modules(model):
+            for param in module.parameters(recurse=False):
+                param.requires_grad_(True)
+                affine.append(param)
+        optimizer = torch.optim.Adam(affine, lr=float(self.params["lr"]))
+        for _ in range(int(self.params["epochs"])):
+            outputs = []
+            for batch in images.batches(ctx.batch_size):
+                batch = batch.to(federation.device)
+                optimizer.zero_grad(set_to_none=True)
+                mean_entropy(model(batch)).backward()
+                optimizer.step()
+                with torch.no_grad():
+                    outputs.append(model(batch).float().cpu())
+        return torch.cat(outputs)
+
+
+@hookimpl
+def fedbench_adapters() -> list[type]:
+    return [Tent]

@@ -1,0 +1,64 @@
+"""Shared test helpers: a tiny in-memory federation that trains in milliseconds."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedbench.config import preset_config
+from fedbench.data import FederatedData, Site, Split
+from fedbench.tasks import SegmentationTask
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def toy_split(n: int, size: int, seed: int, shift: float = 0.0) -> Split:
+    """Bright squares on noise: a segmentation problem a tiny U-Net can start to learn."""
+    gen = torch.Generator().manual_seed(seed)
+    targets = torch.zeros(n, size, size, dtype=torch.long)
+    for i in range(n):
+        y, x = torch.randint(2, size // 2, (2,), generator=gen).tolist()
+        targets[i, y : y + size // 3, x : x + size // 3] = 1
+    inputs = (
+        targets.unsqueeze(1).float() + shift + 0.5 * torch.randn(n, 1, size, size, generator=gen)
+    )
+    return Split(inputs, targets, torch.arange(n) // 2)
+
+
+def toy_data(sizes: tuple[int, ...] = (8, 12, 6), size: int = 16) -> FederatedData:
+    sites = [
+        Site(
+            f"site{i}",
+            toy_split(n, size, seed=10 * i, shift=0.3 * i),
+            toy_split(4, size, seed=10 * i + 1, shift=0.3 * i),
+            toy_split(4, size, seed=10 * i + 2, shift=0.3 * i),
+        )
+        for i, n in enumerate(sizes)
+    ]
+    return FederatedData("toy", sites, SegmentationTask(in_channels=1, class_names=["square"]))
+
+
+def toy_config(rounds: int = 2, **method: object) -> dict:
+    config = preset_config("quick")
+    config["model"] = {"channels": [4, 8], "res_units": 0}
+    config["train"].update(rounds=rounds, batch_size=4)
+    config["eval"]["history"] = False
+    config["method"] = dict(method)
+    config["adapter"] = {}
+    config["data"] = {}
+    return copy.deepcopy(config)
+
+
+@pytest.fixture
+def data() -> FederatedData:
+    return toy_data()
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip("../shared is not present")
+    return SHARED
