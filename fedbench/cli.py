@@ -33,7 +33,7 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Expected failures become one line on stderr and a non-zero exit (a traceback with --debug)."""
+    """Expected failures become one line on stderr and a non-zero exit (traceback: --debug)."""
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -176,6 +176,20 @@ def list_command(
     for row in rows:
         table.add_row(*row.values())
     out.print(table)
+
+
+# Command groups that live in their own modules; each exposes `register(app)`.
+SUBCOMMAND_MODULES: tuple[str, ...] = ("fedbench.cli_results", "fedbench.cli_datasets")
+
+
+def _register_subcommands() -> None:
+    import importlib
+
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).register(app)
+
+
+_register_subcommands()
 
 
 def main() -> None:

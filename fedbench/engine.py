@@ -73,7 +73,7 @@ def train_local(
 
 def validation_score(model: nn.Module, split: Split, task: Task, batch_size: int) -> float:
     outputs = predict_batched(model, split.inputs, batch_size)
-    return task.score(outputs, split.targets, split.cases)[task.primary_metric]
+    return task.validation_score(outputs, split.targets, split.cases)
 
 
 class Federation:

@@ -54,6 +54,23 @@ def release_dice(pred: torch.Tensor, target: torch.Tensor) -> float:
     return float(per_slice.mean())
 
 
+def _per_case(
+    pred: torch.Tensor, true: torch.Tensor, cases: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(prediction, truth) one-hot stacks of each case's slices."""
+    return [(pred[cases == c], true[cases == c]) for c in torch.unique(cases)]
+
+
+def mean_case_dice(
+    pred_labels: torch.Tensor, targets: torch.Tensor, cases: torch.Tensor, num_classes: int
+) -> float:
+    """Mean over cases of the foreground Dice (averaged over classes): the validation figure."""
+    pred = _one_hot(pred_labels.cpu(), num_classes)
+    true = _one_hot(targets.cpu(), num_classes)
+    dice = [_case_dice(p, t).mean() for p, t in _per_case(pred, true, cases.cpu())]
+    return float(torch.stack(dice).mean())
+
+
 def segmentation_scores(
     pred_labels: torch.Tensor,
     targets: torch.Tensor,
@@ -64,12 +81,10 @@ def segmentation_scores(
     num_classes = len(class_names) + 1
     pred = _one_hot(pred_labels.cpu(), num_classes)
     true = _one_hot(targets.cpu(), num_classes)
-    cases = cases.cpu()
     dice_rows, hd_rows = [], []
-    for case in torch.unique(cases):
-        sel = cases == case
-        dice_rows.append(_case_dice(pred[sel], true[sel]))
-        hd_rows.append(_case_hd95(pred[sel], true[sel]))
+    for case_pred, case_true in _per_case(pred, true, cases.cpu()):
+        dice_rows.append(_case_dice(case_pred, case_true))
+        hd_rows.append(_case_hd95(case_pred, case_true))
     dice = torch.stack(dice_rows).mean(0)
     hd95 = torch.nanmean(torch.stack(hd_rows), dim=0)
     scores = {"dice": float(dice.mean()), "hd95": float(torch.nanmean(hd95))}

@@ -29,6 +29,12 @@ class Task:
         """Site-level metrics from the model outputs on every sample of one split."""
         raise NotImplementedError
 
+    def validation_score(
+        self, outputs: torch.Tensor, targets: torch.Tensor, cases: torch.Tensor
+    ) -> float:
+        """The primary metric alone: computed every round, so it should be cheap."""
+        return self.score(outputs, targets, cases)[self.primary_metric]
+
 
 @dataclass
 class SegmentationTask(Task):
@@ -62,3 +68,10 @@ class SegmentationTask(Task):
         from fedbench.metrics import segmentation_scores
 
         return segmentation_scores(outputs.argmax(1), targets, cases, self.class_names)
+
+    def validation_score(
+        self, outputs: torch.Tensor, targets: torch.Tensor, cases: torch.Tensor
+    ) -> float:
+        from fedbench.metrics import mean_case_dice
+
+        return mean_case_dice(outputs.argmax(1), targets, cases, self.num_classes)

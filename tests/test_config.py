@@ -1,0 +1,57 @@
+"""Settings: presets, --set overrides with types, validation and the stable config hash."""
+
+import pytest
+
+from fedbench.config import apply_overrides, preset_config, stable_hash, validate
+from fedbench.errors import FedbenchError
+
+
+def test_set_coerces_to_the_type_of_the_default():
+    config = apply_overrides(
+        preset_config("quick"),
+        ["train.lr=0.5", "train.rounds=3", "eval.history=false", "model.channels=4,8"],
+    )
+    assert config["train"]["lr"] == 0.5 and config["train"]["rounds"] == 3
+    assert config["eval"]["history"] is False and config["model"]["channels"] == [4, 8]
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("train.lr", "malformed --set"),
+        ("=3", "malformed --set"),
+        ("train.nope=1", "unknown setting 'train.nope'"),
+        ("nope.x=1", "unknown setting 'nope.x'"),
+        ("train=1", "unknown setting 'train'"),
+        ("train.rounds=abc", "expects an integer"),
+        ("eval.history=maybe", "expects true or false"),
+    ],
+)
+def test_bad_assignments_name_the_problem(assignment, message):
+    with pytest.raises(FedbenchError, match=message):
+        apply_overrides(preset_config("quick"), [assignment])
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "train.rounds=0",
+        "train.batch_size=-1",
+        "train.lr=0",
+        "train.optimizer=rmsprop",
+        "model.channels=4",
+    ],
+)
+def test_unusable_values_are_rejected(key):
+    with pytest.raises(FedbenchError):
+        validate(apply_overrides(preset_config("quick"), [key]))
+
+
+def test_unknown_preset():
+    with pytest.raises(FedbenchError, match="unknown preset 'huge'; known: quick, default, paper"):
+        preset_config("huge")
+
+
+def test_hash_is_stable_and_order_free():
+    assert stable_hash({"a": 1, "b": [1, 2]}) == stable_hash({"b": [1, 2], "a": 1})
+    assert stable_hash({"a": 1}) != stable_hash({"a": 2})
