@@ -7,17 +7,17 @@ import dataclasses
 import pytest
 import torch
 from conftest import toy_config, toy_data
+
+from fedbench.data import FederatedData
+from fedbench.engine import Federation, train_federation
+from fedbench.method import ClientUpdate, Method
+from fedbench.models import normalization_state_keys
 from fedbench_plugins.central import Central
 from fedbench_plugins.fedavg import FedAvg
 from fedbench_plugins.fedbn import FedBN
 from fedbench_plugins.fedprox import FedProx
 from fedbench_plugins.iopfl import IOPFL
 from fedbench_plugins.local import Local
-
-from fedbench.data import FederatedData
-from fedbench.engine import Federation, train_federation
-from fedbench.method import ClientUpdate, Method
-from fedbench.models import normalization_state_keys
 
 CPU = torch.device("cpu")
 

@@ -1,0 +1,222 @@
+"""A grid: the cross product of methods x adapters x seeds, one run per cell. Finished cells (an
+ok record with the same config hash) are skipped, so an interrupted grid continues where it
+stopped; a failing cell is reported and the grid goes on. Backends run the pending cells."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from fedbench import runner
+from fedbench.errors import FedbenchError, unknown_name
+from fedbench.progress import Reporter
+from fedbench.record import read_records
+from fedbench.registry import Registry
+from fedbench.runner import RunSpec
+
+BACKENDS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: what to run and the config hash that identifies its result."""
+
+    spec: RunSpec
+    config_hash: str
+
+    @property
+    def label(self) -> str:
+        adapter = f" + {self.spec.adapter}" if self.spec.adapter else ""
+        return f"{self.spec.method}{adapter}, seed {self.spec.seed}"
+
+
+@dataclass
+class CellResult:
+    """What became of one cell: ok, skipped (already done), failed or diverged."""
+
+    cell: Cell
+    status: str
+    run_id: str | None = None
+    error: str | None = None
+    wall_s: float = 0.0
+
+
+@dataclass
+class GridPlan:
+    """The cells to run, the ones already done, and notes about combinations left out."""
+
+    pending: list[Cell] = field(default_factory=list)
+    done: list[CellResult] = field(default_factory=list)
+    failed: list[CellResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+OnResult = Callable[[CellResult], None]
+
+
+class Backend(Protocol):
+    """Runs cells and calls `on_result` once per cell as each one finishes (in any order)."""
+
+    def __call__(self, cells: Sequence[Cell], on_result: OnResult) -> None: ...
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0,1,2' or '0-4' (or a mix) -> sorted distinct seeds; anything else is one clear error."""
+    seeds: set[int] = set()
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            if "-" in part.lstrip("-"):
+                low, high = part.split("-", 1)
+                seeds.update(range(int(low), int(high) + 1))
+            elif part:
+                seeds.add(int(part))
+        except ValueError:
+            raise FedbenchError(f"bad --seeds '{text}': expected e.g. 0,1,2 or 0-4") from None
+    if not seeds:
+        raise FedbenchError(f"bad --seeds '{text}': expected e.g. 0,1,2 or 0-4")
+    return sorted(seeds)
+
+
+def expand_names(names: Sequence[str], kind: str, registry: Registry) -> list[str]:
+    """Check every name against the registry; 'all' stands for every registered one."""
+    out: list[str] = []
+    for name in names:
+        chosen = registry.names(kind) if name == "all" else [name]
+        for item in chosen:
+            registry.get(kind, item)
+            if item not in out:
+                out.append(item)
+    return out
+
+
+def incompatibility(method: type, adapter: type | None) -> str | None:
+    """Why an adapter class cannot apply to a method class (known without data), or None."""
+    if adapter is not None and adapter.needs_global_model and not method.has_global_model:
+        return f"adapter '{adapter.name}' needs a global model, method '{method.name}' has none"
+    return None
+
+
+def cell_specs(base: RunSpec, methods: list[str], adapters: list[str], seeds: list[int]) -> list:
+    """The cross product as RunSpecs; no adapters given means each method's default adapter."""
+    choices: list[str | None] = list(adapters) if adapters and base.holdout != "none" else [None]
+    return [
+        replace(base, method=m, adapter=a, seed=s, overrides=list(base.overrides))
+        for m in methods
+        for a in choices
+        for s in seeds
+    ]
+
+
+def finished_runs(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Ok records under RESULTS/runs, by config hash (invalid files are ignored here)."""
+    by_hash: dict[str, list[dict[str, Any]]] = {}
+    if not (Path(results_dir) / "runs").is_dir():
+        return by_hash
+    records, _ = read_records(results_dir)
+    for record in records:
+        if record["status"] == "ok":
+            by_hash.setdefault(record["config_hash"], []).append(record)
+    return by_hash
+
+
+def same_holdouts(record: dict[str, Any], spec: RunSpec, sites: list[str] | None) -> bool:
+    """Whether a record held out the sites `spec.holdout` asks for (the hash does not say)."""
+    held = set(record.get("holdouts") or [])
+    if spec.holdout == "none":
+        return not held
+    if spec.holdout == "all":
+        if sites is None:
+            sites = [r["site"] for r in record["metrics"] if r.get("regime") == "inside"]
+        return held == set(sites)
+    return held == {s.strip() for s in spec.holdout.split(",") if s.strip()}
+
+
+def plan_grid(specs: list[RunSpec], registry: Registry) -> GridPlan:
+    """Resolve each cell, skip the finished ones and leave out impossible combinations."""
+    plan = GridPlan()
+    done = finished_runs(specs[0].results_dir) if specs else {}
+    for spec in specs:
+        try:
+            resolved = runner.resolve(spec, registry)
+        except FedbenchError as exc:
+            plan.failed.append(CellResult(Cell(spec, ""), "failed", error=str(exc)))
+            continue
+        concrete = replace(spec, adapter=resolved.adapter_name)
+        reason = incompatibility(resolved.method, resolved.adapter)
+        if reason:
+            note = f"left out {concrete.method} + {concrete.adapter}: {reason}"
+            if note not in plan.notes:
+                plan.notes.append(note)
+            continue
+        cell = Cell(concrete, resolved.config_hash)
+        sites = resolved.dataset.site_names(resolved.config["data"])
+        match = next(
+            (r for r in done.get(cell.config_hash, []) if same_holdouts(r, spec, sites)), None
+        )
+        if match is not None:
+            plan.done.append(CellResult(cell, "skipped", run_id=match["run_id"]))
+        else:
+            plan.pending.append(cell)
+    if plan.failed and not (plan.pending or plan.done):
+        raise FedbenchError(plan.failed[0].error or "no cell of the grid can run")
+    return plan
+
+
+def run_cell(cell: Cell, registry: Registry, reporter: Reporter, debug: bool = False) -> CellResult:
+    """Resolve and execute one cell; an error in this cell becomes a failed result."""
+    clock = time.perf_counter()
+    try:
+        record = runner.execute(runner.resolve(cell.spec, registry), registry, reporter)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        if debug:
+            raise
+        message = str(exc) if isinstance(exc, FedbenchError) else f"{type(exc).__name__}: {exc}"
+        return CellResult(cell, "failed", error=message, wall_s=time.perf_counter() - clock)
+    return CellResult(
+        cell,
+        record["status"],
+        run_id=record["run_id"],
+        error=record.get("error"),
+        wall_s=time.perf_counter() - clock,
+    )
+
+
+def local_backend(
+    registry: Registry, make_reporter: Callable[[], Reporter], debug: bool = False
+) -> Backend:
+    """Runs cells one after another in this process."""
+
+    def run(cells: Sequence[Cell], on_result: OnResult) -> None:
+        for cell in cells:
+            reporter = make_reporter()
+            try:
+                result = run_cell(cell, registry, reporter, debug)
+            finally:
+                reporter.close()
+            on_result(result)
+
+    return run
+
+
+def make_backend(
+    name: str, registry: Registry, make_reporter: Callable[[], Reporter], debug: bool = False
+) -> Backend:
+    """The backend called `name`; Ray is declared but not implemented yet."""
+    if name == "local":
+        return local_backend(registry, make_reporter, debug)
+    if name == "ray":
+        raise FedbenchError(
+            "--backend ray is not available: Ray support is not implemented in this version "
+            "of fedbench; use --backend local"
+        )
+    raise unknown_name("backend", name, list(BACKENDS))
+
+
+def failures(results: list[CellResult]) -> list[CellResult]:
+    """The cells that did not end ok (failed or diverged)."""
+    return [r for r in results if r.status not in ("ok", "skipped")]

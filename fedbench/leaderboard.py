@@ -1,0 +1,444 @@
+"""Leaderboards from run records (DESIGN.md section 5): one board inside the federation (a row per
+method) and one outside it (a row per method + adapter), mean ± std over seeds per site, ranked,
+each row compared with the best one by a paired Wilcoxon test over (site, seed) pairs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fedbench.config import stable_hash
+from fedbench.errors import FedbenchError
+from fedbench.record import read_records
+
+FORMATS = ("table", "md", "csv", "html", "json")
+ALPHA = 0.05
+REGIMES = {"inside": ["method"], "outside": ["method", "adapter"]}
+TITLES = {"inside": "Inside the federation", "outside": "Outside the federation (unseen sites)"}
+
+
+@dataclass
+class Board:
+    """One regime's ranked table: numeric columns, one row per method (or method + adapter)."""
+
+    regime: str
+    keys: list[str]
+    sites: list[str]
+    frame: pd.DataFrame
+
+
+@dataclass
+class Leaderboard:
+    """Both boards for one dataset, metric and selection, with notes for the reader."""
+
+    dataset: str
+    metric: str
+    selection: str
+    boards: list[Board]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def lower_is_better(self) -> bool:
+        return lower_is_better(self.metric)
+
+
+def lower_is_better(metric: str) -> bool:
+    """Distances (hd95, hd, ...) rank ascending; overlap scores (dice, ...) descending."""
+    return metric.lower().startswith("hd")
+
+
+def load_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Valid records under RESULTS/runs and one warning per invalid file; no folder is an error."""
+    runs = Path(results_dir) / "runs"
+    if not runs.is_dir():
+        raise FedbenchError(f"no run records: {runs} does not exist; run `fedbench grid` first")
+    return read_records(results_dir)
+
+
+def pick_dataset(records: list[dict[str, Any]], dataset: str | None) -> str:
+    """The asked-for dataset, else the one with the most records."""
+    counts = pd.Series([r["dataset"] for r in records], dtype=object).value_counts()
+    if counts.empty:
+        raise FedbenchError("no valid run records found; run `fedbench grid` first")
+    if dataset is None:
+        return str(sorted(counts.index, key=lambda d: (-counts[d], d))[0])
+    if dataset not in counts.index:
+        raise FedbenchError(f"no records for dataset '{dataset}'; found: {', '.join(counts.index)}")
+    return dataset
+
+
+def regime_bytes(record: dict[str, Any], regime: str) -> float:
+    """Bytes sent up and down by the federations of one regime (the whole run if not split)."""
+    cost = record.get("cost") or {}
+    feds = cost.get("federations")
+    if isinstance(feds, dict) and feds:
+        parts = [c for k, c in feds.items() if (k == "inside") == (regime == "inside")]
+        return float(sum(c.get("bytes_up", 0) + c.get("bytes_down", 0) for c in parts))
+    return float(cost.get("bytes_up", 0) + cost.get("bytes_down", 0))
+
+
+FRAME_COLUMNS = "run_id finished_at method adapter seed bytes regime site metric selection value"
+
+
+def metric_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per metric row of every record, with the record's identity next to it."""
+    rows = [
+        {
+            "run_id": rec["run_id"],
+            "finished_at": str(rec.get("finished_at") or ""),
+            "method": rec["method"],
+            "adapter": rec.get("adapter"),
+            "seed": rec["seed"],
+            "bytes": regime_bytes(rec, m.get("regime", "")),
+            **{k: m.get(k) for k in ("regime", "site", "metric", "selection")},
+            "value": m.get("value"),
+        }
+        for rec in records
+        for m in rec["metrics"]
+        if isinstance(m, dict)
+    ]
+    frame = pd.DataFrame(rows, columns=FRAME_COLUMNS.split())
+    frame["value"] = pd.to_numeric(frame["value"], errors="coerce")
+    return frame
+
+
+def latest_runs(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The rows of one run per (keys, seed): the latest finished."""
+    runs = frame[[*keys, "seed", "run_id", "finished_at"]].drop_duplicates("run_id")
+    latest = runs.sort_values("finished_at").groupby([*keys, "seed"], dropna=False).tail(1)
+    return frame[frame["run_id"].isin(latest["run_id"])]
+
+
+def repeated_runs(records: list[dict[str, Any]]) -> int:
+    """How many ok records have a later record of the same (method, adapter, seed)."""
+    cells = [(r["method"], r.get("adapter"), r["seed"]) for r in records]
+    return len(cells) - len(set(cells))
+
+
+def paired_p(row: pd.Series, best: pd.Series) -> float:
+    """Two-sided Wilcoxon signed-rank p over matching (site, seed) pairs; nan if it cannot say."""
+    from scipy.stats import wilcoxon
+
+    pairs = pd.concat([row, best], axis=1, join="inner").to_numpy(dtype=float)
+    diff = pairs[:, 0] - pairs[:, 1] if len(pairs) else np.array([])
+    diff = diff[np.isfinite(diff)]
+    if diff.size == 0:
+        return math.nan
+    if np.all(diff == 0):
+        return 1.0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p = float(wilcoxon(diff).pvalue)
+    except ValueError:
+        return math.nan
+    return p
+
+
+def build_board(frame: pd.DataFrame, regime: str, metric: str) -> Board:
+    """The ranked board of one regime from the metric rows of that regime (one metric)."""
+    keys = REGIMES[regime]
+    frame = frame.assign(adapter=frame["adapter"].fillna("-"))
+    # only the (row, seed) pairs that ran; a site a run lacks stays NaN
+    values = frame.groupby([*keys, "seed", "site"])["value"].mean().unstack("site")
+    sites = list(dict.fromkeys(frame["site"]))
+    values = values[sites]
+    worst = values.max(axis=1) if lower_is_better(metric) else values.min(axis=1)
+    per_seed = pd.DataFrame({"mean": values.mean(axis=1), "worst": worst})
+    grouped, seed_stats = values.groupby(level=keys), per_seed.groupby(level=keys)
+    site_mean, site_std = grouped.mean(), grouped.std()
+    out = pd.DataFrame(index=site_mean.index)
+    for site in sites:
+        out[site], out[f"{site} std"] = site_mean[site], site_std[site]
+    for column in ("mean", "worst"):
+        out[column] = seed_stats[column].mean()
+        out[f"{column} std"] = seed_stats[column].std()
+    out["spread"] = site_mean.max(axis=1) - site_mean.min(axis=1)
+    runs = frame.drop_duplicates("run_id").groupby(keys)
+    out["bytes"] = runs["bytes"].mean()
+    out["seeds"] = runs["seed"].nunique()
+    out = out.sort_values("mean", ascending=lower_is_better(metric), na_position="last")
+    out.insert(0, "rank", range(1, len(out) + 1))
+    long = values.stack().rename("value")
+    best = out.index[0]
+    out["p"] = [
+        math.nan if key == best else paired_p(_pairs(long, key), _pairs(long, best))
+        for key in out.index
+    ]
+    out["significant"] = [(bool(p < ALPHA) if key != best else None) for key, p in out["p"].items()]
+    return Board(regime, keys, sites, out.reset_index())
+
+
+def _pairs(long: pd.Series, key: Any) -> pd.Series:
+    """The (site, seed) -> value series of one row of a board."""
+    key = key if isinstance(key, tuple) else (key,)
+    part = long.loc[key]
+    return part.reorder_levels(["site", "seed"]) if part.index.nlevels == 2 else part
+
+
+def build_leaderboard(
+    records: list[dict[str, Any]],
+    dataset: str | None = None,
+    metric: str = "dice",
+    selection: str = "final",
+) -> Leaderboard:
+    """Both boards for a dataset from valid records (only status ok counts)."""
+    name = pick_dataset(records, dataset)
+    mine = [r for r in records if r["dataset"] == name]
+    ok = [r for r in mine if r["status"] == "ok"]
+    notes = status_notes(mine)
+    frame = metric_frame(ok)
+    if frame.empty:
+        raise FedbenchError(f"no successful runs with metrics for dataset '{name}'")
+    chosen = frame[(frame["metric"] == metric) & (frame["selection"] == selection)]
+    if chosen.empty:
+        known = sorted(set(zip(frame["metric"], frame["selection"], strict=True)))
+        raise FedbenchError(
+            f"no '{metric}' values with selection '{selection}' for dataset '{name}'; found: "
+            + ", ".join(f"{m} ({s})" for m, s in known)
+        )
+    boards, kept = [], set()
+    for regime, keys in REGIMES.items():
+        part = chosen[chosen["regime"] == regime]
+        if part.empty:
+            notes.append(f"no {regime} results for {name}")
+            continue
+        part = latest_runs(part, keys)
+        kept |= set(part["run_id"])
+        boards.append(build_board(part, regime, metric))
+    if repeated_runs(ok):
+        notes.append(
+            f"{repeated_runs(ok)} older run(s) of a repeated cell set aside (latest counts)"
+        )
+    notes += settings_notes([r for r in ok if r["run_id"] in kept])
+    return Leaderboard(name, metric, selection, boards, notes)
+
+
+def status_notes(records: list[dict[str, Any]]) -> list[str]:
+    """One line counting the runs that did not end ok (they are never scored)."""
+    bad = pd.Series([r["status"] for r in records if r["status"] != "ok"], dtype=object)
+    if bad.empty:
+        return []
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(bad.value_counts().items()))
+    return [f"not counted: {counts} run(s)"]
+
+
+def settings_notes(records: list[dict[str, Any]]) -> list[str]:
+    """A warning when the counted runs do not share one budget (train, model, data, eval)."""
+    shared = {
+        stable_hash(
+            {k: v for k, v in (r.get("config") or {}).items() if k not in ("method", "adapter")}
+        )
+        for r in records
+    }
+    if len(shared) <= 1:
+        return []
+    return [
+        f"the counted runs use {len(shared)} different settings (train/model/data/eval); "
+        "use one --results-dir per preset to compare like with like"
+    ]
+
+
+# ---------------------------------------------------------------- formats
+
+
+def _fmt(mean: float, std: float | None, digits: int) -> str:
+    """'0.812 ± 0.013', or just the mean when there is no std, or '-' when there is nothing."""
+    if mean is None or pd.isna(mean):
+        return "-"
+    text = f"{mean:.{digits}f}"
+    return text if std is None or pd.isna(std) else f"{text} ± {std:.{digits}f}"
+
+
+def display_frame(board: Board, metric: str) -> pd.DataFrame:
+    """The board as strings for people: mean ± std, MB sent, p and a significance mark."""
+    digits = 2 if lower_is_better(metric) else 3
+    f = board.frame
+    out = pd.DataFrame({"rank": f["rank"].astype(str)})
+    for key in board.keys:
+        out[key] = f[key].astype(str)
+    for column in [*board.sites, "mean", "worst"]:
+        label = "worst site" if column == "worst" else str(column)
+        out[label] = [_fmt(m, s, digits) for m, s in zip(f[column], f[f"{column} std"])]
+    out["spread"] = [_fmt(v, None, digits) for v in f["spread"]]
+    out["MB sent"] = [_fmt(v / 1e6, None, 1) for v in f["bytes"]]
+    out["seeds"] = f["seeds"].astype(str)
+    out["p vs best"] = [
+        "best" if s is None else _fmt(p, None, 3) for p, s in zip(f["p"], f["significant"])
+    ]
+    out["sig."] = ["*" if s else "" for s in f["significant"]]
+    return out
+
+
+def legend_lines(lb: Leaderboard) -> list[str]:
+    """What the columns mean, then the notes."""
+    order = "lower is better" if lb.lower_is_better else "higher is better"
+    return [
+        f"{lb.metric} ({order}), selection '{lb.selection}', dataset {lb.dataset}: mean ± std "
+        "over seeds; worst site = worst site score of each run; spread = max - min of site means",
+        f"* = differs from the best row (two-sided Wilcoxon signed-rank over (site, seed) pairs, "
+        f"p < {ALPHA}); p is '-' when there are no pairs to compare",
+        *lb.notes,
+    ]
+
+
+def to_markdown(lb: Leaderboard) -> str:
+    """GitHub-flavoured Markdown: one heading and table per board, then the legend."""
+    parts = [f"# Leaderboard: {lb.dataset}, {lb.metric} ({lb.selection})", ""]
+    for board in lb.boards:
+        shown = display_frame(board, lb.metric)
+        cells = [[str(c).replace("|", "\\|") for c in row] for row in shown.to_numpy()]
+        header = [str(c) for c in shown.columns]
+        align = [":---" if c in ("method", "adapter") else "---:" for c in header]
+        lines = [header, align, *cells]
+        parts += [f"## {TITLES[board.regime]}", ""]
+        parts += ["| " + " | ".join(line) + " |" for line in lines]
+        parts.append("")
+    parts += [f"- {line}" for line in legend_lines(lb)]
+    return "\n".join(parts) + "\n"
+
+
+def to_csv(lb: Leaderboard) -> str:
+    """Both boards' numbers in one CSV, with regime, dataset, metric and selection columns."""
+    frames = [
+        b.frame.assign(
+            regime=b.regime, dataset=lb.dataset, metric=lb.metric, selection=lb.selection
+        )
+        for b in lb.boards
+    ]
+    frame = pd.concat(frames, ignore_index=True)
+    if "adapter" not in frame:
+        frame["adapter"] = None
+    first = ["regime", "dataset", "metric", "selection", "rank", "method", "adapter"]
+    return frame[first + [c for c in frame.columns if c not in first]].to_csv(index=False)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe scalars: NaN and inf become null, numpy numbers plain Python."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+STAT_COLUMNS = "mean|mean std|worst|worst std|spread|bytes|seeds|p|significant"
+
+
+def to_json(lb: Leaderboard) -> str:
+    """Numbers for machines: per board the sites and one object per row."""
+    boards = {}
+    for b in lb.boards:
+        rows = []
+        for rec in b.frame.to_dict("records"):
+            row = {k: _clean(rec[k]) for k in ("rank", *b.keys)}
+            row["sites"] = {
+                s: {"mean": _clean(rec[s]), "std": _clean(rec[f"{s} std"])} for s in b.sites
+            }
+            row.update({k.replace(" ", "_"): _clean(rec[k]) for k in STAT_COLUMNS.split("|")})
+            rows.append(row)
+        boards[b.regime] = {"sites": [str(s) for s in b.sites], "rows": rows}
+    payload = {
+        "dataset": lb.dataset,
+        "metric": lb.metric,
+        "selection": lb.selection,
+        "lower_is_better": lb.lower_is_better,
+        "alpha": ALPHA,
+        "notes": lb.notes,
+        "boards": boards,
+    }
+    return json.dumps(payload, indent=2, allow_nan=False) + "\n"
+
+
+def to_html(lb: Leaderboard) -> str:
+    """A standalone HTML page with both tables (values escaped)."""
+    from html import escape
+
+    body = [
+        f"<h1>Leaderboard: {escape(lb.dataset)}, {escape(lb.metric)} ({escape(lb.selection)})</h1>"
+    ]
+    for board in lb.boards:
+        body.append(f"<h2>{escape(TITLES[board.regime])}</h2>")
+        body.append(display_frame(board, lb.metric).to_html(index=False, border=0, escape=True))
+    body.append("<ul>" + "".join(f"<li>{escape(line)}</li>" for line in legend_lines(lb)) + "</ul>")
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "th,td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}"
+        "th{background:#f3f3f3}"
+    )
+    return (
+        '<!doctype html>\n<html><head><meta charset="utf-8">'
+        f"<title>fedbench leaderboard: {escape(lb.dataset)}</title><style>{style}</style></head>"
+        "<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def to_rich_tables(lb: Leaderboard) -> list[Any]:
+    """rich Tables for the terminal, one per board."""
+    from rich.table import Table
+
+    tables = []
+    for board in lb.boards:
+        shown = display_frame(board, lb.metric)
+        table = Table(title=f"{TITLES[board.regime]}: {lb.metric} ({lb.selection}), {lb.dataset}")
+        for column in shown.columns:
+            table.add_column(str(column), justify="left" if column in board.keys else "right")
+        for row in shown.to_numpy():
+            table.add_row(*(str(c) for c in row))
+        tables.append(table)
+    return tables
+
+
+def to_text_table(lb: Leaderboard, width: int = 1000) -> str:
+    """The rich tables and the legend as plain text (for --format table --out FILE)."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    buffer = StringIO()
+    console = Console(file=buffer, width=width, color_system=None, force_terminal=False)
+    for table in to_rich_tables(lb):
+        console.print(table)
+    for line in legend_lines(lb):
+        console.print(line, highlight=False, soft_wrap=True)
+    return buffer.getvalue()
+
+
+RENDERERS = dict(table=to_text_table, md=to_markdown, csv=to_csv, html=to_html, json=to_json)
+
+
+def render(lb: Leaderboard, fmt: str) -> str:
+    """The leaderboard as text in one of FORMATS."""
+    if fmt not in RENDERERS:
+        raise FedbenchError(f"unknown format '{fmt}'; known: {', '.join(FORMATS)}")
+    return RENDERERS[fmt](lb)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to a temp file next to `path`, then rename it over `path` (a regular file)."""
+    path = Path(path)
+    if path.is_dir():
+        raise FedbenchError(f"cannot write {path}: it is a folder")
+    if path.exists() and not path.is_file():  # a device or pipe (/dev/stdout): never replace it
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return
+    if not path.parent.is_dir():
+        raise FedbenchError(f"cannot write {path}: folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

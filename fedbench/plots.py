@@ -1,0 +1,222 @@
+"""Figures with matplotlib (Agg, no display needed): leaderboard bars per site with error bars,
+and validation learning curves per round and site."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedbench.errors import FedbenchError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from fedbench.leaderboard import Board, Leaderboard
+
+FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
+HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++", "**", "||")
+DPI = 130
+
+
+def _pyplot() -> Any:
+    """pyplot on the Agg backend (no display, same output everywhere)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def check_figure_path(path: Path) -> Path:
+    """A writable figure path with a known suffix, or one clear error."""
+    path = Path(path)
+    if path.suffix.lower() not in FIGURE_SUFFIXES:
+        raise FedbenchError(f"figure file {path} must end in one of {', '.join(FIGURE_SUFFIXES)}")
+    if not path.parent.is_dir():
+        raise FedbenchError(f"cannot write {path}: folder {path.parent} does not exist")
+    if path.exists() and not path.is_file():
+        raise FedbenchError(f"cannot write {path}: it exists and is not a regular file")
+    return path
+
+
+def save(fig: Figure, path: Path) -> None:
+    """Save at the figure's own size (its constrained layout keeps everything inside) to a temp
+    file, then rename it over `path`."""
+    plt = _pyplot()
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=DPI)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
+
+
+def colours(names: list[str]) -> dict[str, Any]:
+    """A distinct colour per name, stable in the order given."""
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
+def _bar_panel(panel: Any, board: Board, lb: Leaderboard, method_colours: dict[str, Any]) -> None:
+    """Grouped bars in a subfigure: one group per site (and the mean), one bar per row, std over
+    seeds; the legend sits outside the axes, to the right."""
+    ax = panel.subplots()
+    frame = board.frame.sort_values(board.keys, kind="stable")  # methods grouped, legend sorted
+    groups = [*board.sites, "mean"]
+    rows = len(frame)
+    width = 0.8 / max(rows, 1)
+    adapters = list(dict.fromkeys(frame["adapter"])) if "adapter" in frame else []
+    for i, row in enumerate(frame.to_dict("records")):
+        label = " + ".join(str(row[k]) for k in board.keys)
+        means = [row[g] for g in groups]
+        stds = [0.0 if math.isnan(row[f"{g} std"]) else row[f"{g} std"] for g in groups]
+        xs = [g + (i - (rows - 1) / 2) * width for g in range(len(groups))]
+        hatch = HATCHES[adapters.index(row["adapter"]) % len(HATCHES)] if adapters else ""
+        ax.bar(
+            xs,
+            means,
+            width,
+            yerr=stds,
+            label=label,
+            color=method_colours[row["method"]],
+            hatch=hatch,
+            edgecolor="white" if not hatch else "0.25",
+            linewidth=0.4,
+            error_kw={"elinewidth": 0.8, "capsize": 2 if rows <= 8 else 0, "ecolor": "0.2"},
+        )
+    ax.set_xticks(range(len(groups)), [str(g) for g in groups], fontsize=10)
+    ax.axvline(len(groups) - 1.5, color="0.6", linewidth=0.8, linestyle=":")
+    order = "lower is better" if lb.lower_is_better else "higher is better"
+    ax.set_ylabel(f"{lb.metric} ({order})", fontsize=10)
+    if not lb.lower_is_better and lb.metric.lower().startswith("dice"):
+        ax.set_ylim(0, 1.05)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    titles = {
+        "inside": "Inside the federation (per-site models)",
+        "outside": "Outside the federation (each site held out, unseen)",
+    }
+    ax.set_title(titles.get(board.regime, board.regime), fontsize=12, loc="left")
+    panel.legend(
+        loc="outside right upper",
+        fontsize=9,
+        ncol=1 if rows <= 16 else 2,
+        frameon=False,
+        title="method + adapter" if board.regime == "outside" else "method",
+        title_fontsize=9,
+    )
+
+
+def leaderboard_figsize(lb: Leaderboard) -> tuple[float, float]:
+    """Inches: room for every bar and the legend, 4.2 in per regime panel."""
+    widest = max(len(b.frame) * (len(b.sites) + 1) for b in lb.boards)
+    legend = 2.6 if max(len(b.frame) for b in lb.boards) <= 16 else 4.8
+    return min(max(8.0, 2.0 + 0.11 * widest), 32.0) + legend, 0.4 + 4.2 * len(lb.boards)
+
+
+def leaderboard_figure(lb: Leaderboard, path: Path) -> Path:
+    """Per-site bars with std error bars, one panel per regime, methods told apart by colour."""
+    plt = _pyplot()
+    path = check_figure_path(path)
+    methods = sorted({str(m) for b in lb.boards for m in b.frame["method"]})
+    method_colours = colours(methods)
+    fig = plt.figure(figsize=leaderboard_figsize(lb), layout="constrained")
+    panels = fig.subfigures(len(lb.boards), 1, squeeze=False)[:, 0]
+    for panel, board in zip(panels, lb.boards):
+        _bar_panel(panel, board, lb, method_colours)
+    fig.suptitle(
+        f"{lb.dataset}: {lb.metric} ({lb.selection}), mean ± std over seeds",
+        fontsize=13,
+        x=0.01,
+        ha="left",
+    )
+    save(fig, path)
+    return path
+
+
+def curve_panel(ax: Any, record: dict[str, Any], site_colours: dict[str, Any]) -> None:
+    """Validation score per round, one line per site, for one run."""
+    history = (record.get("history") or {}).get("inside") or []
+    for site in site_colours:
+        points = [(h["round"], h["val"][site]) for h in history if site in h.get("val", {})]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(
+                xs,
+                ys,
+                marker="o",
+                markersize=3,
+                linewidth=1.4,
+                color=site_colours[site],
+                label=site,
+            )
+    adapter = f" + {record['adapter']}" if record.get("adapter") else ""
+    ax.set_title(f"{record['method']}{adapter}, seed {record['seed']}", fontsize=11, pad=16)
+    ax.text(
+        0.5,
+        1.02,
+        record["run_id"],
+        transform=ax.transAxes,
+        fontsize=7.5,
+        color="0.4",
+        ha="center",
+        va="bottom",
+    )
+    ax.set_xlabel("round", fontsize=10)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+
+
+def curves_grid(runs: int) -> tuple[int, int]:
+    """Rows and columns of panels for `runs` learning-curve panels (at most three across)."""
+    cols = runs if runs <= 3 else min(3, math.ceil(math.sqrt(runs)))
+    return math.ceil(runs / cols), cols
+
+
+def curves_figsize(runs: int) -> tuple[float, float]:
+    """Inches for `runs` panels plus the site legend."""
+    rows, cols = curves_grid(runs)
+    return 4.6 * cols + 1.4, 3.6 * rows
+
+
+def curves_figure(records: list[dict[str, Any]], path: Path) -> Path:
+    """Learning curves (validation Dice per round and site), one panel per run."""
+    plt = _pyplot()
+    path = check_figure_path(path)
+    for record in records:
+        if not (record.get("history") or {}).get("inside"):
+            raise FedbenchError(
+                f"run {record['run_id']} has no learning curve: it ran with eval.history=false "
+                "or failed before its first round"
+            )
+    sites = list(
+        dict.fromkeys(s for r in records for h in r["history"]["inside"] for s in h.get("val", {}))
+    )
+    rows, cols = curves_grid(len(records))
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=curves_figsize(len(records)),
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+    )
+    site_colours = colours(sites)
+    for ax, record in zip(axes.flat, records):
+        curve_panel(ax, record, site_colours)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("validation Dice", fontsize=10)
+    for ax in list(axes.flat)[len(records) :]:
+        ax.set_visible(False)
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], color=c, marker="o", markersize=3, label=s) for s, c in site_colours.items()
+    ]
+    fig.legend(handles=handles, loc="outside right center", title="site", frameon=False)
+    save(fig, path)
+    return path
