@@ -88,8 +88,14 @@ def run_command(
     ] = None,
     results_dir: Annotated[Path, typer.Option(help="Where records go.")] = Path("results"),
     json_: Annotated[bool, typer.Option("--json", help="Print only the run record.")] = False,
+    profile: Annotated[bool, typer.Option(help="Show where the time went.")] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N rounds.", min=1)] = 1,
+    keep_checkpoints: Annotated[bool, typer.Option(help="Keep checkpoints after the run.")] = False,
 ) -> None:
-    """Train a federation, score each site inside it, and adapt to each held-out site."""
+    """Train a federation, score each site inside it, and adapt to each held-out site.
+
+    Run the same command again after an interruption: finished federations come from the cache
+    and the one in training resumes from its last checkpoint."""
     from fedbench.progress import make_reporter
     from fedbench.runner import RunSpec, execute, resolve
 
@@ -104,6 +110,8 @@ def run_command(
         rounds=rounds,
         overrides=list(set_ or []),
         results_dir=results_dir,
+        checkpoint_every=checkpoint_every,
+        keep_checkpoints=keep_checkpoints,
     )
     reg = registry()
     resolved = resolve(spec, reg)
@@ -116,6 +124,8 @@ def run_command(
         sys.stdout.write(json.dumps(record, indent=2) + "\n")
     else:
         print_summary(record, results_dir)
+    if profile:
+        print_profile(record, console=err if json_ else out)
     if record["status"] != "ok":
         fail(f"run {record['status']}: {record.get('error', '')}", code=1)
 
@@ -148,6 +158,19 @@ def print_summary(record: dict[str, Any], results_dir: Path) -> None:
         f"record {path}",
         highlight=False,
     )
+
+
+def print_profile(record: dict[str, Any], console: Console) -> None:
+    """Seconds and shares of the run's wall time per phase."""
+    table = Table(title="where the time went")
+    for column in ("phase", "seconds", "share"):
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    total = record["wall_s"] or 1.0
+    phases = dict(record["profile"])
+    phases["other (imports, setup, records)"] = max(0.0, total - sum(phases.values()))
+    for phase, seconds in phases.items():
+        table.add_row(phase, f"{seconds:.2f}", f"{100 * seconds / total:.1f}%")
+    console.print(table)
 
 
 @app.command("list")

@@ -1,21 +1,24 @@
 """The federation loop: rounds over the clients in turn on one device. Methods decide what is
 shared, how the server aggregates and what each client keeps; the engine does everything else
-(local training, communication accounting, validation history)."""
+(local training, communication accounting, validation history, checkpoints)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from fedbench.adapter import TrainedFederation, predict_batched
+from fedbench.checkpoint import restore_checkpoint, save_checkpoint
 from fedbench.config import Config
 from fedbench.data import FederatedData, Site, Split
 from fedbench.errors import Diverged
 from fedbench.method import ClientUpdate, Method, State, state_nbytes
+from fedbench.profiling import PROFILE
 from fedbench.tasks import Task
 
 RoundCallback = Callable[[int, dict[str, float]], None]
@@ -57,7 +60,8 @@ def train_local(
     optimizer = make_optimizer(model, train_cfg)
     steps = 0
     for _ in range(train_cfg["local_epochs"]):
-        for inputs, targets in split.batches(train_cfg["batch_size"], generator):
+        batches = split.batches(train_cfg["batch_size"], generator)
+        for inputs, targets in PROFILE.timed("data loading", batches):
             optimizer.zero_grad(set_to_none=True)
             loss = task.loss(model(inputs), targets)
             penalty = method.local_penalty(model, global_state)
@@ -92,12 +96,8 @@ class Federation:
         torch.manual_seed(seed)
         self.model = self.task.build_model(config["model"]).to(device)
         self.method = method_cls(config["method"], len(sites))
-        self.clients = (
-            [Split.concat([s.train for s in sites])]
-            if method_cls.pooled
-            else [s.train for s in sites]
-        )
-        self.clients = [c.to(device) for c in self.clients]
+        pooled = [Split.concat([s.train for s in sites])] if method_cls.pooled else None
+        self.clients = [c.to(device) for c in (pooled or [s.train for s in sites])]
         self.shared = self.method.shared_keys(self.model)
         self.global_state = clone_state(self.model.state_dict())
         self.client_states = [clone_state(self.global_state) for _ in self.clients]
@@ -119,26 +119,27 @@ class Federation:
         updates = []
         shared_global = {k: self.global_state[k] for k in self.shared}
         for i, split in enumerate(self.clients):
-            self.model.load_state_dict(self.client_view(i))
+            with PROFILE.phase("local training"):
+                self.model.load_state_dict(self.client_view(i))
+                self.cost["client_steps"] += train_local(
+                    self.model,
+                    split,
+                    self.task,
+                    self.method,
+                    shared_global,
+                    self.config["train"],
+                    self.generator,
+                )
+                self.client_states[i] = clone_state(self.model.state_dict())
+                self.method.after_local_update(i, self.client_states[i])
+            update = ClientUpdate({k: self.client_states[i][k] for k in self.shared}, len(split))
+            updates.append(update)
             if not self.method.pooled:  # pooled training moves data, not models
                 self.cost["bytes_down"] += state_nbytes(shared_global)
-            self.cost["client_steps"] += train_local(
-                self.model,
-                split,
-                self.task,
-                self.method,
-                shared_global,
-                self.config["train"],
-                self.generator,
-            )
-            self.client_states[i] = clone_state(self.model.state_dict())
-            self.method.after_local_update(i, self.client_states[i])
-            update = ClientUpdate({k: self.client_states[i][k] for k in self.shared}, len(split))
-            if not self.method.pooled:
                 self.cost["bytes_up"] += state_nbytes(update.state)
-            updates.append(update)
         if self.shared:
-            self.global_state.update(self.method.aggregate(updates))
+            with PROFILE.phase("aggregation"):
+                self.global_state.update(self.method.aggregate(updates))
         self.cost["rounds"] += 1
 
     def personalized(self, site_index: int) -> State:
@@ -149,12 +150,27 @@ class Federation:
     def validate(self) -> dict[str, float]:
         """Validation score of each site's personalized model."""
         scores = {}
-        for i, site in enumerate(self.sites):
-            self.model.load_state_dict(self.personalized(i))
-            scores[site.name] = validation_score(
-                self.model, site.val.to(self.device), self.task, self.config["eval"]["batch_size"]
-            )
+        with PROFILE.phase("evaluation"):
+            for i, site in enumerate(self.sites):
+                self.model.load_state_dict(self.personalized(i))
+                scores[site.name] = validation_score(
+                    self.model,
+                    site.val.to(self.device),
+                    self.task,
+                    self.config["eval"]["batch_size"],
+                )
         return scores
+
+    def trained(self, method_name: str, has_global: bool) -> TrainedFederation:
+        """The models handed to unseen sites, as independent copies."""
+        return TrainedFederation(
+            method=method_name,
+            build_model=lambda: self.task.build_model(self.config["model"]),
+            global_state=clone_state(self.global_state) if has_global else None,
+            personalized=[clone_state(self.personalized(i)) for i in range(len(self.sites))],
+            site_names=[s.name for s in self.sites],
+            device=self.device,
+        )
 
 
 def train_federation(
@@ -165,44 +181,49 @@ def train_federation(
     seed: int,
     device: torch.device,
     on_round: RoundCallback | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 1,
 ) -> FederationResult:
-    """Train a federation over `sites` for the configured rounds."""
+    """Train a federation over `sites` for the configured rounds, resuming from `checkpoint` when
+    one exists and saving one every `checkpoint_every` rounds."""
     fed = Federation(data, sites, method_cls, config, seed, device)
+    progress: dict[str, Any] = {"history": [], "best_scores": [], "best_states": []}
+    start = 1
+    if checkpoint is not None:
+        restored = restore_checkpoint(checkpoint, fed)
+        if restored is not None:
+            start, progress = restored[0] + 1, restored[1]
     track = config["eval"]["history"] or config["eval"]["val_best"]
-    history: list[dict[str, Any]] = []
-    best: list[tuple[float, State]] = []
-    for round_index in range(1, config["train"]["rounds"] + 1):
+    for round_index in range(start, config["train"]["rounds"] + 1):
         fed.run_round()
         scores = fed.validate() if track else {}
         if scores:
-            history.append({"round": round_index, "val": scores})
+            progress["history"].append({"round": round_index, "val": scores})
         if config["eval"]["val_best"]:
-            best = _update_best(best, fed, scores)
+            _update_best(progress, fed, scores)
+        if checkpoint is not None and round_index % checkpoint_every == 0:
+            with PROFILE.phase("checkpointing"):
+                save_checkpoint(checkpoint, fed, round_index, progress)
         if on_round is not None:
             on_round(round_index, scores)
-    trained = TrainedFederation(
-        method=method_cls.name,
-        build_model=lambda: data.task.build_model(config["model"]),
-        global_state=clone_state(fed.global_state) if method_cls.has_global_model else None,
-        personalized=[clone_state(fed.personalized(i)) for i in range(len(sites))],
-        site_names=[s.name for s in sites],
-        device=device,
-    )
-    val_best = [state for _, state in best] if config["eval"]["val_best"] else None
     cost = dict(fed.cost)
     # per client per round, each way (every client takes part in every round)
     cost["bytes_up_per_client_round"] = cost["bytes_up"] // (cost["rounds"] * cost["clients"])
     cost["bytes_down_per_client_round"] = cost["bytes_down"] // (cost["rounds"] * cost["clients"])
-    return FederationResult(trained, cost, history if config["eval"]["history"] else [], val_best)
+    return FederationResult(
+        fed.trained(method_cls.name, method_cls.has_global_model),
+        cost,
+        progress["history"] if config["eval"]["history"] else [],
+        progress["best_states"] if config["eval"]["val_best"] else None,
+    )
 
 
-def _update_best(
-    best: list[tuple[float, State]], fed: Federation, scores: dict[str, float]
-) -> list[tuple[float, State]]:
+def _update_best(progress: dict[str, Any], fed: Federation, scores: dict[str, float]) -> None:
     """Keep, per site, the personalized state of the round with the best validation score."""
-    if not best:
-        best = [(-float("inf"), {}) for _ in fed.sites]
+    if not progress["best_scores"]:
+        progress["best_scores"] = [-float("inf")] * len(fed.sites)
+        progress["best_states"] = [{} for _ in fed.sites]
     for i, site in enumerate(fed.sites):
-        if scores[site.name] > best[i][0]:
-            best[i] = (scores[site.name], clone_state(fed.personalized(i)))
-    return best
+        if scores[site.name] > progress["best_scores"][i]:
+            progress["best_scores"][i] = scores[site.name]
+            progress["best_states"][i] = clone_state(fed.personalized(i))

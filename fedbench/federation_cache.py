@@ -36,10 +36,9 @@ def federation_key(run: ResolvedRun, holdout: str | None) -> str:
     )
 
 
-def cache_path(run: ResolvedRun, holdout: str | None) -> Path:
-    return (
-        Path(run.spec.results_dir) / "cache" / "federations" / f"{federation_key(run, holdout)}.pt"
-    )
+def cache_path(run: ResolvedRun, holdout: str | None, kind: str = "federations") -> Path:
+    """Where the trained federation (or, kind="checkpoints", its training checkpoint) lives."""
+    return Path(run.spec.results_dir) / "cache" / kind / f"{federation_key(run, holdout)}.pt"
 
 
 def save(path: Path, result: FederationResult) -> None:
@@ -89,14 +88,24 @@ def trained_federation(
     holdout: str | None,
     on_round: RoundCallback,
 ) -> FederationResult:
-    """Load the federation from the cache, or train it and cache it."""
+    """Load the federation from the cache, or train it (resuming from its checkpoint, if a killed
+    run left one) and cache it."""
     path = cache_path(run, holdout)
     cached = load(path, run, data)
     if cached is not None:
         return cached
+    checkpoint = cache_path(run, holdout, "checkpoints")
     try:
         result = train_federation(
-            data, sites, run.method, run.config, run.spec.seed, run.device, on_round
+            data,
+            sites,
+            run.method,
+            run.config,
+            run.spec.seed,
+            run.device,
+            on_round,
+            checkpoint=checkpoint,
+            checkpoint_every=run.spec.checkpoint_every,
         )
     except (Diverged, FedbenchError, KeyboardInterrupt):
         raise
@@ -105,4 +114,6 @@ def trained_federation(
             f"method '{run.method.name}' failed in training: {type(exc).__name__}: {exc}"
         ) from exc
     save(path, result)
+    if not run.spec.keep_checkpoints:
+        checkpoint.unlink(missing_ok=True)
     return result

@@ -72,6 +72,13 @@ class Method:
     def after_local_update(self, client: int, state: State) -> None:
         """Called with a client's state right after its local training in every round."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the method itself remembers between rounds (saved in checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
     def personalized_state(self, client: int, state: State) -> State:
         """The model a client keeps and is scored with; `state` is its own state merged with the
         latest global shared parameters."""

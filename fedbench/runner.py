@@ -25,6 +25,7 @@ from fedbench.engine import FederationResult
 from fedbench.errors import Diverged, FedbenchError, PluginFailure, unknown_name
 from fedbench.federation_cache import trained_federation
 from fedbench.method import Method
+from fedbench.profiling import PROFILE
 from fedbench.progress import Reporter
 from fedbench.record import SCHEMA_VERSION, environment, new_run_id, now_iso, runs_dir, write_record
 from fedbench.registry import Registry
@@ -44,6 +45,8 @@ class RunSpec:
     rounds: int | None = None
     overrides: list[str] = field(default_factory=list)
     results_dir: Path = Path("results")
+    checkpoint_every: int = 1
+    keep_checkpoints: bool = False
 
 
 @dataclass
@@ -176,9 +179,10 @@ class Run:
             selections.append(("val-best", result.val_best))
         for selection, states in selections:
             for site, state in zip(data.sites, states, strict=True):
-                model = result.federation.model(state)
-                outputs = predict_batched(model, site.test.inputs, batch)
-                scores = data.task.score(outputs, site.test.targets, site.test.cases)
+                with PROFILE.phase("evaluation"):
+                    model = result.federation.model(state)
+                    outputs = predict_batched(model, site.test.inputs, batch)
+                    scores = data.task.score(outputs, site.test.targets, site.test.cases)
                 self.rows += metric_rows("inside", site.name, None, scores, selection)
 
     def outside(self, data: FederatedData, holdout: str) -> None:
@@ -189,8 +193,9 @@ class Run:
         ctx = AdaptContext(self.run.config["train"]["batch_size"], self.run.spec.seed, data.task)
         self.reporter.start(f"adapting {holdout} ({adapter.name})", None)
         try:
-            outputs = adapter.predict(result.federation, UnlabeledImages(every.inputs), ctx)
-        except (FedbenchError, Diverged):
+            with PROFILE.phase("adaptation"):
+                outputs = adapter.predict(result.federation, UnlabeledImages(every.inputs), ctx)
+        except (FedbenchError, Diverged, KeyboardInterrupt):
             raise
         except Exception as exc:
             raise PluginFailure(
@@ -200,7 +205,8 @@ class Run:
             self.reporter.finish()
         if not torch.isfinite(outputs).all():
             raise Diverged(f"adapter '{adapter.name}' produced non-finite outputs on {holdout}")
-        scores = data.task.score(outputs, every.targets, every.cases)
+        with PROFILE.phase("evaluation"):
+            scores = data.task.score(outputs, every.targets, every.cases)
         self.rows += metric_rows("outside", holdout, holdout, scores, "final")
 
     def cost(self) -> dict[str, Any]:
@@ -214,7 +220,11 @@ def execute(run: ResolvedRun, registry: Registry, reporter: Reporter) -> dict[st
     """Run everything and write the record; returns the record (status ok, failed or diverged)."""
     runs_dir(run.spec.results_dir)
     started, clock = now_iso(), time.perf_counter()
-    data = run.dataset.load(run.config["data"], run.spec.seed, Path(run.spec.results_dir) / "cache")
+    PROFILE.reset()
+    with PROFILE.phase("data loading"):
+        data = run.dataset.load(
+            run.config["data"], run.spec.seed, Path(run.spec.results_dir) / "cache"
+        )
     holdouts = holdout_sites(run.spec.holdout, [s.name for s in data.sites])
     probe = data.task.build_model(run.config["model"])
     if run.adapter is not None:
@@ -248,6 +258,7 @@ def execute(run: ResolvedRun, registry: Registry, reporter: Reporter) -> dict[st
         "cost": job.cost(),
         "metrics": job.rows if status == "ok" else [],
         "history": job.history,
+        "profile": PROFILE.summary(),
     }
     if error:
         record["error"] = error

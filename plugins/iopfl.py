@@ -34,6 +34,12 @@ class IOPFL(Method):
             else:
                 tau[key].mul_(alpha).add_(local, alpha=1.0 - alpha)
 
+    def state_dict(self) -> dict:
+        return {"trajectory": self.trajectory}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trajectory = list(state["trajectory"])
+
     def personalized_state(self, client: int, state: State) -> State:
         tau = self.trajectory[client]
         return state if tau is None else tau
