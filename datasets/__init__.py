@@ -1,0 +1,1 @@
+"""Built-in fedbench dataset plugins (imported as `fedbench_datasets`)."""

@@ -1,0 +1,224 @@
+"""`fed-tcga-brca`: FLamby's Fed-TCGA-BRCA survival benchmark, read from FLamby's three CSV files.
+
+`data.path` holds `brca.csv` (pid, 39 features, E = event, T = time), `train_test_split.csv`
+(pid, fold, fold2 = train_k / test_k) and `centers.csv` (tissue-source site -> region). Six
+centres in FLamby's order: Northeast, South, West, Midwest, Europe, Canada; FLamby's static
+train/test split; features as FLamby gives them (no scaling).
+
+Validation: FLamby has none. `data.val_fraction` (default 0.1) of each centre's training patients
+become val, drawn with the seed and stratified on the event so that a centre with at least two
+training events keeps one event in val (one patient = one row, so this is a split by patient).
+`data.val_fraction=0` keeps FLamby's training data whole; val then reuses the training split
+(history and val-best show training fit, never test).
+
+Model Linear(39 -> 1) giving a risk score; loss the negative Cox partial log-likelihood (Breslow
+ties, log-sum-exp over risk sets, averaged over events); metric Harrell's concordance index
+"c_index" (a pair is comparable when the earlier time is an event; a censored time equal to an
+event time counts as later; tied risks count one half), as FLamby's lifelines call computes it
+with the negated risk. The preset uses FLamby's published constants (BATCH_SIZE 8, LR 0.1, Adam,
+NUM_EPOCHS_POOLED 30, get_nb_max_rounds(100) = 5 rounds). FLamby runs num_updates = 100 batches
+per client per round; the engine counts epochs, so local_epochs = 30 / 5 = 6: every client
+trains NUM_EPOCHS_POOLED epochs in all, and the mean client (866 / 6 / 8 = 18 batches per epoch)
+makes 108 updates per round, close to 100. Differences from FLamby: the engine creates a fresh
+Adam each round (FLamby keeps its moments), and every client runs the same epochs rather than the
+same number of batches (Canada with 40 patients runs fewer steps, Northeast more).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedbench.config import stable_hash
+from fedbench.data import Dataset, FederatedData, Site, Split
+from fedbench.errors import FedbenchError
+from fedbench.hookspecs import hookimpl
+from fedbench.tasks import Task
+from fedbench_datasets.prepared import require_path, warn, write_split_file
+
+CENTRES = ("Northeast", "South", "West", "Midwest", "Europe", "Canada")
+FILES = ("brca.csv", "train_test_split.csv", "centers.csv")
+NUM_FEATURES = 39
+# FLamby's published constants for Fed-TCGA-BRCA (flamby/datasets/fed_tcga_brca/common.py)
+BATCH_SIZE, LR, NUM_EPOCHS_POOLED, N_TRAIN_POOLED = 8, 0.1, 30, 866
+
+
+def nb_max_rounds(num_updates: int, batch_size: int = BATCH_SIZE) -> int:
+    """FLamby's get_nb_max_rounds: rounds so that each client does about the pooled epochs."""
+    return (N_TRAIN_POOLED // len(CENTRES) // batch_size) * NUM_EPOCHS_POOLED // num_updates
+
+
+def cox_loss(risk: torch.Tensor, event: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+    """Negative Cox partial log-likelihood, Breslow ties, mean over events (0 without events).
+
+    Sorted by decreasing time, the log of each risk set sum is a running log-sum-exp; tied
+    times share the risk set that ends at the last member of their tie group.
+    """
+    order = torch.argsort(time, descending=True, stable=True)
+    risk, event, time = risk[order], event[order].to(risk.dtype), time[order]
+    running = torch.logcumsumexp(risk, dim=0)
+    ascending = (-time).contiguous()
+    last = torch.searchsorted(ascending, ascending, right=True) - 1
+    n_events = event.sum()
+    if n_events == 0:
+        return risk.sum() * 0.0
+    return -((risk - running[last]) * event).sum() / n_events
+
+
+def c_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
+    """Harrell's concordance index of risk scores (NaN when no pair is comparable)."""
+    t, e, r = (np.asarray(a, dtype=np.float64).ravel() for a in (time, event, risk))
+    later = (t[:, None] < t[None, :]) | ((t[:, None] == t[None, :]) & (e[None, :] == 0))
+    comparable = later & (e[:, None] == 1)
+    pairs = comparable.sum()
+    if pairs == 0:
+        return float("nan")
+    concordant = (comparable & (r[:, None] > r[None, :])).sum()
+    tied = (comparable & (r[:, None] == r[None, :])).sum()
+    return float((concordant + 0.5 * tied) / pairs)
+
+
+class SurvivalTask(Task):
+    """A linear Cox model: targets are (event, time) pairs, outputs one risk score each."""
+
+    primary_metric = "c_index"
+    dense_prediction = False
+
+    def __init__(self, num_features: int = NUM_FEATURES) -> None:
+        self.num_features = num_features
+
+    def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
+        return nn.Linear(self.num_features, 1)
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return cox_loss(outputs.reshape(-1), targets[:, 0], targets[:, 1])
+
+    def score(
+        self, outputs: torch.Tensor, targets: torch.Tensor, cases: torch.Tensor
+    ) -> dict[str, float]:
+        targets, risk = targets.detach().cpu().numpy(), outputs.detach().cpu().reshape(-1).numpy()
+        return {"c_index": c_index(targets[:, 1], targets[:, 0], risk)}
+
+
+def read_table(path: Path) -> Any:
+    """brca.csv joined with FLamby's split; adds `centre` (int) and `part` (train/test)."""
+    import pandas as pd
+
+    for name in FILES:
+        if not (path / name).is_file():
+            raise FedbenchError(f"{path / name}: missing (fed-tcga-brca needs {', '.join(FILES)})")
+    try:
+        brca = pd.read_csv(path / "brca.csv")
+        split = pd.read_csv(path / "train_test_split.csv")
+    except (OSError, ValueError) as exc:
+        raise FedbenchError(f"{path}: unreadable CSV ({exc})") from None
+    if brca.shape[1] != NUM_FEATURES + 3 or list(brca.columns[-2:]) != ["E", "T"]:
+        raise FedbenchError(f"{path / 'brca.csv'}: expected pid, {NUM_FEATURES} features, E, T")
+    table = brca.merge(split, on="pid", how="inner")
+    parts = table["fold2"].str.extract(r"^(train|test)_(\d+)$")
+    if parts.isna().any().any():
+        raise FedbenchError(f"{path / 'train_test_split.csv'}: fold2 must be train_K or test_K")
+    table["part"], table["centre"] = parts[0], parts[1].astype(int)
+    check_regions(path, table)
+    return table
+
+
+def check_regions(path: Path, table: Any) -> None:
+    """Warn when centers.csv does not map centre k's patients to FLamby's k-th region."""
+    import pandas as pd
+
+    centers = pd.read_csv(path / "centers.csv")
+    region = dict(zip(centers["TSS Code"], centers["Region"], strict=True))
+    found = table["pid"].str.split("-").str[1].map(region)
+    for k, name in enumerate(CENTRES):
+        seen = set(found[table["centre"] == k].dropna())
+        if seen != {name}:
+            warn(f"{path / 'centers.csv'}: centre {k} holds regions {sorted(seen)}, not {name}")
+
+
+def carve_val(events: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of the training patients moved to val, stratified on the event."""
+    val = np.zeros(len(events), dtype=bool)
+    if fraction <= 0:
+        return val
+    with_event, censored = np.flatnonzero(events == 1), np.flatnonzero(events == 0)
+    n_val = max(1, round(fraction * len(events)))
+    n_event = min(len(with_event) - 1, max(1, round(fraction * len(with_event))))
+    n_event = n_event if len(with_event) >= 2 else 0
+    n_censored = min(max(0, n_val - n_event), max(0, len(censored) - 1))
+    val[rng.permutation(with_event)[:n_event]] = True
+    val[rng.permutation(censored)[:n_censored]] = True
+    return val
+
+
+def to_split(rows: Any, features: list[str]) -> Split:
+    x = torch.tensor(rows[features].to_numpy(np.float32))
+    y = torch.tensor(rows[["E", "T"]].to_numpy(np.float32))
+    return Split(x, y, torch.arange(len(rows)))
+
+
+class FedTcgaBrca(Dataset):
+    """Six TCGA-BRCA centres, Cox survival, C-index (FLamby's benchmark)."""
+
+    name = "fed-tcga-brca"
+    description = "FLamby Fed-TCGA-BRCA: 6 centres, Cox model, C-index; needs data.path"
+    defaults: ClassVar[dict[str, Any]] = {"path": None, "val_fraction": 0.1}
+
+    def preset(self, preset: str) -> dict[str, Any]:
+        rounds = nb_max_rounds(100)
+        train = {
+            "rounds": rounds,
+            "local_epochs": NUM_EPOCHS_POOLED // rounds,
+            "batch_size": BATCH_SIZE,
+            "lr": LR,
+            "optimizer": "adam",
+        }
+        if preset == "quick":
+            train.update(rounds=2, local_epochs=2)
+        return {"train": train, "eval": {"batch_size": 1024}}
+
+    def site_names(self, cfg: dict[str, Any]) -> list[str] | None:
+        return list(CENTRES)
+
+    def load(self, cfg: dict[str, Any], seed: int, cache_dir: Path) -> FederatedData:
+        path = require_path(cfg, self.name)
+        table = read_table(path)
+        features = list(table.columns[1 : NUM_FEATURES + 1])
+        fraction = float(cfg["val_fraction"])
+        if not 0 <= fraction < 1:
+            raise FedbenchError(f"setting data.val_fraction must be in [0, 1), got {fraction}")
+        sites, record = [], {}
+        for k, name in enumerate(CENTRES):
+            train = table[(table["centre"] == k) & (table["part"] == "train")]
+            test = table[(table["centre"] == k) & (table["part"] == "test")]
+            if train.empty or test.empty:
+                raise FedbenchError(f"{path}: centre {k} ({name}) has an empty train or test split")
+            val = carve_val(train["E"].to_numpy(), fraction, np.random.default_rng([seed, k]))
+            val_rows = train[val] if val.any() else train
+            sites.append(
+                Site(
+                    name,
+                    to_split(train[~val], features),
+                    to_split(val_rows, features),
+                    to_split(test, features),
+                )
+            )
+            record[name] = {
+                "train": sorted(train[~val]["pid"]),
+                "val": sorted(val_rows["pid"]),
+                "test": sorted(test["pid"]),
+                "val_reuses_train": not val.any(),
+            }
+        directory = Path(cache_dir) / "datasets" / f"{self.name}-{stable_hash(str(path))[:8]}"
+        payload = {"dataset": self.name, "seed": seed, "val_fraction": fraction, "sites": record}
+        write_split_file(directory, f"seed{seed}-val{fraction:g}", payload)
+        return FederatedData(self.name, sites, SurvivalTask(len(features)))
+
+
+@hookimpl
+def fedbench_datasets() -> list[type]:
+    return [FedTcgaBrca]

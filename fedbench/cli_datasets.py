@@ -1,0 +1,266 @@
+"""`fedbench datasets list|prepare|verify|show`: look at, convert and check datasets.
+
+`prepare` converts a dataset's raw files once into its prepared form (per-site files and a
+manifest of sha256 checksums, written atomically) in the place `fedbench run` looks for it, or
+in `--out`. `verify` checks a prepared folder against its manifest and reports each bad file by
+its path on one line. `show` draws a few images per site with their mask outlines.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from fedbench.errors import FedbenchError
+
+datasets_app = typer.Typer(
+    help="List, prepare, verify and show datasets.", no_args_is_help=True, add_completion=False
+)
+OUTLINE_COLOURS = ("#00e5ff", "#ffd600", "#ff4081")
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="A data setting: data.KEY=VALUE (e.g. data.size=64)."),
+]
+ResultsOption = Annotated[
+    Path, typer.Option(help="Results folder whose cache/ holds prepared data.")
+]
+
+
+def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """fedbench.cli's one-line error handling, looked up at call time (fedbench.cli imports
+    this module while it is being imported)."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from fedbench.cli import user_errors as handle
+
+        return handle(func)(*args, **kwargs)
+
+    return wrapper
+
+
+def echo(text: str) -> None:
+    from fedbench.cli import out
+
+    out.print(text, highlight=False)
+
+
+def get_dataset(name: str) -> Any:
+    """An instance of the registered dataset `name` (unknown names list the known ones)."""
+    from fedbench.cli import registry
+
+    return registry().get("datasets", name)()
+
+
+def data_config(dataset: Any, preset: str, overrides: list[str]) -> dict[str, Any]:
+    """The dataset's `data.*` settings: defaults, the preset's values, then --set."""
+    from fedbench.config import apply_overrides, deep_merge, preset_config
+
+    preset_config(preset)  # rejects an unknown preset
+    data = deep_merge(dataset.defaults, dataset.preset(preset).get("data", {}))
+    assignments = [o if o.startswith("data.") else f"data.{o}" for o in overrides]
+    return apply_overrides({"data": data}, assignments)["data"]
+
+
+def preparable(dataset: Any) -> bool:
+    return callable(getattr(dataset, "prepare", None)) and callable(
+        getattr(dataset, "verify", None)
+    )
+
+
+def require_preparable(dataset: Any) -> None:
+    if not preparable(dataset):
+        raise FedbenchError(
+            f"dataset '{dataset.name}' has no prepared form (it is read directly or generated)"
+        )
+
+
+def report_problems(lines: list[str]) -> None:
+    """One line per problem on stderr, then a non-zero exit."""
+    for line in lines:
+        typer.echo(f"error: {line}", err=True)
+    raise typer.Exit(1)
+
+
+@datasets_app.command("list")
+@user_errors
+def list_command(
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """List the installed datasets and their data settings."""
+    from fedbench.cli import out, registry
+
+    reg = registry()
+    rows = []
+    for name in reg.names("datasets"):
+        dataset = reg.get("datasets", name)()
+        rows.append(
+            {
+                "name": name,
+                "description": getattr(dataset, "description", ""),
+                "prepare": preparable(dataset),
+                "settings": sorted(dataset.defaults),
+            }
+        )
+    if json_:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table(title="datasets")
+    for column in ("name", "description", "prepare", "data settings"):
+        table.add_column(column)
+    for row in rows:
+        prepare = "yes" if row["prepare"] else "-"
+        table.add_row(row["name"], row["description"], prepare, ", ".join(row["settings"]))
+    out.print(table)
+
+
+@datasets_app.command("prepare")
+@user_errors
+def prepare_command(
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    source: Annotated[Path, typer.Option(help="Folder with the raw files.")],
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Prepared folder (default: where runs look).")
+    ] = None,
+    preset: Annotated[str, typer.Option(help="Preset whose data settings apply.")] = "default",
+    set_: SetOption = None,
+    results_dir: ResultsOption = Path("results"),
+) -> None:
+    """Convert raw files once into the fast prepared form, with a checksum manifest."""
+    dataset = get_dataset(name)
+    require_preparable(dataset)
+    if not source.is_dir():
+        raise FedbenchError(f"--source {source} is not a folder")
+    cfg = {**data_config(dataset, preset, list(set_ or [])), "path": str(source)}
+    target = out_dir or dataset.default_dir(source, cfg, Path(results_dir) / "cache")
+    try:
+        directory = Path(dataset.prepare(source, Path(target), cfg))
+    except FedbenchError as exc:
+        report_problems(getattr(exc, "lines", None) or [str(exc)])
+    manifest = read_json(directory / "manifest.json")
+    for line in manifest.get("orphans", []):
+        typer.echo(f"warning: left out: {line}", err=True)
+    sites = manifest.get("sites", {})
+    counts = ", ".join(f"{s} {v.get('samples', '?')}" for s, v in sites.items())
+    echo(f"prepared {name}: {counts} samples")
+    echo(f"in {directory}")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def prepared_dirs(name: str, directory: Path | None, results_dir: Path) -> list[Path]:
+    """The folder given, or every prepared folder of `name` in the results cache."""
+    if directory is not None:
+        return [directory]
+    found = sorted((Path(results_dir) / "cache" / "datasets").glob(f"{name}-*"))
+    if not found:
+        raise FedbenchError(
+            f"no prepared folder of '{name}' under {Path(results_dir) / 'cache' / 'datasets'}; "
+            "name one with --dir"
+        )
+    return found
+
+
+@datasets_app.command("verify")
+@user_errors
+def verify_command(
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    directory: Annotated[Path | None, typer.Option("--dir", help="Prepared folder.")] = None,
+    results_dir: ResultsOption = Path("results"),
+) -> None:
+    """Check prepared files against their manifest; each bad file is one line, exit 1."""
+    dataset = get_dataset(name)
+    require_preparable(dataset)
+    problems = []
+    for folder in prepared_dirs(name, directory, results_dir):
+        found = dataset.verify(folder)
+        problems += found
+        if not found:
+            echo(f"ok: {folder}")
+    if problems:
+        report_problems(problems)
+
+
+def picture(image: Any, rgb: bool) -> Any:
+    """[C, H, W] model input -> what imshow draws: RGB when asked, else the middle channel."""
+    x = image.permute(1, 2, 0) if rgb and image.shape[0] == 3 else image[image.shape[0] // 2]
+    x = x.float()
+    low, high = float(x.min()), float(x.max())
+    return ((x - low) / (high - low if high > low else 1.0)).numpy()
+
+
+def pick(targets: Any, count: int) -> list[int]:
+    """Up to `count` sample indices spread over the split, preferring samples with foreground."""
+    has_fg = targets.flatten(1).any(1).nonzero().flatten().tolist()
+    pool = has_fg or list(range(len(targets)))
+    step = max(1, len(pool) // max(count, 1))
+    return pool[::step][:count]
+
+
+def draw_grid(data: Any, per_site: int, rgb: bool, path: Path) -> None:
+    """Rows of sites, `per_site` images each, mask outlines on top; written to `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = len(data.sites)
+    fig, axes = plt.subplots(rows, per_site, figsize=(2 * per_site, 2 * rows), squeeze=False)
+    for r, site in enumerate(data.sites):
+        split = site.all_samples()
+        chosen = pick(split.targets, per_site)
+        for c, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if c >= len(chosen):
+                continue
+            target = split.targets[chosen[c]]
+            ax.imshow(picture(split.inputs[chosen[c]], rgb), cmap="gray")
+            for k in range(1, int(target.max()) + 1):
+                colour = OUTLINE_COLOURS[(k - 1) % len(OUTLINE_COLOURS)]
+                ax.contour((target >= k).numpy(), levels=[0.5], colors=[colour], linewidths=0.8)
+        axes[r][0].set_title(site.name, loc="left", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+@datasets_app.command("show")
+@user_errors
+def show_command(
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    out_file: Annotated[Path, typer.Option("--out", help="PNG file to write.")],
+    per_site: Annotated[int, typer.Option(help="Images per site.")] = 4,
+    seed: Annotated[int, typer.Option(help="Seed (splits, generated data).")] = 0,
+    preset: Annotated[str, typer.Option(help="Preset whose data settings apply.")] = "default",
+    set_: SetOption = None,
+    results_dir: ResultsOption = Path("results"),
+) -> None:
+    """Draw a grid of a few images per site with their mask outlines (PNG)."""
+    if per_site < 1:
+        raise FedbenchError(f"--per-site must be at least 1, got {per_site}")
+    dataset = get_dataset(name)
+    cfg = data_config(dataset, preset, list(set_ or []))
+    data = dataset.load(cfg, seed, Path(results_dir) / "cache")
+    sample = data.sites[0].train
+    if not data.task.dense_prediction or sample.targets.dim() != 3 or sample.inputs.dim() != 4:
+        raise FedbenchError(f"dataset '{name}' has no images and masks to show")
+    draw_grid(data, per_site, bool(getattr(dataset, "display_rgb", False)), out_file)
+    echo(f"wrote {out_file}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `datasets` command group to the main app."""
+    app.add_typer(datasets_app, name="datasets")

@@ -1,0 +1,1 @@
+"""Stand-in for the flamby package (tests only)."""
