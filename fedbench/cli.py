@@ -139,9 +139,11 @@ def print_summary(record: dict[str, Any], results_dir: Path) -> None:
         for r in record["metrics"]
         if r["selection"] == "final"
     }
-    columns = [("inside", "dice"), ("inside", "hd95")]
+    names = list(dict.fromkeys(r["metric"] for r in record["metrics"]))
+    shown = [m for m in ("dice", "hd95") if m in names] or names[:2]
+    columns = [("inside", m) for m in shown]
     if record["adapter"]:
-        columns += [("outside", "dice"), ("outside", "hd95")]
+        columns += [("outside", m) for m in shown]
     for regime, metric in columns:
         label = f"{regime} {metric}" + (f" ({record['adapter']})" if regime == "outside" else "")
         table.add_column(label, justify="right")

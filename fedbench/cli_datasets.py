@@ -194,28 +194,14 @@ def verify_command(
         report_problems(problems)
 
 
-def picture(image: Any, rgb: bool) -> Any:
-    """[C, H, W] model input -> what imshow draws: RGB when asked, else the middle channel."""
-    x = image.permute(1, 2, 0) if rgb and image.shape[0] == 3 else image[image.shape[0] // 2]
-    x = x.float()
-    low, high = float(x.min()), float(x.max())
-    return ((x - low) / (high - low if high > low else 1.0)).numpy()
-
-
-def pick(targets: Any, count: int) -> list[int]:
-    """Up to `count` sample indices spread over the split, preferring samples with foreground."""
-    has_fg = targets.flatten(1).any(1).nonzero().flatten().tolist()
-    pool = has_fg or list(range(len(targets)))
-    step = max(1, len(pool) // max(count, 1))
-    return pool[::step][:count]
-
-
 def draw_grid(data: Any, per_site: int, rgb: bool, path: Path) -> None:
     """Rows of sites, `per_site` images each, mask outlines on top; written to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from fedbench.examples import display_image, pick
 
     rows = len(data.sites)
     fig, axes = plt.subplots(rows, per_site, figsize=(2 * per_site, 2 * rows), squeeze=False)
@@ -227,7 +213,7 @@ def draw_grid(data: Any, per_site: int, rgb: bool, path: Path) -> None:
             if c >= len(chosen):
                 continue
             target = split.targets[chosen[c]]
-            ax.imshow(picture(split.inputs[chosen[c]], rgb), cmap="gray")
+            ax.imshow(display_image(split.inputs[chosen[c]], rgb), cmap="gray")
             for k in range(1, int(target.max()) + 1):
                 colour = OUTLINE_COLOURS[(k - 1) % len(OUTLINE_COLOURS)]
                 ax.contour((target >= k).numpy(), levels=[0.5], colors=[colour], linewidths=0.8)

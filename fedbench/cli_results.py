@@ -218,6 +218,25 @@ def curves_command(
     _say(f"wrote {out}")
 
 
+def show_command(
+    run_id: Annotated[str, typer.Argument(help="Run id (or a unique prefix, or a record's path).")],
+    out: Annotated[Path, typer.Option(help="Figure file (.png, .svg or .pdf).")],
+    results_dir: Annotated[Path, typer.Option(help="Folder holding runs/.")] = Path("results"),
+) -> None:
+    """For each site: an image, its ground truth and the run's prediction overlaid."""
+    from fedbench import examples
+    from fedbench.errors import FedbenchError
+    from fedbench.plots import check_figure_path, examples_figure
+
+    check_figure_path(out)
+    record = find_record(results_dir, run_id)
+    kept = examples.load(results_dir, record["run_id"])
+    if not kept:
+        raise FedbenchError(f"run '{record['run_id']}' kept no predictions to show")
+    examples_figure(record, kept, out)
+    _say(f"wrote {out}")
+
+
 def find_record(results_dir: Path, run_id: str) -> dict[str, Any]:
     """The valid record for a run id, a unique prefix of one, or a record file's path."""
     import json
@@ -246,10 +265,11 @@ def find_record(results_dir: Path, run_id: str) -> dict[str, Any]:
 
 
 def register(app: typer.Typer) -> None:
-    """Add `grid`, `leaderboard` and `plot curves` to the fedbench app."""
+    """Add `grid`, `leaderboard`, `plot curves` and `show` to the fedbench app."""
     cli = _cli()
     plot_app = typer.Typer(help="Figures from run records.", no_args_is_help=True)
     app.command("grid")(cli.user_errors(grid_command))
     app.command("leaderboard")(cli.user_errors(leaderboard_command))
     plot_app.command("curves")(cli.user_errors(curves_command))
+    app.command("show")(cli.user_errors(show_command))
     app.add_typer(plot_app, name="plot")

@@ -220,3 +220,56 @@ def curves_figure(records: list[dict[str, Any]], path: Path) -> Path:
     fig.legend(handles=handles, loc="outside right center", title="site", frameon=False)
     save(fig, path)
     return path
+
+
+TRUTH_COLOUR, PREDICTION_COLOUR = "#00d000", "#ff3030"
+
+
+def outline(ax: Any, mask: Any, colour: str) -> None:
+    """Contours of every foreground level of an integer mask."""
+    for level in range(1, int(mask.max()) + 1):
+        ax.contour(mask >= level, levels=[0.5], colors=[colour], linewidths=0.9)
+
+
+def examples_figure(
+    record: dict[str, Any], examples: dict[tuple[str, str], dict[str, Any]], path: Path
+) -> Path:
+    """One row per site: its kept images with the ground truth (green) and the run's prediction
+    (red) outlined, inside the federation and, where the site was held out, outside it."""
+    plt = _pyplot()
+    sites = list(dict.fromkeys(site for _, site in examples))
+    regimes = [r for r in ("inside", "outside") if any(k[0] == r for k in examples)]
+    per = max(len(v["image"]) for v in examples.values())
+    cols = per * len(regimes)
+    fig, axes = plt.subplots(
+        len(sites),
+        cols,
+        figsize=(2.1 * cols, 2.1 * len(sites) + 0.6),
+        squeeze=False,
+        layout="constrained",
+    )
+    for r, site in enumerate(sites):
+        for g, regime in enumerate(regimes):
+            arrays = examples.get((regime, site))
+            for i in range(per):
+                ax = axes[r][g * per + i]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if arrays is None or i >= len(arrays["image"]):
+                    ax.axis("off")
+                    continue
+                ax.imshow(arrays["image"][i], cmap="gray")
+                outline(ax, arrays["truth"][i], TRUTH_COLOUR)
+                outline(ax, arrays["pred"][i], PREDICTION_COLOUR)
+        axes[r][0].set_ylabel(site, fontsize=9)
+    for g, regime in enumerate(regimes):
+        for i in range(per):
+            axes[0][g * per + i].set_title(regime, fontsize=9)
+    adapter = f", adapter {record['adapter']}" if record.get("adapter") else ""
+    fig.suptitle(
+        f"{record['method']} on {record['dataset']} (seed {record['seed']}{adapter}): "
+        "truth green, prediction red",
+        fontsize=10,
+    )
+    save(fig, path)
+    return path

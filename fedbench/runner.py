@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from fedbench import examples
 from fedbench.adapter import AdaptContext, Adapter, predict_batched
 from fedbench.config import (
     Config,
@@ -20,7 +21,7 @@ from fedbench.config import (
     stable_hash,
     validate,
 )
-from fedbench.data import Dataset, FederatedData, UnlabeledImages
+from fedbench.data import Dataset, FederatedData, Split, UnlabeledImages
 from fedbench.engine import FederationResult
 from fedbench.errors import Diverged, FedbenchError, PluginFailure, unknown_name
 from fedbench.federation_cache import trained_federation
@@ -150,6 +151,8 @@ class Run:
         self.rows: list[dict[str, Any]] = []
         self.costs: dict[str, dict[str, int]] = {}
         self.history: dict[str, list[dict[str, Any]]] = {}
+        self.examples: dict[tuple[str, str], dict[str, Any]] = {}
+        self.rgb = bool(getattr(run.dataset, "display_rgb", False))
         self.run_id = new_run_id(
             run.dataset.name, run.method.name, run.adapter_name, run.spec.seed, run.config_hash
         )
@@ -184,6 +187,8 @@ class Run:
                     outputs = predict_batched(model, site.test.inputs, batch)
                     scores = data.task.score(outputs, site.test.targets, site.test.cases)
                 self.rows += metric_rows("inside", site.name, None, scores, selection)
+                if selection == "final":
+                    self.keep_examples("inside", site.name, site.test, outputs, data)
 
     def outside(self, data: FederatedData, holdout: str) -> None:
         result = self.federation(data, holdout)
@@ -208,6 +213,16 @@ class Run:
         with PROFILE.phase("evaluation"):
             scores = data.task.score(outputs, every.targets, every.cases)
         self.rows += metric_rows("outside", holdout, holdout, scores, "final")
+        self.keep_examples("outside", holdout, every, outputs, data)
+
+    def keep_examples(
+        self, regime: str, site: str, split: Split, outputs: torch.Tensor, data: FederatedData
+    ) -> None:
+        """A few predictions for `fedbench show` (segmentation only)."""
+        if data.task.dense_prediction:
+            self.examples[(regime, site)] = examples.keep(
+                split.inputs, split.targets, outputs, self.rgb
+            )
 
     def cost(self) -> dict[str, Any]:
         keys = ("bytes_up", "bytes_down", "client_steps")
@@ -216,9 +231,13 @@ class Run:
         return totals
 
 
-def execute(run: ResolvedRun, registry: Registry, reporter: Reporter) -> dict[str, Any]:
-    """Run everything and write the record; returns the record (status ok, failed or diverged)."""
-    runs_dir(run.spec.results_dir)
+def execute(
+    run: ResolvedRun, registry: Registry, reporter: Reporter, *, write: bool = True
+) -> dict[str, Any]:
+    """Run everything and write the record (unless `write` is False: a Ray worker returns it to
+    the driver, which writes it); returns the record (status ok, failed or diverged)."""
+    if write:
+        runs_dir(run.spec.results_dir)
     started, clock = now_iso(), time.perf_counter()
     PROFILE.reset()
     with PROFILE.phase("data loading"):
@@ -262,6 +281,9 @@ def execute(run: ResolvedRun, registry: Registry, reporter: Reporter) -> dict[st
     }
     if error:
         record["error"] = error
-    write_record(run.spec.results_dir, record)
+    if job.examples and status == "ok":
+        examples.save(run.spec.results_dir, job.run_id, job.examples)
+    if write:
+        write_record(run.spec.results_dir, record)
     registry.manager.hook.fedbench_run_end(record=record)
     return record

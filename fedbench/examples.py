@@ -1,0 +1,75 @@
+"""A few predictions per site kept by each run, so `fedbench show RUN_ID` can draw the image,
+its ground truth and the run's prediction. Stored beside the records, in RESULTS/predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fedbench.record import safe_token
+
+PER_SITE = 2
+
+
+def display_image(image: torch.Tensor, rgb: bool) -> np.ndarray:
+    """[C, H, W] model input -> an array imshow draws: RGB for colour images, else the middle
+    channel (the slice itself for 2.5D input), scaled to [0, 1]."""
+    x = image.permute(1, 2, 0) if rgb and image.shape[0] == 3 else image[image.shape[0] // 2]
+    x = x.float()
+    low, high = float(x.min()), float(x.max())
+    return ((x - low) / (high - low if high > low else 1.0)).cpu().numpy()
+
+
+def pick(targets: torch.Tensor, count: int) -> list[int]:
+    """Up to `count` sample indices spread over the split, preferring samples with foreground."""
+    has_fg = targets.flatten(1).any(1).nonzero().flatten().tolist()
+    pool = has_fg or list(range(len(targets)))
+    step = max(1, len(pool) // max(count, 1))
+    return pool[::step][:count]
+
+
+def keep(
+    inputs: torch.Tensor, targets: torch.Tensor, outputs: torch.Tensor, rgb: bool
+) -> dict[str, np.ndarray]:
+    """The examples of one site: images, truths and argmax predictions of a few samples."""
+    chosen = pick(targets, PER_SITE)
+    return {
+        "image": np.stack([display_image(inputs[i], rgb) for i in chosen]),
+        "truth": targets[chosen].cpu().numpy().astype(np.uint8),
+        "pred": outputs[chosen].argmax(1).cpu().numpy().astype(np.uint8),
+    }
+
+
+def examples_path(results_dir: Path, run_id: str) -> Path:
+    return Path(results_dir) / "predictions" / f"{safe_token(run_id)}.npz"
+
+
+def save(
+    results_dir: Path, run_id: str, examples: dict[tuple[str, str], dict[str, np.ndarray]]
+) -> None:
+    """Write every kept example into one .npz (temp file, then rename)."""
+    path = examples_path(results_dir, run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = {
+        f"{regime}|{site}|{key}": value
+        for (regime, site), arrays in examples.items()
+        for key, value in arrays.items()
+    }
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez_compressed(tmp, **flat)
+    tmp.replace(path)
+
+
+def load(results_dir: Path, run_id: str) -> dict[tuple[str, str], dict[str, np.ndarray]] | None:
+    """The kept examples of a run by (regime, site), or None when the run kept none."""
+    path = examples_path(results_dir, run_id)
+    if not path.is_file():
+        return None
+    out: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    with np.load(path) as archive:
+        for name in archive.files:
+            regime, site, key = name.split("|")
+            out.setdefault((regime, site), {})[key] = archive[name]
+    return out
