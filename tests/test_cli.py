@@ -182,3 +182,17 @@ def test_cuda_without_cuda(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     result = invoke("--debug", "run", "--method", "nope", "--results-dir", str(tmp_path))
     assert result.exit_code != 0 and result.exception is not None
+
+
+def test_show_draws_the_runs_predictions(tmp_path):
+    from PIL import Image
+
+    record = run_json(tmp_path, "--method", "fedavg", "--holdout", "HK")
+    out = tmp_path / "show.png"
+    result = invoke("show", record["run_id"], "--out", str(out), "--results-dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as image:
+        width, height = image.size
+    assert height > width > 200, "six site rows, inside and outside columns"
+    missing = invoke("show", "no-such-run", "--out", str(out), "--results-dir", str(tmp_path))
+    assert missing.exit_code != 0 and "not found" in missing.stderr
