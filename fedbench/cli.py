@@ -4,6 +4,7 @@ that need them."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -218,4 +219,7 @@ _register_subcommands()
 
 
 def main() -> None:
+    # Idle OpenMP threads sleep instead of spinning: with spinning, a second busy process on a
+    # small machine (a grid, a test run) slows every torch step down many times over.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app()

@@ -43,23 +43,36 @@ def grid_command(
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a setting: KEY=VALUE.")
     ] = None,
-    backend: Annotated[str, typer.Option(help="local (one run after another) or ray.")] = "local",
+    backend: Annotated[
+        str, typer.Option(help="local (one run after another) or ray (runs as Ray tasks).")
+    ] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join (e.g. auto); default: a local Ray.")
+    ] = None,
+    cpus_per_run: Annotated[float, typer.Option(help="CPUs each Ray task reserves.")] = 1.0,
+    gpus_per_run: Annotated[float, typer.Option(help="GPUs each Ray task reserves.")] = 0.0,
+    retry_failed: Annotated[
+        bool,
+        typer.Option(
+            "--retry-failed", help="Run again the cells whose earlier runs failed or diverged."
+        ),
+    ] = False,
     results_dir: Annotated[Path, typer.Option(help="Where records go.")] = Path("results"),
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List the cells and what is done; run nothing.")
     ] = False,
 ) -> None:
-    """Run the cross product methods x adapters x seeds; finished cells are skipped."""
+    """Run the cross product methods x adapters x seeds; finished cells are skipped, failed ones
+    too unless --retry-failed."""
     from fedbench import grid
-    from fedbench.progress import make_reporter
+    from fedbench.ray_backend import RayOptions
     from fedbench.record import runs_dir
     from fedbench.runner import RunSpec
 
     cli = _cli()
     reg = cli.registry()
-    run_cells = grid.make_backend(
-        backend, reg, lambda: make_reporter(cli.err, quiet=False), debug=cli.STATE["debug"]
-    )
+    ray_options = RayOptions(ray_address, cpus_per_run, gpus_per_run, tuple(cli.STATE["plugins"]))
+    run_cells = _backend(backend, reg, ray_options)
     base = RunSpec(
         method="",
         dataset=dataset,
@@ -75,39 +88,58 @@ def grid_command(
     if adapters and holdout == "none":
         _say("note: --holdout none runs no adapter, so --adapter is ignored")
     runs_dir(results_dir)
-    plan = grid.plan_grid(grid.cell_specs(base, methods, adapters, grid.parse_seeds(seeds)), reg)
+    specs = grid.cell_specs(base, methods, adapters, grid.parse_seeds(seeds))
+    plan = grid.plan_grid(specs, reg, retry_failed=retry_failed)
     _announce(plan)
     if dry_run:
         _print_cells(plan)
         return
-    results: list[CellResult] = [*plan.done, *plan.failed]
-    total = len(plan.pending)
+    results: list[CellResult] = [*plan.done, *plan.failed, *plan.earlier]
+    ran: list[CellResult] = []
 
     def on_result(result: CellResult) -> None:
-        results.append(result)
-        done = len(results) - len(plan.done) - len(plan.failed)
+        ran.append(result)
         detail = f" ({result.error})" if result.error else ""
         _say(
-            f"[{done}/{total}] {result.cell.label}: {result.status} in {result.wall_s:.1f} s"
-            f"{detail}"
+            f"[{len(ran)}/{len(plan.pending)}] {result.cell.label}: {result.status} in "
+            f"{result.wall_s:.1f} s{detail}"
         )
 
     run_cells(plan.pending, on_result)
-    _summary(results, results_dir)
+    _summary(results + ran, results_dir)
+
+
+def _backend(name: str, reg: Any, ray_options: Any) -> Any:
+    """The backend running the cells; Ray's options only matter to the ray backend."""
+    from fedbench import grid
+    from fedbench.progress import make_reporter
+    from fedbench.ray_backend import RayOptions
+
+    cli = _cli()
+    defaults = RayOptions(plugins=ray_options.plugins)
+    if name != "ray" and ray_options != defaults:
+        _say("note: --ray-address, --cpus-per-run and --gpus-per-run apply to --backend ray only")
+    reporter = lambda: make_reporter(cli.err, quiet=False)  # noqa: E731
+    return grid.make_backend(name, reg, reporter, cli.STATE["debug"], ray_options)
 
 
 def _announce(plan: GridPlan) -> None:
-    """Notes about the plan, then how many cells run and how many are already done."""
+    """Notes about the plan, then how many cells run, are already done or failed earlier."""
     for note in plan.notes:
         _say(f"note: {note}")
     for result in plan.failed:
         _say(f"cannot run {result.cell.label}: {result.error}")
-    if not (plan.pending or plan.done or plan.failed):
+    if not (plan.pending or plan.done or plan.failed or plan.earlier):
         _cli().fail("the grid has no cell that can run")
-    cells = len(plan.pending) + len(plan.done) + len(plan.failed)
+    cells = len(plan.pending) + len(plan.done) + len(plan.failed) + len(plan.earlier)
+    earlier = (
+        f", {len(plan.earlier)} failed earlier (not run again without --retry-failed)"
+        if plan.earlier
+        else ""
+    )
     _say(
         f"grid: {cells} cell(s): {len(plan.pending)} to run, "
-        f"{len(plan.done)} already done (skipped)"
+        f"{len(plan.done)} already done (skipped){earlier}"
     )
 
 
@@ -117,6 +149,8 @@ def _print_cells(plan: GridPlan) -> None:
         typer.echo(f"done     {result.cell.label} ({result.run_id})")
     for cell in plan.pending:
         typer.echo(f"to run   {cell.label} ({cell.config_hash})")
+    for result in plan.earlier:
+        typer.echo(f"{result.status:<8} {result.cell.label} earlier ({result.run_id})")
     for result in plan.failed:
         typer.echo(f"failed   {result.cell.label}: {result.error}")
 

@@ -1,6 +1,8 @@
 """A grid: the cross product of methods x adapters x seeds, one run per cell. Finished cells (an
 ok record with the same config hash) are skipped, so an interrupted grid continues where it
-stopped; a failing cell is reported and the grid goes on. Backends run the pending cells."""
+stopped; a failing cell is reported, recorded as failed, and the grid goes on. Cells whose records
+all failed or diverged are not re-run unless asked (retry_failed). Backends run the pending cells:
+`local` here, `ray` in fedbench.ray_backend."""
 
 from __future__ import annotations
 
@@ -13,7 +15,14 @@ from typing import Any, Protocol
 from fedbench import runner
 from fedbench.errors import FedbenchError, unknown_name
 from fedbench.progress import Reporter
-from fedbench.record import read_records
+from fedbench.record import (
+    SCHEMA_VERSION,
+    environment,
+    new_run_id,
+    now_iso,
+    read_records,
+    write_record,
+)
 from fedbench.registry import Registry
 from fedbench.runner import RunSpec
 
@@ -26,6 +35,7 @@ class Cell:
 
     spec: RunSpec
     config_hash: str
+    holdouts: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -46,11 +56,13 @@ class CellResult:
 
 @dataclass
 class GridPlan:
-    """The cells to run, the ones already done, and notes about combinations left out."""
+    """The cells to run, the ones already done, those that cannot run, those whose earlier runs
+    failed (not re-run without retry_failed), and notes about combinations left out."""
 
     pending: list[Cell] = field(default_factory=list)
     done: list[CellResult] = field(default_factory=list)
     failed: list[CellResult] = field(default_factory=list)
+    earlier: list[CellResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -110,16 +122,25 @@ def cell_specs(base: RunSpec, methods: list[str], adapters: list[str], seeds: li
     ]
 
 
-def finished_runs(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
-    """Ok records under RESULTS/runs, by config hash (invalid files are ignored here)."""
+def records_by_hash(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every valid record under RESULTS/runs by config hash, oldest first (invalid files are
+    ignored here)."""
     by_hash: dict[str, list[dict[str, Any]]] = {}
     if not (Path(results_dir) / "runs").is_dir():
         return by_hash
     records, _ = read_records(results_dir)
-    for record in records:
-        if record["status"] == "ok":
-            by_hash.setdefault(record["config_hash"], []).append(record)
+    for record in sorted(records, key=lambda r: (str(r["finished_at"]), r["run_id"])):
+        by_hash.setdefault(record["config_hash"], []).append(record)
     return by_hash
+
+
+def requested_holdouts(holdout: str, sites: list[str]) -> tuple[str, ...]:
+    """The sites `--holdout` asks to hold out, as a record of the cell lists them."""
+    if holdout == "none":
+        return ()
+    if holdout == "all":
+        return tuple(sites)
+    return tuple(s.strip() for s in holdout.split(",") if s.strip())
 
 
 def same_holdouts(record: dict[str, Any], spec: RunSpec, sites: list[str] | None) -> bool:
@@ -134,10 +155,25 @@ def same_holdouts(record: dict[str, Any], spec: RunSpec, sites: list[str] | None
     return held == {s.strip() for s in spec.holdout.split(",") if s.strip()}
 
 
-def plan_grid(specs: list[RunSpec], registry: Registry) -> GridPlan:
-    """Resolve each cell, skip the finished ones and leave out impossible combinations."""
+def place(plan: GridPlan, cell: Cell, records: list[dict[str, Any]], retry_failed: bool) -> None:
+    """Put a cell in the plan from its earlier records (oldest first): any ok one means done;
+    otherwise the latest failed or diverged one keeps it out unless `retry_failed`."""
+    ok = next((r for r in records if r["status"] == "ok"), None)
+    if ok is not None:
+        plan.done.append(CellResult(cell, "skipped", run_id=ok["run_id"]))
+    elif records and not retry_failed:
+        last = records[-1]
+        note = f"{last.get('error') or 'no message'} (earlier run; --retry-failed runs it again)"
+        plan.earlier.append(CellResult(cell, last["status"], run_id=last["run_id"], error=note))
+    else:
+        plan.pending.append(cell)
+
+
+def plan_grid(specs: list[RunSpec], registry: Registry, retry_failed: bool = False) -> GridPlan:
+    """Resolve each cell, skip the finished (and, unless `retry_failed`, the failed) ones and
+    leave out impossible combinations."""
     plan = GridPlan()
-    done = finished_runs(specs[0].results_dir) if specs else {}
+    done = records_by_hash(specs[0].results_dir) if specs else {}
     for spec in specs:
         try:
             resolved = runner.resolve(spec, registry)
@@ -151,23 +187,60 @@ def plan_grid(specs: list[RunSpec], registry: Registry) -> GridPlan:
             if note not in plan.notes:
                 plan.notes.append(note)
             continue
-        cell = Cell(concrete, resolved.config_hash)
         sites = resolved.dataset.site_names(resolved.config["data"])
-        match = next(
-            (r for r in done.get(cell.config_hash, []) if same_holdouts(r, spec, sites)), None
-        )
-        if match is not None:
-            plan.done.append(CellResult(cell, "skipped", run_id=match["run_id"]))
-        else:
-            plan.pending.append(cell)
-    if plan.failed and not (plan.pending or plan.done):
+        cell = Cell(concrete, resolved.config_hash, requested_holdouts(spec.holdout, sites))
+        records = [r for r in done.get(cell.config_hash, []) if same_holdouts(r, spec, sites)]
+        place(plan, cell, records, retry_failed)
+    if plan.failed and not (plan.pending or plan.done or plan.earlier):
         raise FedbenchError(plan.failed[0].error or "no cell of the grid can run")
     return plan
 
 
+def error_message(exc: BaseException) -> str:
+    """One line naming what went wrong: a FedbenchError's own text, else the exception type too."""
+    return str(exc) if isinstance(exc, FedbenchError) else f"{type(exc).__name__}: {exc}"
+
+
+def failed_record(
+    cell: Cell, error: str, registry: Registry, started: str, wall_s: float
+) -> dict[str, Any]:
+    """A valid failed record for a cell whose run died before writing its own; `error` names the
+    cause. Written by the driver (environment: the driver's)."""
+    run = runner.resolve(cell.spec, registry)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": new_run_id(
+            run.dataset.name, run.method.name, run.adapter_name, cell.spec.seed, cell.config_hash
+        ),
+        "status": "failed",
+        "method": run.method.name,
+        "adapter": run.adapter_name if cell.holdouts else None,
+        "dataset": run.dataset.name,
+        "seed": cell.spec.seed,
+        "preset": cell.spec.preset,
+        "holdouts": list(cell.holdouts),
+        "config": run.config,
+        "config_hash": cell.config_hash,
+        "environment": environment(cell.spec.device),
+        "started_at": started,
+        "finished_at": now_iso(),
+        "wall_s": round(wall_s, 3),
+        "cost": {"bytes_up": 0, "bytes_down": 0, "client_steps": 0, "federations": {}},
+        "metrics": [],
+        "error": error,
+    }
+
+
+def result_of(cell: Cell, record: dict[str, Any], wall_s: float) -> CellResult:
+    """The CellResult that a cell's record stands for."""
+    return CellResult(
+        cell, record["status"], run_id=record["run_id"], error=record.get("error"), wall_s=wall_s
+    )
+
+
 def run_cell(cell: Cell, registry: Registry, reporter: Reporter, debug: bool = False) -> CellResult:
-    """Resolve and execute one cell; an error in this cell becomes a failed result."""
-    clock = time.perf_counter()
+    """Resolve and execute one cell; an error in this cell becomes a failed record and result."""
+    started, clock = now_iso(), time.perf_counter()
     try:
         record = runner.execute(runner.resolve(cell.spec, registry), registry, reporter)
     except KeyboardInterrupt:
@@ -175,15 +248,10 @@ def run_cell(cell: Cell, registry: Registry, reporter: Reporter, debug: bool = F
     except Exception as exc:
         if debug:
             raise
-        message = str(exc) if isinstance(exc, FedbenchError) else f"{type(exc).__name__}: {exc}"
-        return CellResult(cell, "failed", error=message, wall_s=time.perf_counter() - clock)
-    return CellResult(
-        cell,
-        record["status"],
-        run_id=record["run_id"],
-        error=record.get("error"),
-        wall_s=time.perf_counter() - clock,
-    )
+        wall_s = time.perf_counter() - clock
+        record = failed_record(cell, error_message(exc), registry, started, wall_s)
+        write_record(cell.spec.results_dir, record)
+    return result_of(cell, record, time.perf_counter() - clock)
 
 
 def local_backend(
@@ -204,16 +272,19 @@ def local_backend(
 
 
 def make_backend(
-    name: str, registry: Registry, make_reporter: Callable[[], Reporter], debug: bool = False
+    name: str,
+    registry: Registry,
+    make_reporter: Callable[[], Reporter],
+    debug: bool = False,
+    ray_options: Any = None,
 ) -> Backend:
-    """The backend called `name`; Ray is declared but not implemented yet."""
+    """The backend called `name`; `ray_options` (a fedbench.ray_backend.RayOptions) for Ray."""
     if name == "local":
         return local_backend(registry, make_reporter, debug)
     if name == "ray":
-        raise FedbenchError(
-            "--backend ray is not available: Ray support is not implemented in this version "
-            "of fedbench; use --backend local"
-        )
+        from fedbench.ray_backend import RayOptions, ray_backend
+
+        return ray_backend(registry, ray_options or RayOptions())
     raise unknown_name("backend", name, list(BACKENDS))
 
 

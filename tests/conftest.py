@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does, before torch starts OpenMP
 
 import pytest
 import torch

@@ -1,6 +1,7 @@
 """`fedbench grid`: the cross product, skipping finished cells, failing cells that do not stop the
-grid, and the backends. Execution is faked (fedbench.runner.execute), so these tests train nothing;
-one end-to-end test trains a single round on synth-prostate when that dataset is installed."""
+grid (and run again only with --retry-failed), and the local backend (Ray: test_ray_backend.py).
+Execution is faked (fedbench.runner.execute), so these tests train nothing; one end-to-end test
+trains a single round on synth-prostate when that dataset is installed."""
 
 from __future__ import annotations
 
@@ -147,9 +148,45 @@ def test_failing_cells_do_not_stop_the_grid(plugin, tmp_path, monkeypatch):
     assert "failed: fedprox + none, seed 0: fedprox cannot run here" in result.stdout
     assert "diverged: fedbn + bn-adapt, seed 1: loss became nan" in result.stdout
     assert result.stderr.strip().splitlines()[-1] == "error: 4 of 6 cell(s) did not finish ok"
-    # failed and diverged cells are tried again on the next run; ok ones are not
+    # a cell that raised has a failed record too, naming its cell and the cause
+    records = [json.loads(f.read_text()) for f in (results / "runs").glob("*.json")]
+    failed = [r for r in records if r["status"] == "failed"]
+    assert sorted(r["seed"] for r in failed) == [0, 1]
+    assert {r["method"] for r in failed} == {"fedprox"}
+    assert {r["error"] for r in failed} == {"fedprox cannot run here"}
+    assert all(r["config_hash"] and r["config"]["train"] for r in failed)
+    # without --retry-failed, failed and diverged cells are not run again; still a non-zero exit
     rerun = grid(plugin, results, *args)
-    assert len(fake.calls) == 10 and rerun.exit_code == 1
+    assert len(fake.calls) == 6 and rerun.exit_code == 1, rerun.output
+    assert "4 failed earlier (not run again without --retry-failed)" in rerun.stderr
+    assert "2 diverged, 2 failed, 2 skipped" in rerun.stdout
+    assert "fedprox cannot run here (earlier run; --retry-failed runs it again)" in rerun.stdout
+    dry = grid(plugin, results, *args, "--dry-run")
+    assert dry.stdout.count("failed   fedprox + none, seed") == 2 and len(fake.calls) == 6
+    # --retry-failed runs exactly those again; ok ones are still skipped
+    retry = grid(plugin, results, *args, "--retry-failed")
+    assert len(fake.calls) == 10 and retry.exit_code == 1
+    assert sorted(fake.calls[6:]) == [
+        ("fedbn", "bn-adapt", 0),
+        ("fedbn", "bn-adapt", 1),
+        ("fedprox", "none", 0),
+        ("fedprox", "none", 1),
+    ]
+
+
+def test_retry_failed_reruns_a_cell_that_now_succeeds(plugin, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    monkeypatch.setattr(fb_runner, "execute", FakeExecute(raise_for=("fedavg",)))
+    assert grid(plugin, results, "--method", "fedavg", "--seeds", "0").exit_code == 1
+    fixed = FakeExecute()
+    monkeypatch.setattr(fb_runner, "execute", fixed)
+    assert grid(plugin, results, "--method", "fedavg", "--seeds", "0").exit_code == 1
+    assert fixed.calls == []
+    retry = grid(plugin, results, "--method", "fedavg", "--seeds", "0", "--retry-failed")
+    assert retry.exit_code == 0 and "1 ok" in retry.stdout and len(fixed.calls) == 1
+    # the ok record now counts: later grids skip the cell, with or without --retry-failed
+    again = grid(plugin, results, "--method", "fedavg", "--seeds", "0", "--retry-failed")
+    assert again.exit_code == 0 and "1 skipped" in again.stdout and len(fixed.calls) == 1
 
 
 def test_unexpected_exception_in_a_cell_is_a_failure(plugin, tmp_path, monkeypatch):
@@ -160,14 +197,8 @@ def test_unexpected_exception_in_a_cell_is_a_failure(plugin, tmp_path, monkeypat
     result = grid(plugin, tmp_path / "r", "--method", "fedavg", "--seeds", "0,1")
     assert result.exit_code == 1
     assert "failed: fedavg + none, seed 1: ValueError: bug in a plugin" in result.stdout
-
-
-def test_ray_backend_is_one_clear_line(plugin, tmp_path, monkeypatch):
-    fake = FakeExecute()
-    monkeypatch.setattr(fb_runner, "execute", fake)
-    result = grid(plugin, tmp_path / "r", "--method", "fedavg", "--backend", "ray")
-    assert result.exit_code != 0 and fake.calls == []
-    assert result.stderr.count("\n") == 1 and "Ray support is not implemented" in result.stderr
+    records = [json.loads(f.read_text()) for f in (tmp_path / "r" / "runs").glob("*.json")]
+    assert [r["error"] for r in records] == ["ValueError: bug in a plugin"] * 2
 
 
 def test_bad_input_is_one_line(plugin, tmp_path, monkeypatch):
