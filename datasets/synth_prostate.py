@@ -387,7 +387,7 @@ class SynthProstate(Dataset):
     gland size, shape and position, rectal content, textures, an annotator's small outline
     jitter) is random per case; sites beyond six (`num_sites`) cycle through the profiles with
     new names (`RUNMC-2`, ...) and new anatomy. Each site has `cases_per_site` cases (default
-    20, split 60/20/20 by case into train/val/test) of `slices_per_case` adjacent slices of
+    14, split 60/20/20 by case into train/val/test) of `slices_per_case` adjacent slices of
     `size` pixels. Inputs are the 8-bit images normalised per case (zero mean, unit variance,
     as SAML does); targets are 1 on the prostate.
     """
@@ -396,7 +396,7 @@ class SynthProstate(Dataset):
     description = "Procedural six-site axial prostate MRI mimicking real scanner differences"
     defaults = {
         "size": 64,
-        "cases_per_site": 20,
+        "cases_per_site": 14,
         "slices_per_case": 8,
         "num_sites": 6,
         "sites": "",

@@ -55,6 +55,11 @@ class Adapter:
     needs_dense_task: ClassVar[bool] = False
     required: ClassVar[tuple[str, ...]] = ("predict",)
 
+    @classmethod
+    def preset(cls, preset: str) -> dict[str, Any]:
+        """Setting overrides this adapter wants for a preset (e.g. fewer epochs on a CPU)."""
+        return {}
+
     def __init__(self, params: dict[str, Any]) -> None:
         self.params = {**self.defaults, **params}
 

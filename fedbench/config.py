@@ -14,7 +14,7 @@ Config = dict[str, Any]
 
 BASE: Config = {
     "train": {"rounds": 12, "local_epochs": 1, "batch_size": 8, "lr": 2e-3, "optimizer": "adam"},
-    "model": {"channels": [16, 32, 64, 128], "res_units": 1},
+    "model": {"channels": [16, 32, 64, 128], "res_units": 0},
     "eval": {"batch_size": 64, "val_best": False, "history": True},
 }
 

@@ -101,7 +101,7 @@ def resolve(spec: RunSpec, registry: Registry) -> ResolvedRun:
     config["data"] = copy.deepcopy(dataset.defaults)
     config = deep_merge(config, dataset.preset(spec.preset))
     config["method"] = copy.deepcopy(method.defaults)
-    config["adapter"] = copy.deepcopy(adapter.defaults) if adapter else {}
+    config["adapter"] = deep_merge(adapter.defaults, adapter.preset(spec.preset)) if adapter else {}
     if spec.rounds is not None:
         config["train"]["rounds"] = spec.rounds
     config = apply_overrides(config, spec.overrides)

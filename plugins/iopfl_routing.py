@@ -324,6 +324,11 @@ class IOPFLRouting(Adapter):
         "quirks": False,
     }
 
+    @classmethod
+    def preset(cls, preset: str) -> dict[str, Any]:
+        """10 epochs as released (paper); fewer for the CPU presets, which must stay fast."""
+        return {"quick": {"epochs": 1}, "default": {"epochs": 2}}.get(preset, {})
+
     def predict(
         self, federation: TrainedFederation, images: UnlabeledImages, ctx: AdaptContext
     ) -> torch.Tensor:
