@@ -20,7 +20,6 @@ def save_checkpoint(
     path: Path, fed: Federation, round_index: int, progress: dict[str, Any]
 ) -> None:
     """Everything the next round depends on: states, method state, RNG states, cost, history."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "round": round_index,
         "global_state": fed.global_state,
@@ -31,7 +30,13 @@ def save_checkpoint(
         "cost": fed.cost,
         "progress": progress,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ckpt-", suffix=".tmp")
+    torch_save_atomic(payload, path)
+
+
+def torch_save_atomic(payload: Any, path: Path) -> None:
+    """torch.save to a temp file beside `path`, then rename: a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
     os.close(fd)
     try:
         torch.save(payload, tmp)

@@ -4,14 +4,13 @@ with `torch.load(weights_only=True)`."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fedbench.adapter import TrainedFederation
+from fedbench.checkpoint import torch_save_atomic
 from fedbench.config import stable_hash
 from fedbench.data import FederatedData, Site
 from fedbench.engine import FederationResult, RoundCallback, train_federation
@@ -43,7 +42,6 @@ def cache_path(run: ResolvedRun, holdout: str | None, kind: str = "federations")
 
 def save(path: Path, result: FederationResult) -> None:
     """Write atomically (temp file, then rename): a killed run never leaves a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "global": result.federation.global_state,
         "personalized": result.federation.personalized,
@@ -52,14 +50,7 @@ def save(path: Path, result: FederationResult) -> None:
         "history": result.history,
         "val_best": result.val_best,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".fed-", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    torch_save_atomic(payload, path)
 
 
 def load(path: Path, run: ResolvedRun, data: FederatedData) -> FederationResult | None:
