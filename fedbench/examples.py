@@ -12,6 +12,9 @@ from fedbench.record import safe_token
 
 PER_SITE = 2
 
+#: the kept predictions of a run, by (regime, site): image, truth and pred arrays
+Kept = dict[tuple[str, str], dict[str, np.ndarray]]
+
 
 def display_image(image: torch.Tensor, rgb: bool) -> np.ndarray:
     """[C, H, W] model input -> an array imshow draws: RGB for colour images, else the middle
@@ -46,9 +49,7 @@ def examples_path(results_dir: Path, run_id: str) -> Path:
     return Path(results_dir) / "predictions" / f"{safe_token(run_id)}.npz"
 
 
-def save(
-    results_dir: Path, run_id: str, examples: dict[tuple[str, str], dict[str, np.ndarray]]
-) -> None:
+def save(results_dir: Path, run_id: str, examples: Kept) -> None:
     """Write every kept example into one .npz (temp file, then rename)."""
     path = examples_path(results_dir, run_id)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,12 +63,12 @@ def save(
     tmp.replace(path)
 
 
-def load(results_dir: Path, run_id: str) -> dict[tuple[str, str], dict[str, np.ndarray]] | None:
+def load(results_dir: Path, run_id: str) -> Kept | None:
     """The kept examples of a run by (regime, site), or None when the run kept none."""
     path = examples_path(results_dir, run_id)
     if not path.is_file():
         return None
-    out: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    out: Kept = {}
     with np.load(path) as archive:
         for name in archive.files:
             regime, site, key = name.split("|")

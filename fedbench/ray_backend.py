@@ -28,7 +28,7 @@ from fedbench.grid import (
     result_of,
 )
 from fedbench.progress import Reporter
-from fedbench.record import now_iso, write_record
+from fedbench.record import now_iso
 from fedbench.registry import Registry, load_registry
 from fedbench.runner import RunSpec
 
@@ -65,15 +65,17 @@ def worker_registry(plugins: tuple[str, ...]) -> Registry:
 
 
 def run_in_worker(spec: RunSpec, plugins: tuple[str, ...], threads: int) -> dict[str, Any]:
-    """The body of a Ray task: {"record": the run's record} or {"error": one line}. Torch uses
-    as many threads as the task reserved CPUs. Writes no record: the driver does."""
+    """The body of a Ray task: {"record", "kept"} (the record and its kept predictions) or
+    {"error": one line}. Torch uses as many threads as the task reserved CPUs. Writes neither
+    record nor predictions: the driver does, so they land in its results folder."""
     import torch
 
     torch.set_num_threads(threads)
     try:
         registry = worker_registry(plugins)
         run = runner.resolve(spec, registry)
-        return {"record": runner.execute(run, registry, Reporter(), write=False)}
+        record, kept = runner.perform(run, registry, Reporter())
+        return {"record": record, "kept": kept}
     except Exception as exc:
         return {"error": error_message(exc)}
 
@@ -175,7 +177,7 @@ def collect(
         record = failed_record(cell, outcome["error"], registry, started, wall_s)
     else:
         wall_s = float(record.get("wall_s", wall_s))
-    write_record(cell.spec.results_dir, record)
+    runner.save_outcome(cell.spec.results_dir, record, outcome.get("kept", {}))
     return result_of(cell, record, wall_s)
 
 

@@ -151,7 +151,7 @@ class Run:
         self.rows: list[dict[str, Any]] = []
         self.costs: dict[str, dict[str, int]] = {}
         self.history: dict[str, list[dict[str, Any]]] = {}
-        self.examples: dict[tuple[str, str], dict[str, Any]] = {}
+        self.examples: examples.Kept = {}
         self.rgb = bool(getattr(run.dataset, "display_rgb", False))
         self.run_id = new_run_id(
             run.dataset.name, run.method.name, run.adapter_name, run.spec.seed, run.config_hash
@@ -231,13 +231,27 @@ class Run:
         return totals
 
 
-def execute(
-    run: ResolvedRun, registry: Registry, reporter: Reporter, *, write: bool = True
-) -> dict[str, Any]:
-    """Run everything and write the record (unless `write` is False: a Ray worker returns it to
-    the driver, which writes it); returns the record (status ok, failed or diverged)."""
-    if write:
-        runs_dir(run.spec.results_dir)
+def execute(run: ResolvedRun, registry: Registry, reporter: Reporter) -> dict[str, Any]:
+    """Run everything, then write the kept predictions and the record (status ok, failed or
+    diverged), which it returns."""
+    runs_dir(run.spec.results_dir)
+    record, kept = perform(run, registry, reporter)
+    save_outcome(run.spec.results_dir, record, kept)
+    return record
+
+
+def save_outcome(results_dir: Path, record: dict[str, Any], kept: examples.Kept) -> None:
+    """The predictions first, then the record that points to them."""
+    if kept and record["status"] == "ok":
+        examples.save(results_dir, record["run_id"], kept)
+    write_record(results_dir, record)
+
+
+def perform(
+    run: ResolvedRun, registry: Registry, reporter: Reporter
+) -> tuple[dict[str, Any], examples.Kept]:
+    """Run everything and return the record and the kept predictions, writing neither (a Ray
+    worker sends both back to the driver, which writes them)."""
     started, clock = now_iso(), time.perf_counter()
     PROFILE.reset()
     with PROFILE.phase("data loading"):
@@ -281,9 +295,5 @@ def execute(
     }
     if error:
         record["error"] = error
-    if job.examples and status == "ok":
-        examples.save(run.spec.results_dir, job.run_id, job.examples)
-    if write:
-        write_record(run.spec.results_dir, record)
     registry.manager.hook.fedbench_run_end(record=record)
-    return record
+    return record, job.examples

@@ -9,6 +9,7 @@ import json
 import socket
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ import torch
 from typer.testing import CliRunner
 
 from fedbench.cli import app
-from fedbench.ray_backend import MISSING_RAY, unreachable
+from fedbench.ray_backend import MISSING_RAY, run_in_worker, unreachable
+from fedbench.runner import RunSpec
 
 cli = CliRunner()
 
@@ -112,9 +114,22 @@ def test_ray_records_equal_local_records(ray_session, tmp_path):
         assert ray_record["environment"]["threads"] == local_record["environment"]["threads"] == 1
         for field in ("status", "config_hash", "config", "metrics", "history", "cost"):
             assert ray_record[field] == local_record[field], (key, field)
+    # the driver wrote each run's kept predictions beside its record, so `fedbench show` works
+    for (ray_record,) in ray_records.values():
+        assert (tmp_path / "ray" / "predictions" / f"{ray_record['run_id']}.npz").is_file()
     # finished cells are skipped on the ray backend too
     again = grid(tmp_path / "ray", *cells, "--backend", "ray")
     assert again.exit_code == 0 and "4 skipped" in again.stdout
+
+
+@needs_data
+def test_a_worker_sends_back_record_and_predictions_and_writes_neither(tmp_path):
+    overrides = [arg for arg in SMALL[5:] if arg != "--set"]
+    spec = RunSpec("fedavg", preset="quick", holdout="none", overrides=overrides)
+    outcome = run_in_worker(replace(spec, results_dir=tmp_path), (), 1)
+    assert outcome["record"]["status"] == "ok", outcome
+    assert {site for _, site in outcome["kept"]} == {"RUNMC", "BMC", "I2CVB"}
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "predictions").exists()
 
 
 @needs_data

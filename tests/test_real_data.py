@@ -14,7 +14,9 @@ import pytest
 import torch
 from conftest import SHARED
 from PIL import Image
+from typer.testing import CliRunner
 
+from fedbench.cli import app
 from fedbench.errors import FedbenchError
 from fedbench_datasets import prepared
 from fedbench_datasets.fundus import Fundus, FundusTask, read_pair
@@ -318,3 +320,21 @@ def test_a_prepared_folder_can_be_data_path_with_matching_settings(tmp_path):
     assert case_sets(data.sites[0])["test"] == {0}  # "test/00" sorts first
     with pytest.raises(FedbenchError, match="prepared with"):
         Prostate().load({**cfg, "path": str(out), "size": 64}, 0, tmp_path / "cache")
+
+
+def test_run_on_a_source_with_a_non_image_and_a_mismatched_mask_is_one_line(tmp_path):
+    source = make_slice_source(tmp_path / "raw")
+    not_png = source / "BMC" / "train" / "image" / "00_01.png"
+    not_png.write_text("not a png")
+    small = source / "UCL" / "test" / "mask" / "00_00.png"
+    Image.fromarray(np.full((16, 16), 255, dtype=np.uint8)).save(small)
+    results = tmp_path / "results"
+    args = ["run", "--dataset", "prostate", "--method", "fedavg", "--preset", "quick"]
+    result = CliRunner().invoke(
+        app, [*args, "--set", f"data.path={source}", "--results-dir", str(results)]
+    )
+    assert result.exit_code != 0
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {not_png}: unreadable image or mask")
+    assert line.endswith("(and 1 more problem(s))")
+    assert not list(results.rglob("*.json")), "no record, no half-prepared data"
