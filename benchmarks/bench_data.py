@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import fedbench.engine as engine
+import fedbench_datasets.synth_phantom as phantom
 import fedbench_datasets.synth_prostate as synth
 from fedbench.config import Config, preset_config
 from fedbench.data import FederatedData, Split
@@ -126,8 +127,8 @@ def test_dataset_generate_and_cache(
     """Generating and caching the dataset in a fresh directory against loading it from cache."""
     dataset, cfg = synth.SynthProstate(), preset_data_config(preset)
     generating = Clock()
-    synth._upsampler.cache_clear()  # as cold as a new process, whatever ran before in this one
-    monkeypatch.setattr(synth, "generate", timed_call(synth.generate, generating))
+    phantom._upsampler.cache_clear()  # as cold as a new process, whatever ran before in this one
+    monkeypatch.setattr(phantom, "generate", timed_call(phantom.generate, generating))
     start = time.perf_counter()
     dataset.load(cfg, 0, tmp_path)
     fresh_s = time.perf_counter() - start
@@ -137,7 +138,7 @@ def test_dataset_generate_and_cache(
     def must_not_generate(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a cached load regenerated the dataset")
 
-    monkeypatch.setattr(synth, "generate", must_not_generate)
+    monkeypatch.setattr(phantom, "generate", must_not_generate)
     times: list[float] = []
 
     def cached_load() -> FederatedData:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fedbench.models import build_unet
-from fedbench_plugins import iopfl_routing as ir
+from fedbench_plugins import routed_conv as rc
 
 CFG = {"channels": [8, 16, 32, 64], "res_units": 0}
 SIZE = 64
@@ -42,22 +42,22 @@ def median_seconds(step: Callable[[], None]) -> float:
     return statistics.median(times)
 
 
-def per_image_forward(self: ir.RoutedConv, x: torch.Tensor) -> torch.Tensor:
+def per_image_forward(self: rc.RoutedConv, x: torch.Tensor) -> torch.Tensor:
     """RoutedConv.forward as released: one convolution per image in a Python loop."""
-    return ir.per_image_reference(self, x, self.routing_weights(x))
+    return rc.per_image_reference(self, x, self.routing_weights(x))
 
 
 @pytest.mark.parametrize("batch_size", [1, 5, 16])
 def test_routing_cost(benchmark, monkeypatch: pytest.MonkeyPatch, batch_size: int) -> None:
     torch.manual_seed(0)
     plain = build_unet(1, 2, CFG).train()
-    routed = ir.build_routed_model(plain, [build_unet(1, 2, CFG) for _ in range(EXPERTS)]).train()
+    routed = rc.build_routed_model(plain, [build_unet(1, 2, CFG) for _ in range(EXPERTS)]).train()
     x = torch.randn(batch_size, 1, SIZE, SIZE)
 
     t_plain = median_seconds(forward_backward(plain, x))
     t_routed = median_seconds(forward_backward(routed, x))
     with monkeypatch.context() as patch:
-        patch.setattr(ir.RoutedConv, "forward", per_image_forward)
+        patch.setattr(rc.RoutedConv, "forward", per_image_forward)
         t_loop = median_seconds(forward_backward(routed, x))
     benchmark.pedantic(forward_backward(routed, x), rounds=REPEATS, warmup_rounds=1)
 

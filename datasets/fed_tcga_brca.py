@@ -27,11 +27,9 @@ same number of batches (Canada with 40 patients runs fewer steps, Northeast more
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
-from torch import nn
 
 from fedbench.config import stable_hash
 from fedbench.data import Dataset, FederatedData, Site, Split
@@ -39,6 +37,10 @@ from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
 from fedbench.tasks import Task
 from fedbench_datasets.prepared import require_path, warn, write_split_file
+
+if TYPE_CHECKING:  # torch loads with the data, not when `fedbench list` runs
+    import torch
+    from torch import nn
 
 CENTRES = ("Northeast", "South", "West", "Midwest", "Europe", "Canada")
 FILES = ("brca.csv", "train_test_split.csv", "centers.csv")
@@ -58,6 +60,8 @@ def cox_loss(risk: torch.Tensor, event: torch.Tensor, time: torch.Tensor) -> tor
     Sorted by decreasing time, the log of each risk set sum is a running log-sum-exp; tied
     times share the risk set that ends at the last member of their tie group.
     """
+    import torch
+
     order = torch.argsort(time, descending=True, stable=True)
     risk, event, time = risk[order], event[order].to(risk.dtype), time[order]
     running = torch.logcumsumexp(risk, dim=0)
@@ -92,6 +96,8 @@ class SurvivalTask(Task):
         self.num_features = num_features
 
     def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
+        from torch import nn
+
         return nn.Linear(self.num_features, 1)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -156,6 +162,8 @@ def carve_val(events: np.ndarray, fraction: float, rng: np.random.Generator) -> 
 
 
 def to_split(rows: Any, features: list[str]) -> Split:
+    import torch
+
     x = torch.tensor(rows[features].to_numpy(np.float32))
     y = torch.tensor(rows[["E", "T"]].to_numpy(np.float32))
     return Split(x, y, torch.arange(len(rows)))

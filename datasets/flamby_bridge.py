@@ -23,17 +23,19 @@ import pkgutil
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
-from torch import nn
 
 from fedbench.data import Dataset, FederatedData, Site, Split
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
 from fedbench.tasks import Task
 from fedbench_datasets.prepared import warn
+
+if TYPE_CHECKING:  # torch loads with the data, not when `fedbench list` runs
+    import torch
+    from torch import nn
 
 CONTRACT = (
     "NUM_CLIENTS",
@@ -108,6 +110,8 @@ def flamby_modules() -> dict[str, ModuleType]:
 
 def materialise(dataset: Any, label: str) -> tuple[torch.Tensor, torch.Tensor]:
     """All (X, y) items of a FLamby dataset stacked into two tensors."""
+    import torch
+
     xs, ys = [], []
     for i in range(len(dataset)):
         item = dataset[i]
@@ -150,6 +154,8 @@ class FlambyDataset(Dataset):
         return [f"center{i}" for i in range(int(self.module.NUM_CLIENTS))]
 
     def load(self, cfg: dict[str, Any], seed: int, cache_dir: Path) -> FederatedData:
+        import torch
+
         fed = fed_class(self.module)
         kwargs = {"data_path": str(cfg["path"])} if cfg.get("path") else {}
         fraction = float(cfg["val_fraction"])

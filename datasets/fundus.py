@@ -21,11 +21,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
-from PIL import Image
 
 from fedbench.data import FederatedData
 from fedbench.errors import FedbenchError
@@ -40,6 +38,9 @@ from fedbench_datasets.prepared import (
     write_split_file,
 )
 
+if TYPE_CHECKING:  # torch loads with the data, not when `fedbench list` runs
+    import torch
+
 DOMAINS = ("Domain1", "Domain2", "Domain3", "Domain4")
 EYE_SUFFIX = re.compile(r"[-_][LR]$")
 MASK_LABELS = {255: 0, 128: 1, 0: 2}  # background, rim, cup
@@ -47,6 +48,8 @@ MASK_LABELS = {255: 0, 128: 1, 0: 2}  # background, rim, cup
 
 def regions(labels: torch.Tensor) -> torch.Tensor:
     """[N, H, W] labels -> [N, 3, H, W] regions: background, disc (rim or cup), cup."""
+    import torch
+
     return torch.stack([labels == 0, labels >= 1, labels == 2], dim=1).float()
 
 
@@ -54,6 +57,8 @@ def fundus_scores(
     pred_labels: torch.Tensor, targets: torch.Tensor, cases: torch.Tensor
 ) -> dict[str, float]:
     """Mean over cases of per-case Dice and HD95 for the disc and the cup, and their means."""
+    import torch
+
     from fedbench.metrics import _case_dice, _case_hd95
 
     pred, true, cases = regions(pred_labels.cpu()), regions(targets.cpu()), cases.cpu()
@@ -89,6 +94,8 @@ class FundusTask(SegmentationTask):
 
 def read_pair(image_path: Path, mask_path: Path, problems: list[str]) -> tuple | None:
     """An RGB crop [H, W, 3] and its labels [H, W], or None with the problem noted."""
+    from PIL import Image
+
     try:
         with Image.open(image_path) as im:
             image = np.asarray(im.convert("RGB"))
@@ -209,6 +216,8 @@ class Fundus(PreparedDataset):
         seed: int,
         directory: Path,
     ) -> FederatedData:
+        import torch
+
         sites, record = [], {}
         for name in self.chosen_sites(cfg):
             a = arrays[name]

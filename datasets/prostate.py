@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
-from PIL import Image
 
 from fedbench.data import FederatedData
 from fedbench.errors import FedbenchError
@@ -65,6 +63,8 @@ def site_folder(source: Path, site: str) -> Path | None:
 
 def read_slice_pair(image_path: Path, mask_path: Path, problems: list[str]) -> tuple | None:
     """An 8-bit slice and its inverted mask (0 = prostate), or None with the problem noted."""
+    from PIL import Image
+
     try:
         with Image.open(image_path) as im:
             image = np.asarray(im.convert("L"), dtype=np.float32)
@@ -231,6 +231,8 @@ class Prostate(PreparedDataset):
         seed: int,
         directory: Path,
     ) -> FederatedData:
+        import torch
+
         sites, record = [], {}
         for name in self.chosen_sites(cfg):
             a = arrays[name]

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import nn
-
-from fedbench.data import UnlabeledImages
 from fedbench.errors import FedbenchError
-from fedbench.method import State
-from fedbench.tasks import Task
+
+if TYPE_CHECKING:  # torch loads when a run needs it, not when `fedbench list` reads the classes
+    import torch
+    from torch import nn
+
+    from fedbench.data import UnlabeledImages
+    from fedbench.method import State
+    from fedbench.tasks import Task
 
 
 @dataclass
@@ -86,12 +88,15 @@ class Adapter:
         raise NotImplementedError
 
 
-@torch.inference_mode()
 def predict_batched(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Outputs of `model` in eval mode for all inputs, batch by batch, on the model's device."""
+    import torch
+
     model.eval()
     device = next(model.parameters()).device
-    outputs = [
-        model(inputs[i : i + batch_size].to(device)) for i in range(0, len(inputs), batch_size)
-    ]
+    with torch.inference_mode():
+        outputs = [
+            model(inputs[i : i + batch_size].to(device))
+            for i in range(0, len(inputs), batch_size)
+        ]
     return torch.cat(outputs).float().cpu()

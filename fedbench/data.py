@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+if TYPE_CHECKING:  # torch loads when a run needs it, not when `fedbench list` reads the classes
+    import torch
 
-if TYPE_CHECKING:
     from fedbench.tasks import Task
 
 
@@ -32,6 +32,8 @@ class Split:
         A trailing batch of one sample is dropped while shuffling (training), since BatchNorm
         cannot normalise a single sample.
         """
+        import torch
+
         n = len(self)
         order = torch.randperm(n, generator=generator) if generator is not None else None
         for start in range(0, n, batch_size):
@@ -47,6 +49,8 @@ class Split:
     @staticmethod
     def concat(splits: list[Split]) -> Split:
         """Pool several splits into one (cases are renumbered so they stay distinct)."""
+        import torch
+
         offset, cases = 0, []
         for split in splits:
             cases.append(split.cases + offset)

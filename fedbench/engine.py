@@ -17,7 +17,7 @@ from fedbench.checkpoint import restore_checkpoint, save_checkpoint
 from fedbench.config import Config
 from fedbench.data import FederatedData, Site, Split
 from fedbench.errors import Diverged
-from fedbench.method import ClientUpdate, Method, State, state_nbytes
+from fedbench.method import ClientUpdate, Method, State, clone_state, state_nbytes
 from fedbench.profiling import PROFILE
 from fedbench.tasks import Task
 
@@ -33,11 +33,6 @@ class FederationResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     #: per client: the personalized state of its best validation round (when eval.val_best)
     val_best: list[State] | None = None
-
-
-def clone_state(state: State) -> State:
-    """A true copy of a state dict (never a reference to live module tensors)."""
-    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def make_optimizer(model: nn.Module, train_cfg: Config) -> torch.optim.Optimizer:

@@ -5,12 +5,13 @@ client keeps. The base class is FedAvg."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch loads when a run needs it, not when `fedbench list` reads the classes
+    import torch
+    from torch import nn
 
-State = dict[str, torch.Tensor]
+State = dict[str, "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class ClientUpdate:
 
 def weighted_mean(states: list[State], weights: list[float]) -> State:
     """Weighted mean of state dicts, key by key; integer buffers are rounded back to their dtype."""
+    import torch
+
     total = float(sum(weights))
     out: State = {}
     for key in states[0]:
@@ -33,6 +36,11 @@ def weighted_mean(states: list[State], weights: list[float]) -> State:
         dtype = states[0][key].dtype
         out[key] = (mean.round() if not dtype.is_floating_point else mean).to(dtype)
     return out
+
+
+def clone_state(state: State) -> State:
+    """A true copy of a state dict (never a reference to live module tensors)."""
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def state_nbytes(state: State) -> int:

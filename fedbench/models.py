@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def build_unet(in_channels: int, out_channels: int, cfg: dict[str, Any]) -> nn.Module:
@@ -27,6 +28,8 @@ def build_unet(in_channels: int, out_channels: int, cfg: dict[str, Any]) -> nn.M
 
 def normalization_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every normalization layer (BatchNorm, InstanceNorm, GroupNorm, LayerNorm), chosen by type."""
+    from torch import nn
+
     norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
     return [(name, m) for name, m in model.named_modules() if isinstance(m, norm_types)]
 
@@ -43,6 +46,8 @@ def normalization_state_keys(model: nn.Module) -> set[str]:
 def use_batch_statistics(model: nn.Module) -> nn.Module:
     """Make every BatchNorm normalise with the current batch's statistics, in train and eval mode
     alike (test-time normalization): running statistics are dropped."""
+    from torch import nn
+
     for _, module in normalization_modules(model):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.track_running_stats = False

@@ -4,10 +4,11 @@ knows no task, so a dataset plugin can bring classification or survival as well 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch loads when a run needs it, not when `fedbench list` reads the classes
+    import torch
+    from torch import nn
 
 
 class Task:

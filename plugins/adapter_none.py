@@ -1,10 +1,16 @@
 """Adapter `none`: the unseen site uses the federation's global model as it is."""
 
-import torch
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from fedbench.adapter import AdaptContext, Adapter, TrainedFederation, predict_batched
-from fedbench.data import UnlabeledImages
 from fedbench.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedbench.data import UnlabeledImages
 
 
 class NoAdaptation(Adapter):

@@ -1,11 +1,17 @@
 """Adapter `bn-adapt` (Schneider et al., 2020): normalise with the test batch's statistics."""
 
-import torch
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from fedbench.adapter import AdaptContext, Adapter, TrainedFederation
-from fedbench.data import UnlabeledImages
 from fedbench.hookspecs import hookimpl
 from fedbench.models import use_batch_statistics
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedbench.data import UnlabeledImages
 
 
 class BNAdapt(Adapter):
@@ -16,12 +22,14 @@ class BNAdapt(Adapter):
     description = "BN-Adapt: global model, normalization from the test batch's statistics"
     needs_normalization = True
 
-    @torch.inference_mode()
     def predict(
         self, federation: TrainedFederation, images: UnlabeledImages, ctx: AdaptContext
     ) -> torch.Tensor:
+        import torch
+
         model = use_batch_statistics(federation.model(federation.global_state)).eval()
-        outputs = [model(batch.to(federation.device)) for batch in images.batches(ctx.batch_size)]
+        with torch.inference_mode():
+            outputs = [model(b.to(federation.device)) for b in images.batches(ctx.batch_size)]
         return torch.cat(outputs).float().cpu()
 
 

@@ -1,10 +1,16 @@
 """Adapter `ensemble`: the mean softmax output of the global and every personalized model."""
 
-import torch
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from fedbench.adapter import AdaptContext, Adapter, TrainedFederation, predict_batched
-from fedbench.data import UnlabeledImages
 from fedbench.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedbench.data import UnlabeledImages
 
 
 class Ensemble(Adapter):

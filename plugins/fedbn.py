@@ -1,10 +1,15 @@
 """FedBN (Li et al., ICLR 2021): normalization layers stay local, everything else is averaged."""
 
-from torch import nn
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from fedbench.hookspecs import hookimpl
 from fedbench.method import Method
 from fedbench.models import normalization_state_keys
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class FedBN(Method):

@@ -1,10 +1,15 @@
 """FedProx (Li et al., 2020): FedAvg plus a proximal term mu/2 * ||w - w_global||^2 locally."""
 
-import torch
-from torch import nn
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from fedbench.hookspecs import hookimpl
 from fedbench.method import Method, State
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 class FedProx(Method):
@@ -15,6 +20,8 @@ class FedProx(Method):
     defaults = {"mu": 0.01}
 
     def local_penalty(self, model: nn.Module, global_state: State) -> torch.Tensor | None:
+        import torch
+
         mu = float(self.params["mu"])
         if mu == 0.0:
             return None

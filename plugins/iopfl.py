@@ -4,9 +4,8 @@ keeps an exponential moving average of its locally trained models,
 with tau_i = w_i after the first round. tau_i is the client's personalized model and is never sent
 to the server. Unseen sites use the `iopfl-routing` adapter (plugins/iopfl_routing.py)."""
 
-from fedbench.engine import clone_state
 from fedbench.hookspecs import hookimpl
-from fedbench.method import Method, State
+from fedbench.method import Method, State, clone_state
 
 
 class IOPFL(Method):

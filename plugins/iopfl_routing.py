@@ -3,210 +3,29 @@
 An unseen site rebuilds the network so that every convolution mixes, per image and per layer,
 the frozen kernels of the federation's models (K personalized + global) with weights from a small
 router (CondConv-style), then adapts the routers and the normalization affine weights online with
-entropy + consistency + shape losses on its own unlabeled images (batch statistics throughout)."""
+entropy + consistency + shape losses on its own unlabeled images (batch statistics throughout).
+The routed layers and the routed network are in plugins/routed_conv.py. Torch is imported inside
+the functions, so listing the adapter (`fedbench list`) stays instant."""
 
 from __future__ import annotations
 
-import copy
 import math
-from typing import Any
-
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from fedbench.adapter import AdaptContext, Adapter, TrainedFederation
 from fedbench.data import UnlabeledImages
 from fedbench.errors import Diverged, FedbenchError
 from fedbench.hookspecs import hookimpl
-from fedbench.models import normalization_modules, use_batch_statistics
 
-SPACES = ("both", "global", "personalized")
-ConvLayer = nn.Conv2d | nn.ConvTranspose2d
-
-
-class RoutedConv(nn.Module):
-    """A convolution whose kernel is a per-image weighted sum of E frozen expert kernels; the
-    weights come from a router on the globally pooled layer input. Subclasses fix the conv kind."""
-
-    def __init__(self, experts: list[ConvLayer], router_dropout: float = 0.2) -> None:
-        super().__init__()
-        first = experts[0]
-        for layer in experts:
-            if type(layer) is not type(first) or layer.weight.shape != first.weight.shape:
-                raise FedbenchError("routed experts must be convolutions of identical shape")
-            if (layer.bias is None) != (first.bias is None):
-                raise FedbenchError("routed experts must all have a bias or all lack one")
-        self.in_channels, self.out_channels = first.in_channels, first.out_channels
-        self.stride, self.padding, self.dilation = first.stride, first.padding, first.dilation
-        self.groups, self.padding_mode = first.groups, first.padding_mode
-        self.output_padding = first.output_padding
-        # Explicit padding is applied only for non-zero padding modes (as nn.Conv2d does).
-        self._pad = getattr(first, "_reversed_padding_repeated_twice", None)
-        weights = torch.stack([layer.weight.detach().clone() for layer in experts])
-        self.register_buffer("expert_weight", weights)
-        biases = (
-            None if first.bias is None else torch.stack([e.bias.detach().clone() for e in experts])
-        )
-        self.register_buffer("expert_bias", biases)
-        c_in, num = self.in_channels, len(experts)
-        self.router = nn.Sequential(
-            nn.Linear(c_in, 2 * c_in), nn.Dropout(router_dropout), nn.Linear(2 * c_in, num)
-        )
-
-    @property
-    def num_experts(self) -> int:
-        return int(self.expert_weight.shape[0])
-
-    def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-image mixing weights [B, E] in (0, 1): sigmoid, so they need not sum to 1."""
-        return torch.sigmoid(self.router(x.mean(dim=(2, 3))))
-
-    def mixed_kernels(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Kernels [B, *weight.shape] and biases [B, C_out] (or None) mixed per image."""
-        batch = weights.shape[0]
-        kernel = (weights @ self.expert_weight.flatten(1)).view(
-            batch, *self.expert_weight.shape[1:]
-        )
-        bias = None if self.expert_bias is None else weights @ self.expert_bias
-        return kernel, bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mixed_forward(x, self.routing_weights(x))
-
-    def mixed_forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The convolution of each image with its own mixed kernel, with no loop over images: the
-        batch is folded into channels and convolved once with groups = B * groups."""
-        batch = x.shape[0]
-        kernel, bias = self.mixed_kernels(weights)
-        x = self._padded(x)
-        folded = x.reshape(1, batch * x.shape[1], *x.shape[2:])
-        flat_bias = None if bias is None else bias.flatten()
-        out = self._conv(folded, kernel.flatten(0, 1), flat_bias, batch)
-        return out.view(batch, self.out_channels, *out.shape[2:])
-
-    def _padded(self, x: torch.Tensor) -> torch.Tensor:
-        """Input with non-zero-mode padding applied up front (zero padding is left to the conv)."""
-        if self.padding_mode == "zeros" or self._pad is None:
-            return x
-        return F.pad(x, self._pad, mode=self.padding_mode)
-
-    def _conv(
-        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, reps: int
-    ) -> torch.Tensor:
-        """Convolve the folded input; `reps` multiplies the groups (B batched, 1 per image)."""
-        raise NotImplementedError
-
-    @classmethod
-    def from_layers(cls, experts: list[ConvLayer]) -> RoutedConv:
-        """The routed layer matching the experts' kind (transposed or not)."""
-        if isinstance(experts[0], nn.ConvTranspose2d):
-            return RoutedConvTranspose2d(experts)
-        return RoutedConv2d(experts)
-
-
-class RoutedConv2d(RoutedConv):
-    """Routed nn.Conv2d."""
-
-    def _conv(
-        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, reps: int
-    ) -> torch.Tensor:
-        padding = self.padding if self.padding_mode == "zeros" else 0
-        return F.conv2d(x, w, b, self.stride, padding, self.dilation, self.groups * reps)
-
-
-class RoutedConvTranspose2d(RoutedConv):
-    """Routed nn.ConvTranspose2d (grouped layout: [B * C_in, C_out / groups, kh, kw])."""
-
-    def _conv(
-        self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, reps: int
-    ) -> torch.Tensor:
-        return F.conv_transpose2d(
-            x,
-            w,
-            b,
-            self.stride,
-            self.padding,
-            self.output_padding,
-            self.groups * reps,
-            self.dilation,
-        )
-
-
-def per_image_reference(layer: RoutedConv, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The routed convolution image by image, as released (a Python loop): tests and benchmarks."""
-    outputs = []
-    for b in range(x.shape[0]):
-        kernel, bias = layer.mixed_kernels(weights[b : b + 1])
-        bias_b = None if bias is None else bias[0]
-        outputs.append(layer._conv(layer._padded(x[b : b + 1]), kernel[0], bias_b, 1))
-    return torch.cat(outputs)
-
-
-def _expert_sources(space: str, num_personalized: int) -> list[int | None]:
-    """Expert sources in order: personalized model indices, then None for the global model."""
-    if space not in SPACES:
-        raise FedbenchError(f"iopfl-routing: unknown space '{space}'; known: {', '.join(SPACES)}")
-    personal: list[int | None] = list(range(num_personalized))
-    return {"both": personal + [None], "global": [None], "personalized": personal}[space]
-
-
-def build_routed_model(
-    global_model: nn.Module,
-    personalized_models: list[nn.Module],
-    space: str = "both",
-    quirks: bool = False,
-) -> nn.Module:
-    """A copy of the global model whose convs route over the experts of `space`; normalization
-    keeps the global affine weights and uses batch statistics. Only routers and norm affine
-    weights are trainable. `quirks` reproduces the release (see IOPFLRouting)."""
-    sources = _expert_sources(space, len(personalized_models))
-    model = use_batch_statistics(copy.deepcopy(global_model))
-    lookups = [dict(m.named_modules()) for m in personalized_models]
-    global_lookup = dict(global_model.named_modules())
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, ConvLayer)]
-    widest = max((m.out_channels for _, m in convs), default=0)
-    model.requires_grad_(False)
-    for name, conv in convs:
-        chosen = sources
-        if quirks and isinstance(conv, nn.Conv2d):
-            chosen = _drop_last_personalized(sources)
-        experts = [_expert_layer(global_lookup if s is None else lookups[s], name) for s in chosen]
-        routed = RoutedConv.from_layers(experts).to(conv.weight.device)
-        routed.router.requires_grad_(not (quirks and conv.out_channels == widest))
-        _replace(model, name, routed)
-    for _, module in normalization_modules(model):
-        module.requires_grad_(True)
-    return model
-
-
-def _drop_last_personalized(sources: list[int | None]) -> list[int | None]:
-    """The expert list without its last personalized model (release: non-transposed convs)."""
-    personal = [s for s in sources if s is not None]
-    if not personal:
-        return sources
-    kept = [s for s in sources if s != personal[-1]]
-    if not kept:
-        raise FedbenchError("iopfl-routing: quirks with one personalized model leave no expert")
-    return kept
-
-
-def _expert_layer(lookup: dict[str, nn.Module], name: str) -> ConvLayer:
-    """The layer called `name` in one expert model, checked to be a convolution."""
-    layer = lookup.get(name)
-    if not isinstance(layer, ConvLayer):
-        raise FedbenchError(f"iopfl-routing: expert model has no convolution '{name}'")
-    return layer
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put `module` in place of the submodule called `name` in its parent."""
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 def entropy_loss(probs: torch.Tensor) -> torch.Tensor:
     """Entropy as released: summed over the batch, averaged over classes and pixels, / log C."""
+    import torch
+
     entropy = -probs * torch.log(probs + 1e-6) / math.log(probs.shape[1])
     return entropy.sum(0).mean()
 
@@ -214,6 +33,9 @@ def entropy_loss(probs: torch.Tensor) -> torch.Tensor:
 def shape_loss(probs: torch.Tensor) -> torch.Tensor:
     """Frobenius norm of the 21x21 local range (max - min pool) of the foreground probabilities:
     small for compact masks with short boundaries."""
+    import torch
+    import torch.nn.functional as F
+
     foreground = probs[:, 1:]
     dilated = F.max_pool2d(foreground, 21, stride=1, padding=10)
     eroded = -F.max_pool2d(-foreground, 21, stride=1, padding=10)
@@ -223,6 +45,8 @@ def shape_loss(probs: torch.Tensor) -> torch.Tensor:
 def perturb(x: torch.Tensor, noise_std: float) -> tuple[torch.Tensor, torch.Tensor, int]:
     """View 1: Gaussian noise, a per-image vertical flip (p = 0.5), then one rot90 by k for the
     batch (k = 0 when H != W, as rot90 would change the shape). Returns view, flips, k."""
+    import torch
+
     view = x + noise_std * torch.randn_like(x)
     flips = torch.rand(x.shape[0], device=x.device) < 0.5
     view = torch.where(flips.view(-1, 1, 1, 1), view.flip(2), view)
@@ -232,6 +56,8 @@ def perturb(x: torch.Tensor, noise_std: float) -> tuple[torch.Tensor, torch.Tens
 
 def unperturb(y: torch.Tensor, flips: torch.Tensor, k: int) -> torch.Tensor:
     """Map view-1 outputs back to the input frame: inverse rotation, then inverse flip."""
+    import torch
+
     y = torch.rot90(y, -k, dims=(2, 3))
     return torch.where(flips.view(-1, 1, 1, 1), y.flip(2), y)
 
@@ -239,6 +65,8 @@ def unperturb(y: torch.Tensor, flips: torch.Tensor, k: int) -> torch.Tensor:
 def consistency_loss(model: nn.Module, x: torch.Tensor, noise_std: float) -> torch.Tensor:
     """MSE between the softmax maps of the perturbed view (mapped back) and a second clean
     forward pass; gradients flow through both branches (no teacher, no stop-grad)."""
+    import torch.nn.functional as F
+
     view, flips, k = perturb(x, noise_std)
     perturbed = unperturb(model(view).softmax(1), flips, k)
     return F.mse_loss(perturbed, model(x).softmax(1))
@@ -259,6 +87,8 @@ def adaptation_loss(model: nn.Module, x: torch.Tensor, p: dict[str, Any]) -> tor
 def online_batches(images: UnlabeledImages, batch_size: int) -> list[torch.Tensor]:
     """Consecutive batches, no shuffle. A trailing batch of one image (when batch_size > 1) joins
     the previous batch: batch-statistics BN fails on one image at 1x1 resolution and is noisy."""
+    import torch
+
     batches = list(images.batches(batch_size))
     if batch_size > 1 and len(batches) > 1 and batches[-1].shape[0] == 1:
         batches[-2:] = [torch.cat(batches[-2:])]
@@ -274,6 +104,8 @@ def adapt_online(
 ) -> torch.Tensor:
     """Online test-time training: per batch one Adam step, then that batch's prediction by the
     updated model in train mode. Returns the last pass's softmax maps [N, C, H, W] on CPU."""
+    import torch
+
     params = [q for q in model.parameters() if q.requires_grad]
     if not params:
         raise FedbenchError("iopfl-routing: the routed model has nothing to adapt")
@@ -332,8 +164,12 @@ class IOPFLRouting(Adapter):
     def predict(
         self, federation: TrainedFederation, images: UnlabeledImages, ctx: AdaptContext
     ) -> torch.Tensor:
+        import torch
+
+        from fedbench_plugins.routed_conv import build_routed_model, expert_sources
+
         p = {**self.defaults, **self.params}
-        _expert_sources(str(p["space"]), len(federation.personalized))  # validate before any work
+        expert_sources(str(p["space"]), len(federation.personalized))  # validate before any work
         if federation.global_state is None:
             raise FedbenchError("iopfl-routing needs the federation's global model")
         torch.manual_seed(ctx.seed)

@@ -1,9 +1,14 @@
 """Local training: each site trains alone on its own data, nothing is communicated."""
 
-from torch import nn
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from fedbench.hookspecs import hookimpl
 from fedbench.method import Method
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class Local(Method):

@@ -1,11 +1,17 @@
 """Adapter `tent` (Wang et al., ICLR 2021): entropy minimisation on normalization affine weights."""
 
-import torch
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from fedbench.adapter import AdaptContext, Adapter, TrainedFederation
-from fedbench.data import UnlabeledImages
 from fedbench.hookspecs import hookimpl
 from fedbench.models import normalization_modules, use_batch_statistics
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedbench.data import UnlabeledImages
 
 
 def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -27,6 +33,8 @@ class Tent(Adapter):
     def predict(
         self, federation: TrainedFederation, images: UnlabeledImages, ctx: AdaptContext
     ) -> torch.Tensor:
+        import torch
+
         torch.manual_seed(ctx.seed)
         model = use_batch_statistics(federation.model(federation.global_state)).train()
         model.requires_grad_(False)

@@ -16,6 +16,7 @@ from fedbench.errors import FedbenchError
 from fedbench.models import build_unet
 from fedbench.tasks import SegmentationTask
 from fedbench_plugins import iopfl_routing as ir
+from fedbench_plugins import routed_conv as rc
 
 CFG = {"channels": [4, 8, 16], "res_units": 0}
 K = 5
@@ -31,8 +32,8 @@ def experts_of(layer_type: type, seed: int = 0, **kwargs) -> list[nn.Module]:
     return [layer_type(**kwargs) for _ in range(3)]
 
 
-def routed_convs(model: nn.Module) -> dict[str, ir.RoutedConv]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, ir.RoutedConv)}
+def routed_convs(model: nn.Module) -> dict[str, rc.RoutedConv]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, rc.RoutedConv)}
 
 
 CONV_CASES = [
@@ -55,11 +56,11 @@ CONV_CASES = [
 @pytest.mark.parametrize(("layer_type", "kwargs"), CONV_CASES)
 def test_vectorised_equals_per_image_loop(layer_type: type, kwargs: dict) -> None:
     experts = experts_of(layer_type, **kwargs)
-    layer = ir.RoutedConv.from_layers(experts)
+    layer = rc.RoutedConv.from_layers(experts)
     x = torch.randn(4, kwargs["in_channels"], 9, 9)
     weights = torch.rand(4, 3)
     fast = layer.mixed_forward(x, weights)
-    slow = ir.per_image_reference(layer, x, weights)
+    slow = rc.per_image_reference(layer, x, weights)
     assert fast.shape == slow.shape == experts[0](x).shape
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
@@ -67,7 +68,7 @@ def test_vectorised_equals_per_image_loop(layer_type: type, kwargs: dict) -> Non
 @pytest.mark.parametrize(("layer_type", "kwargs"), CONV_CASES)
 def test_one_hot_weights_give_that_experts_convolution(layer_type: type, kwargs: dict) -> None:
     experts = experts_of(layer_type, **kwargs)
-    layer = ir.RoutedConv.from_layers(experts)
+    layer = rc.RoutedConv.from_layers(experts)
     x = torch.randn(3, kwargs["in_channels"], 8, 8)
     chosen = torch.tensor([0, 2, 1])
     out = layer.mixed_forward(x, nn.functional.one_hot(chosen, 3).float())
@@ -76,7 +77,7 @@ def test_one_hot_weights_give_that_experts_convolution(layer_type: type, kwargs:
 
 
 def test_forward_uses_router_weights() -> None:
-    layer = ir.RoutedConv.from_layers(
+    layer = rc.RoutedConv.from_layers(
         experts_of(nn.Conv2d, in_channels=2, out_channels=3, kernel_size=3)
     )
     layer.eval()
@@ -88,7 +89,7 @@ def test_forward_uses_router_weights() -> None:
 
 @pytest.mark.parametrize(("space", "count"), [("both", K + 1), ("global", 1), ("personalized", K)])
 def test_space_sets_expert_count(space: str, count: int) -> None:
-    model = ir.build_routed_model(small_unet(0), [small_unet(i + 1) for i in range(K)], space)
+    model = rc.build_routed_model(small_unet(0), [small_unet(i + 1) for i in range(K)], space)
     layers = routed_convs(model)
     assert len(layers) == 5  # 3 Conv2d + 2 ConvTranspose2d in this U-Net
     assert {layer.num_experts for layer in layers.values()} == {count}
@@ -97,12 +98,12 @@ def test_space_sets_expert_count(space: str, count: int) -> None:
 
 def test_unknown_space_is_a_clear_error() -> None:
     with pytest.raises(FedbenchError, match="unknown space"):
-        ir.build_routed_model(small_unet(0), [small_unet(1)], "local")
+        rc.build_routed_model(small_unet(0), [small_unet(1)], "local")
 
 
 def test_experts_come_from_matching_layers() -> None:
     glob, personal = small_unet(0), [small_unet(i + 1) for i in range(K)]
-    model = ir.build_routed_model(glob, personal, "both")
+    model = rc.build_routed_model(glob, personal, "both")
     name, layer = next(iter(routed_convs(model).items()))
     sources = [dict(m.named_modules())[name] for m in [*personal, glob]]
     for e, source in enumerate(sources):
@@ -111,11 +112,11 @@ def test_experts_come_from_matching_layers() -> None:
 
 
 def test_quirks_drop_last_expert_in_convs_and_freeze_bottleneck() -> None:
-    model = ir.build_routed_model(small_unet(0), [small_unet(i + 1) for i in range(K)], quirks=True)
+    model = rc.build_routed_model(small_unet(0), [small_unet(i + 1) for i in range(K)], quirks=True)
     widest = max(layer.out_channels for layer in routed_convs(model).values())
     frozen = []
     for layer in routed_convs(model).values():
-        transposed = isinstance(layer, ir.RoutedConvTranspose2d)
+        transposed = isinstance(layer, rc.RoutedConvTranspose2d)
         assert layer.num_experts == (K + 1 if transposed else K)
         trainable = all(p.requires_grad for p in layer.router.parameters())
         assert trainable == (layer.out_channels != widest)
@@ -124,7 +125,7 @@ def test_quirks_drop_last_expert_in_convs_and_freeze_bottleneck() -> None:
 
 
 def test_trainable_parameters_are_routers_and_norm_affine() -> None:
-    model = ir.build_routed_model(small_unet(0), [small_unet(i + 1) for i in range(K)])
+    model = rc.build_routed_model(small_unet(0), [small_unet(i + 1) for i in range(K)])
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".router." in n or ".adn.N." in n for n in trainable)
     assert sum(".adn.N." in n for n in trainable) == 2 * 4  # 4 BatchNorms, weight + bias
@@ -171,7 +172,7 @@ def test_predict_rejects_unknown_space() -> None:
 def test_adaptation_changes_routers_and_keeps_experts() -> None:
     fed = federation()
     glob = fed.model(fed.global_state)
-    model = ir.build_routed_model(glob, [fed.model(s) for s in fed.personalized], quirks=True)
+    model = rc.build_routed_model(glob, [fed.model(s) for s in fed.personalized], quirks=True)
     experts = {n: b.clone() for n, b in model.named_buffers()}
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     batches = ir.online_batches(UnlabeledImages(torch.randn(6, 1, 32, 32)), 3)
@@ -216,7 +217,7 @@ def test_losses() -> None:
 
 def test_adapter_never_receives_labels() -> None:
     assert [f.name for f in dataclasses.fields(UnlabeledImages)] == ["inputs"]
-    hints = typing.get_type_hints(ir.IOPFLRouting.predict)
+    hints = typing.get_type_hints(ir.IOPFLRouting.predict, localns={"torch": torch})
     assert hints["images"] is UnlabeledImages
     assert set(hints) == {"federation", "images", "ctx", "return"}
 

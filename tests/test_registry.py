@@ -1,5 +1,7 @@
 """Plugins: entry points (built-ins included), --plugin files, and broken plugins reported."""
 
+import subprocess
+import sys
 from importlib.metadata import EntryPoint
 
 import pytest
@@ -72,3 +74,19 @@ def test_broken_entry_point_is_reported_by_name_and_others_load(monkeypatch):
 def test_unknown_name_lists_known_ones():
     with pytest.raises(FedbenchError, match=r"unknown method 'nope'; known: .*fedavg"):
         load_registry().get("methods", "nope")
+
+
+def test_listing_plugins_imports_no_heavy_library():
+    """`fedbench list` and `--help` must answer at once: torch, MONAI, SciPy and pandas load only
+    when a run needs them (importing torch and MONAI alone takes about 2 s)."""
+    probe = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from fedbench.cli import app\n"
+        "for kind in ('methods', 'adapters', 'datasets'):\n"
+        "    assert CliRunner().invoke(app, ['list', kind]).exit_code == 0\n"
+        "print(sorted(m for m in ('torch', 'monai', 'scipy', 'pandas', 'matplotlib') "
+        "if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
