@@ -96,7 +96,6 @@ def predict_batched(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> 
     device = next(model.parameters()).device
     with torch.inference_mode():
         outputs = [
-            model(inputs[i : i + batch_size].to(device))
-            for i in range(0, len(inputs), batch_size)
+            model(inputs[i : i + batch_size].to(device)) for i in range(0, len(inputs), batch_size)
         ]
     return torch.cat(outputs).float().cpu()
