@@ -178,6 +178,7 @@ def collect(
     else:
         wall_s = float(record.get("wall_s", wall_s))
     runner.save_outcome(cell.spec.results_dir, record, outcome.get("kept", {}))
+    registry.manager.hook.fedbench_run_end(record=record)
     return result_of(cell, record, wall_s)
 
 

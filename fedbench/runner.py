@@ -237,6 +237,7 @@ def execute(run: ResolvedRun, registry: Registry, reporter: Reporter) -> dict[st
     runs_dir(run.spec.results_dir)
     record, kept = perform(run, registry, reporter)
     save_outcome(run.spec.results_dir, record, kept)
+    registry.manager.hook.fedbench_run_end(record=record)
     return record
 
 
@@ -295,5 +296,4 @@ def perform(
     }
     if error:
         record["error"] = error
-    registry.manager.hook.fedbench_run_end(record=record)
     return record, job.examples

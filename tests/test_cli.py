@@ -196,3 +196,38 @@ def test_show_draws_the_runs_predictions(tmp_path):
     assert height > width > 200, "six site rows, inside and outside columns"
     missing = invoke("show", "no-such-run", "--out", str(out), "--results-dir", str(tmp_path))
     assert missing.exit_code != 0 and "not found" in missing.stderr
+
+
+def test_observer_hooks_see_every_round_and_the_written_record(tmp_path, monkeypatch):
+    plugin = tmp_path / "observer.py"
+    plugin.write_text(
+        "import json, os, pathlib\n"
+        "from fedbench.hookspecs import hookimpl\n"
+        "LOG = pathlib.Path(os.environ['OBSERVER_LOG'])\n"
+        "def log(*row):\n"
+        "    with LOG.open('a') as f:\n"
+        "        f.write(json.dumps(row) + '\\n')\n"
+        "@hookimpl\n"
+        "def fedbench_round_end(run_id, holdout, round, metrics):\n"
+        "    log('round', holdout, round)\n"
+        "@hookimpl\n"
+        "def fedbench_run_end(record):\n"
+        "    runs = pathlib.Path(os.environ['OBSERVER_RESULTS']) / 'runs'\n"
+        "    log('end', record['status'], (runs / (record['run_id'] + '.json')).is_file())\n"
+    )
+    log, results = tmp_path / "observer.log", tmp_path / "results"
+    monkeypatch.setenv("OBSERVER_LOG", str(log))
+    monkeypatch.setenv("OBSERVER_RESULTS", str(results))
+    args = ["run", "--preset", "quick", "--set", "train.rounds=2", "--method", "fedavg"]
+    result = invoke(
+        "--plugin", str(plugin), *args, "--holdout", "HK", "--results-dir", str(results)
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert rows == [
+        ["round", None, 1],
+        ["round", None, 2],
+        ["round", "HK", 1],
+        ["round", "HK", 2],
+        ["end", "ok", True],
+    ]
