@@ -160,6 +160,7 @@ def print_summary(record: dict[str, Any], results_dir: Path) -> None:
         f"sent {cost['bytes_up'] / 1e6:.1f} MB up, {cost['bytes_down'] / 1e6:.1f} MB down; "
         f"record {path}",
         highlight=False,
+        soft_wrap=True,
     )
 
 

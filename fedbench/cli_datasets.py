@@ -48,9 +48,10 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def echo(text: str) -> None:
+    """One line of output; never wrapped by rich, so a long path stays whole for copy and paste."""
     from fedbench.cli import out
 
-    out.print(text, highlight=False)
+    out.print(text, highlight=False, soft_wrap=True)
 
 
 def get_dataset(name: str) -> Any:

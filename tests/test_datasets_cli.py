@@ -31,7 +31,7 @@ def test_list_names_the_datasets_and_what_can_be_prepared():
 
 def test_prepare_then_verify_round_trip(tmp_path):
     source = make_slice_source(tmp_path / "raw", sites=("RUNMC", "BMC", "HK"))
-    out = tmp_path / "prepared"
+    out = tmp_path / ("prepared-" + "x" * 80)  # a path wider than the console stays on one line
     result = invoke(
         "datasets", "prepare", "prostate", "--source", str(source), "--out", str(out), *SITES3
     )
