@@ -140,6 +140,16 @@ BAD_INPUT = [
     (["--method", "fedavg", "--set", "train.nope=3"], "unknown setting 'train.nope'"),
     (["--method", "fedavg", "--set", "train.lr=fast"], "setting train.lr expects a number"),
     (["--method", "fedavg", "--rounds", "0"], "setting train.rounds must be a positive number"),
+    (["--method", "fedavg", "--rounds", "-3"], "setting train.rounds must be a positive number"),
+    (
+        ["--method", "fedavg", "--set", "train.batch_size=0"],
+        "setting train.batch_size must be a positive number",
+    ),
+    (
+        ["--method", "fedavg", "--set", "train.lr=-0.1"],
+        "setting train.lr must be a positive number",
+    ),
+    (["--method", "fedavg", "--set", "train.rounds=2.5"], "setting train.rounds expects"),
     (["--method", "fedavg", "--preset", "huge"], "unknown preset 'huge'"),
     (["--method", "local", "--adapter", "none"], "adapter 'none' needs a global model"),
 ]
