@@ -36,6 +36,11 @@ class Task:
         """The primary metric alone: computed every round, so it should be cheap."""
         return self.score(outputs, targets, cases)[self.primary_metric]
 
+    def ensemble_space(self, outputs: torch.Tensor) -> torch.Tensor:
+        """What the `ensemble` adapter averages over models: the outputs themselves (a survival
+        model's risk scores, say) unless the task says otherwise."""
+        return outputs
+
 
 @dataclass
 class SegmentationTask(Task):
@@ -62,6 +67,10 @@ class SegmentationTask(Task):
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self._loss(outputs, targets.unsqueeze(1))
+
+    def ensemble_space(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Class probabilities: an ensemble averages softmax maps, not logits."""
+        return outputs.softmax(1)
 
     def score(
         self, outputs: torch.Tensor, targets: torch.Tensor, cases: torch.Tensor

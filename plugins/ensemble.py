@@ -1,4 +1,6 @@
-"""Adapter `ensemble`: the mean softmax output of the global and every personalized model."""
+"""Adapter `ensemble`: the mean prediction of the global and every personalized model, averaged
+where the task says (`Task.ensemble_space`): softmax maps for segmentation, risk scores for
+survival."""
 
 from __future__ import annotations
 
@@ -18,9 +20,8 @@ class Ensemble(Adapter):
     methods without a global model (`local`)."""
 
     name = "ensemble"
-    description = "Ensemble: mean softmax of the global and all personalized models"
+    description = "Ensemble: mean prediction of the global and all personalized models"
     needs_global_model = False
-    needs_dense_task = True
 
     def predict(
         self, federation: TrainedFederation, images: UnlabeledImages, ctx: AdaptContext
@@ -31,8 +32,8 @@ class Ensemble(Adapter):
         total = None
         for state in states:
             logits = predict_batched(federation.model(state), images.inputs, ctx.batch_size)
-            probs = logits.softmax(1)
-            total = probs if total is None else total + probs
+            mixable = ctx.task.ensemble_space(logits)
+            total = mixable if total is None else total + mixable
         return total / len(states)
 
 

@@ -73,7 +73,7 @@ class TabularTask(Task):
     dense_prediction = False
 
 
-@pytest.mark.parametrize("name", ["tent", "ensemble", "iopfl-routing"])
+@pytest.mark.parametrize("name", ["tent", "iopfl-routing"])
 def test_segmentation_only_adapters_refuse_other_tasks(name):
     model = toy_data().task.build_model(toy_config()["model"])
     with pytest.raises(FedbenchError, match="segmentation tasks only"):

@@ -13,10 +13,14 @@ import torch
 from conftest import SHARED
 from typer.testing import CliRunner
 
+from fedbench.adapter import AdaptContext, TrainedFederation
 from fedbench.cli import app
+from fedbench.data import UnlabeledImages
 from fedbench.errors import FedbenchError
+from fedbench.registry import load_registry
 from fedbench_datasets.fed_tcga_brca import (
     CENTRES,
+    NUM_FEATURES,
     FedTcgaBrca,
     SurvivalTask,
     c_index,
@@ -195,3 +199,27 @@ def test_dense_only_adapters_refuse_the_survival_task(tcga, tmp_path):
         ],
     )
     assert result.exit_code != 0 and "segmentation tasks only" in result.stderr
+
+
+def test_local_centres_predict_an_unseen_centre_as_an_ensemble(tcga, tmp_path):
+    record = run_json(tmp_path, "--method", "local", "--holdout", "Canada")
+    assert record["status"] == "ok" and record["adapter"] == "ensemble"
+    (outside,) = [r for r in record["metrics"] if r["regime"] == "outside"]
+    assert outside["site"] == "Canada" and 0.0 <= outside["value"] <= 1.0
+
+
+def test_the_ensemble_of_survival_models_is_their_mean_risk():
+    task = SurvivalTask(NUM_FEATURES)
+    federation = TrainedFederation(
+        method="local",
+        build_model=lambda: task.build_model({}),
+        global_state=None,
+        personalized=[task.build_model({}).state_dict() for _ in range(3)],
+        site_names=["a", "b", "c"],
+        device=torch.device("cpu"),
+    )
+    x = torch.randn(10, NUM_FEATURES)
+    risks = [federation.model(state)(x) for state in federation.personalized]
+    ensemble = load_registry().get("adapters", "ensemble")({})
+    mean = ensemble.predict(federation, UnlabeledImages(x), AdaptContext(4, 0, task))
+    torch.testing.assert_close(mean, torch.stack(risks).mean(0).detach())
