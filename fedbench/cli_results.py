@@ -189,10 +189,11 @@ def leaderboard_command(
 ) -> None:
     """Rank methods inside and outside the federation from the run records."""
     from fedbench import leaderboard as lbm
+    from fedbench import leaderboard_formats as formats
 
     fmt = format_ or (FORMAT_BY_SUFFIX.get(out.suffix.lower(), "table") if out else "table")
-    if fmt not in lbm.FORMATS:
-        _cli().fail(f"unknown format '{fmt}'; known: {', '.join(lbm.FORMATS)}")
+    if fmt not in formats.FORMATS:
+        _cli().fail(f"unknown format '{fmt}'; known: {', '.join(formats.FORMATS)}")
     if plot is not None:
         from fedbench.plots import check_figure_path
 
@@ -202,12 +203,12 @@ def leaderboard_command(
         _say(f"warning: {line}")
     board = lbm.build_leaderboard(records, dataset, metric, selection)
     if out is not None:
-        lbm.write_text_atomic(out, lbm.render(board, fmt))
+        formats.write_text_atomic(out, formats.render(board, fmt))
         _say(f"wrote {out}")
     elif fmt == "table":
         _print_tables(board)
     else:
-        sys.stdout.write(lbm.render(board, fmt))
+        sys.stdout.write(formats.render(board, fmt))
     if plot is not None:
         from fedbench.plots import leaderboard_figure
 
@@ -220,7 +221,7 @@ def _print_tables(board: Any) -> None:
     width (and says so) rather than losing digits to ellipses."""
     from rich.console import Console
 
-    from fedbench.leaderboard import legend_lines, to_rich_tables
+    from fedbench.leaderboard_formats import legend_lines, to_rich_tables
 
     screen = _cli().out
     tables = to_rich_tables(board)

@@ -13,7 +13,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fedbench.cli import app
-from fedbench.leaderboard import build_leaderboard, load_records, paired_p, render
+from fedbench.leaderboard import build_leaderboard, load_records, paired_p
+from fedbench.leaderboard_formats import render
 from fedbench.plots import DPI, curves_figsize, leaderboard_figsize
 
 runner = CliRunner()

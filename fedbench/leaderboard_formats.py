@@ -1,0 +1,212 @@
+"""A leaderboard as text: a rich table on the terminal, Markdown, CSV, HTML and JSON, each with
+the same columns and legend, and an atomic writer for the files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fedbench.errors import FedbenchError
+from fedbench.leaderboard import ALPHA, TITLES, Board, Leaderboard, lower_is_better
+
+FORMATS = ("table", "md", "csv", "html", "json")
+
+
+def _fmt(mean: float, std: float | None, digits: int) -> str:
+    """'0.812 ± 0.013', or just the mean when there is no std, or '-' when there is nothing."""
+    if mean is None or pd.isna(mean):
+        return "-"
+    text = f"{mean:.{digits}f}"
+    return text if std is None or pd.isna(std) else f"{text} ± {std:.{digits}f}"
+
+
+def display_frame(board: Board, metric: str) -> pd.DataFrame:
+    """The board as strings for people: mean ± std, MB sent, p and a significance mark."""
+    digits = 2 if lower_is_better(metric) else 3
+    f = board.frame
+    out = pd.DataFrame({"rank": f["rank"].astype(str)})
+    for key in board.keys:
+        out[key] = f[key].astype(str)
+    for column in [*board.sites, "mean", "worst"]:
+        label = "worst site" if column == "worst" else str(column)
+        out[label] = [_fmt(m, s, digits) for m, s in zip(f[column], f[f"{column} std"])]
+    out["spread"] = [_fmt(v, None, digits) for v in f["spread"]]
+    out["MB sent"] = [_fmt(v / 1e6, None, 1) for v in f["bytes"]]
+    out["seeds"] = f["seeds"].astype(str)
+    out["p vs best"] = [
+        "best" if s is None else _fmt(p, None, 3) for p, s in zip(f["p"], f["significant"])
+    ]
+    out["sig."] = ["*" if s else "" for s in f["significant"]]
+    return out
+
+
+def legend_lines(lb: Leaderboard) -> list[str]:
+    """What the columns mean, then the notes."""
+    order = "lower is better" if lb.lower_is_better else "higher is better"
+    return [
+        f"{lb.metric} ({order}), selection '{lb.selection}', dataset {lb.dataset}: mean ± std "
+        "over seeds; worst site = worst site score of each run; spread = max - min of site means",
+        f"* = differs from the best row (two-sided Wilcoxon signed-rank over (site, seed) pairs, "
+        f"p < {ALPHA}); p is '-' when there are no pairs to compare",
+        *lb.notes,
+    ]
+
+
+def to_markdown(lb: Leaderboard) -> str:
+    """GitHub-flavoured Markdown: one heading and table per board, then the legend."""
+    parts = [f"# Leaderboard: {lb.dataset}, {lb.metric} ({lb.selection})", ""]
+    for board in lb.boards:
+        shown = display_frame(board, lb.metric)
+        cells = [[str(c).replace("|", "\\|") for c in row] for row in shown.to_numpy()]
+        header = [str(c) for c in shown.columns]
+        align = [":---" if c in ("method", "adapter") else "---:" for c in header]
+        lines = [header, align, *cells]
+        parts += [f"## {TITLES[board.regime]}", ""]
+        parts += ["| " + " | ".join(line) + " |" for line in lines]
+        parts.append("")
+    parts += [f"- {line}" for line in legend_lines(lb)]
+    return "\n".join(parts) + "\n"
+
+
+def to_csv(lb: Leaderboard) -> str:
+    """Both boards' numbers in one CSV, with regime, dataset, metric and selection columns."""
+    frames = [
+        b.frame.assign(
+            regime=b.regime, dataset=lb.dataset, metric=lb.metric, selection=lb.selection
+        )
+        for b in lb.boards
+    ]
+    frame = pd.concat(frames, ignore_index=True)
+    if "adapter" not in frame:
+        frame["adapter"] = None
+    first = ["regime", "dataset", "metric", "selection", "rank", "method", "adapter"]
+    return frame[first + [c for c in frame.columns if c not in first]].to_csv(index=False)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe scalars: NaN and inf become null, numpy numbers plain Python."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+STAT_COLUMNS = "mean|mean std|worst|worst std|spread|bytes|seeds|p|significant"
+
+
+def to_json(lb: Leaderboard) -> str:
+    """Numbers for machines: per board the sites and one object per row."""
+    boards = {}
+    for b in lb.boards:
+        rows = []
+        for rec in b.frame.to_dict("records"):
+            row = {k: _clean(rec[k]) for k in ("rank", *b.keys)}
+            row["sites"] = {
+                s: {"mean": _clean(rec[s]), "std": _clean(rec[f"{s} std"])} for s in b.sites
+            }
+            row.update({k.replace(" ", "_"): _clean(rec[k]) for k in STAT_COLUMNS.split("|")})
+            rows.append(row)
+        boards[b.regime] = {"sites": [str(s) for s in b.sites], "rows": rows}
+    payload = {
+        "dataset": lb.dataset,
+        "metric": lb.metric,
+        "selection": lb.selection,
+        "lower_is_better": lb.lower_is_better,
+        "alpha": ALPHA,
+        "notes": lb.notes,
+        "boards": boards,
+    }
+    return json.dumps(payload, indent=2, allow_nan=False) + "\n"
+
+
+def to_html(lb: Leaderboard) -> str:
+    """A standalone HTML page with both tables (values escaped)."""
+    from html import escape
+
+    body = [
+        f"<h1>Leaderboard: {escape(lb.dataset)}, {escape(lb.metric)} ({escape(lb.selection)})</h1>"
+    ]
+    for board in lb.boards:
+        body.append(f"<h2>{escape(TITLES[board.regime])}</h2>")
+        body.append(display_frame(board, lb.metric).to_html(index=False, border=0, escape=True))
+    body.append("<ul>" + "".join(f"<li>{escape(line)}</li>" for line in legend_lines(lb)) + "</ul>")
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "th,td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}"
+        "th{background:#f3f3f3}"
+    )
+    return (
+        '<!doctype html>\n<html><head><meta charset="utf-8">'
+        f"<title>fedbench leaderboard: {escape(lb.dataset)}</title><style>{style}</style></head>"
+        "<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def to_rich_tables(lb: Leaderboard) -> list[Any]:
+    """rich Tables for the terminal, one per board."""
+    from rich.table import Table
+
+    tables = []
+    for board in lb.boards:
+        shown = display_frame(board, lb.metric)
+        table = Table(title=f"{TITLES[board.regime]}: {lb.metric} ({lb.selection}), {lb.dataset}")
+        for column in shown.columns:
+            table.add_column(str(column), justify="left" if column in board.keys else "right")
+        for row in shown.to_numpy():
+            table.add_row(*(str(c) for c in row))
+        tables.append(table)
+    return tables
+
+
+def to_text_table(lb: Leaderboard, width: int = 1000) -> str:
+    """The rich tables and the legend as plain text (for --format table --out FILE)."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    buffer = StringIO()
+    console = Console(file=buffer, width=width, color_system=None, force_terminal=False)
+    for table in to_rich_tables(lb):
+        console.print(table)
+    for line in legend_lines(lb):
+        console.print(line, highlight=False, soft_wrap=True)
+    return buffer.getvalue()
+
+
+RENDERERS = dict(table=to_text_table, md=to_markdown, csv=to_csv, html=to_html, json=to_json)
+
+
+def render(lb: Leaderboard, fmt: str) -> str:
+    """The leaderboard as text in one of FORMATS."""
+    if fmt not in RENDERERS:
+        raise FedbenchError(f"unknown format '{fmt}'; known: {', '.join(FORMATS)}")
+    return RENDERERS[fmt](lb)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to a temp file next to `path`, then rename it over `path` (a regular file)."""
+    path = Path(path)
+    if path.is_dir():
+        raise FedbenchError(f"cannot write {path}: it is a folder")
+    if path.exists() and not path.is_file():  # a device or pipe (/dev/stdout): never replace it
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        return
+    if not path.parent.is_dir():
+        raise FedbenchError(f"cannot write {path}: folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
