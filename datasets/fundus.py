@@ -28,7 +28,7 @@ import numpy as np
 from fedbench.data import FederatedData
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
-from fedbench.tasks import SegmentationTask
+from fedbench.tasks import SegmentationTask, predicted_labels
 from fedbench_datasets.prepared import (
     PreparedDataset,
     Scan,
@@ -89,7 +89,7 @@ class FundusTask(SegmentationTask):
     def score(
         self, outputs: torch.Tensor, targets: torch.Tensor, cases: torch.Tensor
     ) -> dict[str, float]:
-        return fundus_scores(outputs.argmax(1), targets, cases)
+        return fundus_scores(predicted_labels(outputs), targets, cases)
 
 
 def read_pair(image_path: Path, mask_path: Path, problems: list[str]) -> tuple | None:

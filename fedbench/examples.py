@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from fedbench.record import safe_token
+from fedbench.tasks import predicted_labels
 
 PER_SITE = 2
 
@@ -41,7 +42,7 @@ def keep(
     return {
         "image": np.stack([display_image(inputs[i], rgb) for i in chosen]),
         "truth": targets[chosen].cpu().numpy().astype(np.uint8),
-        "pred": outputs[chosen].argmax(1).cpu().numpy().astype(np.uint8),
+        "pred": predicted_labels(outputs[chosen]).cpu().numpy().astype(np.uint8),
     }
 
 

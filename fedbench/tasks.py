@@ -42,6 +42,12 @@ class Task:
         return outputs
 
 
+def predicted_labels(outputs: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] scores -> [N, H, W] class per pixel. The same as argmax(1) (first maximum on
+    ties), but max(1) is about 30 times faster on CPU: argmax over a non-last dimension is slow."""
+    return outputs.max(1).indices
+
+
 @dataclass
 class SegmentationTask(Task):
     """2D segmentation with a U-Net, Dice + cross-entropy loss, Dice/HD95 scores."""
@@ -77,11 +83,11 @@ class SegmentationTask(Task):
     ) -> dict[str, float]:
         from fedbench.metrics import segmentation_scores
 
-        return segmentation_scores(outputs.argmax(1), targets, cases, self.class_names)
+        return segmentation_scores(predicted_labels(outputs), targets, cases, self.class_names)
 
     def validation_score(
         self, outputs: torch.Tensor, targets: torch.Tensor, cases: torch.Tensor
     ) -> float:
         from fedbench.metrics import mean_case_dice
 
-        return mean_case_dice(outputs.argmax(1), targets, cases, self.num_classes)
+        return mean_case_dice(predicted_labels(outputs), targets, cases, self.num_classes)
