@@ -1,6 +1,7 @@
 """Leaderboards from run records (DESIGN.md section 5): one board inside the federation (a row per
 method) and one outside it (a row per method + adapter), mean ± std over seeds per site, ranked,
-each row compared with the best one by a paired Wilcoxon test over (site, seed) pairs."""
+each row compared with the best one by a paired Wilcoxon test over (site, seed) pairs. Rendering
+them as text is fedbench/leaderboard_formats.py; as a picture, fedbench/plots.py."""
 
 from __future__ import annotations
 
