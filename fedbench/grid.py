@@ -21,7 +21,6 @@ from fedbench.record import (
     new_run_id,
     now_iso,
     read_records,
-    write_record,
 )
 from fedbench.registry import Registry
 from fedbench.runner import RunSpec
@@ -250,7 +249,7 @@ def run_cell(cell: Cell, registry: Registry, reporter: Reporter, debug: bool = F
             raise
         wall_s = time.perf_counter() - clock
         record = failed_record(cell, error_message(exc), registry, started, wall_s)
-        write_record(cell.spec.results_dir, record)
+        runner.save_outcome(cell.spec.results_dir, record, {}, registry)
     return result_of(cell, record, time.perf_counter() - clock)
 
 

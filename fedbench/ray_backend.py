@@ -177,8 +177,7 @@ def collect(
         record = failed_record(cell, outcome["error"], registry, started, wall_s)
     else:
         wall_s = float(record.get("wall_s", wall_s))
-    runner.save_outcome(cell.spec.results_dir, record, outcome.get("kept", {}))
-    registry.manager.hook.fedbench_run_end(record=record)
+    runner.save_outcome(cell.spec.results_dir, record, outcome.get("kept", {}), registry)
     return result_of(cell, record, wall_s)
 
 

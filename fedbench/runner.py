@@ -236,16 +236,19 @@ def execute(run: ResolvedRun, registry: Registry, reporter: Reporter) -> dict[st
     diverged), which it returns."""
     runs_dir(run.spec.results_dir)
     record, kept = perform(run, registry, reporter)
-    save_outcome(run.spec.results_dir, record, kept)
-    registry.manager.hook.fedbench_run_end(record=record)
+    save_outcome(run.spec.results_dir, record, kept, registry)
     return record
 
 
-def save_outcome(results_dir: Path, record: dict[str, Any], kept: examples.Kept) -> None:
-    """The predictions first, then the record that points to them."""
+def save_outcome(
+    results_dir: Path, record: dict[str, Any], kept: examples.Kept, registry: Registry
+) -> None:
+    """The predictions first, then the record that points to them; then the run-end observers,
+    for every record written (ok, failed or diverged, local or from a Ray worker)."""
     if kept and record["status"] == "ok":
         examples.save(results_dir, record["run_id"], kept)
     write_record(results_dir, record)
+    registry.manager.hook.fedbench_run_end(record=record)
 
 
 def perform(

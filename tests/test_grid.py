@@ -22,6 +22,8 @@ from fedbench.runner import RunSpec
 cli = CliRunner()
 
 TOY_PLUGIN = """
+import os
+
 from fedbench.data import Dataset
 from fedbench.hookspecs import hookimpl
 
@@ -40,6 +42,13 @@ class GridToy(Dataset):
 @hookimpl
 def fedbench_datasets():
     return [GridToy]
+
+
+@hookimpl
+def fedbench_run_end(record):
+    if "GRID_OBSERVER_LOG" in os.environ:
+        with open(os.environ["GRID_OBSERVER_LOG"], "a") as log:
+            log.write(record["status"] + "\\n")
 """
 
 
@@ -194,11 +203,14 @@ def test_unexpected_exception_in_a_cell_is_a_failure(plugin, tmp_path, monkeypat
         raise ValueError("bug in a plugin")
 
     monkeypatch.setattr(fb_runner, "execute", broken)
+    observed = tmp_path / "observed.log"
+    monkeypatch.setenv("GRID_OBSERVER_LOG", str(observed))
     result = grid(plugin, tmp_path / "r", "--method", "fedavg", "--seeds", "0,1")
     assert result.exit_code == 1
     assert "failed: fedavg + none, seed 1: ValueError: bug in a plugin" in result.stdout
     records = [json.loads(f.read_text()) for f in (tmp_path / "r" / "runs").glob("*.json")]
     assert [r["error"] for r in records] == ["ValueError: bug in a plugin"] * 2
+    assert observed.read_text().splitlines() == ["failed", "failed"], "observers see failures too"
 
 
 def test_bad_input_is_one_line(plugin, tmp_path, monkeypatch):
