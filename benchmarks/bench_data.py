@@ -23,13 +23,15 @@ from typing import Any, TypeVar
 import pytest
 import torch
 
-import fedbench.engine as engine
+import fedbench.engine.training as engine
 import fedbench_datasets.synth_phantom as phantom
 import fedbench_datasets.synth_prostate as synth
-from fedbench.config import Config, preset_config
+from fedbench.adapter import TrainedFederation
 from fedbench.data import FederatedData, Split
-from fedbench.profiling import PROFILE
+from fedbench.engine.config import Config, preset_config
+from fedbench.engine.profiling import PROFILE
 from fedbench_plugins.fedavg import FedAvg
+from fedbench_plugins.unet import UNet
 
 DATA_ROUNDS = 3
 GOAL_SHARE = 0.05
@@ -83,6 +85,7 @@ def default_setup(cache_dir: Path) -> tuple[FederatedData, Config]:
     config["data"] = preset_data_config("default")
     config["train"]["rounds"] = DATA_ROUNDS
     config["method"], config["adapter"] = {}, {}
+    config["model"] = {"name": "unet", **UNet.defaults}
     return synth.SynthProstate().load(config["data"], 0, cache_dir), config
 
 
@@ -99,8 +102,12 @@ def test_data_wait_share(benchmark: Any, tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(engine, "train_local", timed_call(engine.train_local, training))
     PROFILE.reset()
 
-    def run() -> engine.FederationResult:
-        return engine.train_federation(data, data.sites, FedAvg, config, 0, torch.device("cpu"))
+    def build() -> torch.nn.Module:
+        return UNet().build(data.task, config["model"])
+
+    def run() -> TrainedFederation:
+        cpu = torch.device("cpu")
+        return engine.train_federation(data, data.sites, FedAvg, build, config, 0, cpu)
 
     result = benchmark.pedantic(run, rounds=1, iterations=1)
     profiled = PROFILE.summary()

@@ -56,10 +56,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
-from bench_engine import ROUNDS, quick_setup
+from bench_engine import ROUNDS, quick_setup, unet
 
 from fedbench.data import FederatedData
-from fedbench.engine import Federation, train_federation
+from fedbench.engine.training import Training, train_federation
 from fedbench_plugins.fedavg import FedAvg
 
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ def run_fedbench(cache_dir: Path) -> tuple[list[State], Timings]:
         data,
         data.sites,
         FedAvg,
+        unet(data, config),
         config,
         SEED,
         torch.device("cpu"),
@@ -95,7 +96,7 @@ def run_fedbench(cache_dir: Path) -> tuple[list[State], Timings]:
     )
     call_s = time.perf_counter() - start
     timings = {"call_s": call_s, "stamps": stamps, "threads": torch.get_num_threads()}
-    return [result.federation.global_state], timings
+    return [result.global_state], timings
 
 
 @functools.cache
@@ -133,7 +134,7 @@ def flower_train(cache_dir: str, message: Message, context: Context) -> Message:
     train = config["train"]
     site = int(context.node_config["partition-id"])
     split = data.sites[site].train
-    model = data.task.build_model(config["model"])
+    model = unet(data, config)()
     received = message.content["arrays"].to_torch_state_dict()
     model.load_state_dict(as_dtypes(received, model.state_dict()))
     sizes = [len(s.train) for s in data.sites]
@@ -165,8 +166,8 @@ def run_flower(cache_dir: Path) -> tuple[list[State], Timings]:
     from flwr.simulation import run_simulation
 
     data, config = quick_setup(cache_dir)
-    torch.manual_seed(SEED)  # the initial model exactly as fedbench's Federation builds it
-    initial = data.task.build_model(config["model"]).state_dict()
+    torch.manual_seed(SEED)  # the initial model exactly as fedbench's Training builds it
+    initial = unet(data, config)().state_dict()
     n, out, stamps, states = len(data.sites), {}, [], []
 
     client = ClientApp()
@@ -309,7 +310,7 @@ def rerun_difference(flower_states: list[State], cache_dir: Path) -> float:
     before it (the engine's own generator keeps its natural sequence, so this also checks the
     clients' replay); the largest difference from Flower's global model after the round."""
     data, config = quick_setup(cache_dir)
-    fed = Federation(data, data.sites, FedAvg, config, SEED, torch.device("cpu"))
+    fed = Training(data, data.sites, FedAvg, unet(data, config), config, SEED, torch.device("cpu"))
     assert max_abs_difference(fed.global_state, flower_states[0]) == 0, "other initial models"
     worst = 0.0
     for before, after in zip(flower_states, flower_states[1:]):

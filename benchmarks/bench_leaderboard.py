@@ -7,8 +7,8 @@ import json
 import random
 from pathlib import Path
 
-from fedbench.leaderboard import build_leaderboard, load_records
-from fedbench.leaderboard_formats import render
+from fedbench.results.formats import render
+from fedbench.results.leaderboard import build_leaderboard, load_records
 
 SITES = ("BIDMC", "HK", "I2CVB", "ISBI", "ISBI1.5", "UCL")
 METHODS = ("fedavg", "fedprox", "fedbn", "local", "iopfl")

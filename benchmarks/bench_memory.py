@@ -30,9 +30,10 @@ CHILD = r"""
 import json, sys
 from pathlib import Path
 from fedbench.hookspecs import hookimpl
-from fedbench.progress import Reporter
-from fedbench.registry import load_registry
-from fedbench.runner import RunSpec, execute, resolve
+from fedbench.engine.reporter import Reporter
+from fedbench.engine.registry import load_registry
+from fedbench.engine.resolve import RunSpec, resolve
+from fedbench.engine.run import execute
 
 def status_kib(field):
     with open("/proc/self/status") as status:
@@ -55,7 +56,7 @@ if train:
     status = execute(run, registry, Reporter())["status"]
 else:  # the floor: data loaded and the model built, nothing trained
     data = run.dataset.load(run.config["data"], 0, Path(spec["results_dir"]) / "cache")
-    data.task.build_model(run.config["model"])
+    run.build_model(data.task)
     status = "floor"
 peak = status_kib("VmHWM")
 print(json.dumps({"status": status, "peak_kib": peak, "rss_kib": RoundMemory.rss_kib}))

@@ -12,10 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from fedbench.models import build_unet
+from fedbench.task import SegmentationTask
 from fedbench_plugins import routed_conv as rc
+from fedbench_plugins.unet import UNet
 
 CFG = {"channels": [8, 16, 32, 64], "res_units": 0}
+TASK = SegmentationTask(in_channels=1)
 SIZE = 64
 EXPERTS = 5  # personalized models; "both" mixes 6
 REPEATS = 5
@@ -50,8 +52,8 @@ def per_image_forward(self: rc.RoutedConv, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("batch_size", [1, 5, 16])
 def test_routing_cost(benchmark, monkeypatch: pytest.MonkeyPatch, batch_size: int) -> None:
     torch.manual_seed(0)
-    plain = build_unet(1, 2, CFG).train()
-    routed = rc.build_routed_model(plain, [build_unet(1, 2, CFG) for _ in range(EXPERTS)]).train()
+    plain = UNet().build(TASK, CFG).train()
+    routed = rc.build_routed_model(plain, [UNet().build(TASK, CFG) for _ in range(EXPERTS)]).train()
     x = torch.randn(batch_size, 1, SIZE, SIZE)
 
     t_plain = median_seconds(forward_backward(plain, x))

@@ -31,11 +31,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from fedbench.config import stable_hash
 from fedbench.data import Dataset, FederatedData, Site, Split
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
-from fedbench.tasks import Task
+from fedbench.storage import stable_hash
+from fedbench.task import Task
 from fedbench_datasets.prepared import require_path, warn, write_split_file
 
 if TYPE_CHECKING:  # torch loads with the data, not when `fedbench list` runs
@@ -173,6 +173,7 @@ class FedTcgaBrca(Dataset):
     """Six TCGA-BRCA centres, Cox survival, C-index (FLamby's benchmark)."""
 
     name = "fed-tcga-brca"
+    model = "dataset-baseline"
     description = "FLamby Fed-TCGA-BRCA: 6 centres, Cox model, C-index; needs data.path"
     defaults: ClassVar[dict[str, Any]] = {"path": None, "val_fraction": 0.1}
 

@@ -30,7 +30,7 @@ import numpy as np
 from fedbench.data import Dataset, FederatedData, Site, Split
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
-from fedbench.tasks import Task
+from fedbench.task import Task
 from fedbench_datasets.prepared import warn
 
 if TYPE_CHECKING:  # torch loads with the data, not when `fedbench list` runs
@@ -129,6 +129,8 @@ def materialise(dataset: Any, label: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 class FlambyDataset(Dataset):
     """One FLamby dataset; subclasses made by `dataset_class` set `module`."""
+
+    model = "dataset-baseline"
 
     module: ClassVar[ModuleType]
     defaults: ClassVar[dict[str, Any]] = {"path": None, "val_fraction": 0.1}

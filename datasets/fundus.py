@@ -26,9 +26,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from fedbench.data import FederatedData
-from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
-from fedbench.tasks import SegmentationTask, predicted_labels
+from fedbench.task import SegmentationTask, predicted_labels
 from fedbench_datasets.prepared import (
     PreparedDataset,
     Scan,
@@ -57,26 +56,10 @@ def fundus_scores(
     pred_labels: torch.Tensor, targets: torch.Tensor, cases: torch.Tensor
 ) -> dict[str, float]:
     """Mean over cases of per-case Dice and HD95 for the disc and the cup, and their means."""
-    import torch
+    from fedbench.metrics import region_scores
 
-    from fedbench.metrics import _case_dice, _case_hd95
-
-    pred, true, cases = regions(pred_labels.cpu()), regions(targets.cpu()), cases.cpu()
-    dice_rows, hd_rows = [], []
-    for case in torch.unique(cases):
-        sel = cases == case
-        dice_rows.append(_case_dice(pred[sel], true[sel]))
-        hd_rows.append(_case_hd95(pred[sel], true[sel]))
-    dice = torch.stack(dice_rows).mean(0)
-    hd95 = torch.nanmean(torch.stack(hd_rows), dim=0)
-    return {
-        "dice": float(dice.mean()),
-        "dice_disc": float(dice[0]),
-        "dice_cup": float(dice[1]),
-        "hd95": float(torch.nanmean(hd95)),
-        "hd95_disc": float(hd95[0]),
-        "hd95_cup": float(hd95[1]),
-    }
+    pred, true = regions(pred_labels.cpu()), regions(targets.cpu())
+    return region_scores(pred, true, cases, ["disc", "cup"], release=False)
 
 
 @dataclass
@@ -178,22 +161,8 @@ class Fundus(PreparedDataset):
     source_patterns = ("*/*/ROIs/*/*.png",)
     mask_values = {0, 1, 2}
     display_rgb = True
-    sizes: ClassVar[dict[str, int]] = {"quick": 64, "default": 128, "paper": 384}
-
-    def preset(self, preset: str) -> dict[str, Any]:
-        return {"data": {"size": self.sizes[preset]}} if preset in self.sizes else {}
-
-    def site_names(self, cfg: dict[str, Any]) -> list[str] | None:
-        return list(cfg.get("sites") or DOMAINS)
-
-    def chosen_sites(self, cfg: dict[str, Any]) -> list[str]:
-        sites = list(cfg.get("sites") or DOMAINS)
-        unknown = [s for s in sites if s not in DOMAINS]
-        if unknown:
-            raise FedbenchError(
-                f"unknown fundus domain '{unknown[0]}'; known: {', '.join(DOMAINS)}"
-            )
-        return sites
+    known_sites = DOMAINS
+    site_word = "domain"
 
     def scan(self, source: Path, cfg: dict[str, Any]) -> Scan:
         scan = Scan(layout="rois")

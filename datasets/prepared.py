@@ -8,29 +8,27 @@ Case-level splits are written as JSON under `splits/` next to the prepared files
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import secrets
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from fedbench.config import stable_hash
 from fedbench.data import Dataset, FederatedData, Site, Split
 from fedbench.errors import FedbenchError
+from fedbench.storage import stable_hash, write_text_atomic
+from fedbench_datasets.prepared_folder import (
+    FORMAT_VERSION,
+    MANIFEST,
+    read_prepared,
+    verify_prepared,
+    write_prepared,
+)
 
 if TYPE_CHECKING:
     import torch
-
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
 
 
 class DataProblems(FedbenchError):
@@ -62,14 +60,6 @@ def require_path(cfg: dict[str, Any], dataset: str) -> Path:
     return path
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fingerprint(root: Path, patterns: tuple[str, ...]) -> str:
     """A cheap identity of the raw files (relative path, size, mtime): edits re-prepare."""
     rows = sorted(
@@ -89,124 +79,6 @@ class Scan:
     orphans: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     layout: str = ""
-
-
-def _swap_into_place(tmp: Path, out: Path, replace: bool) -> Path:
-    """Rename the finished temp folder to `out`; an existing `out` is replaced or kept."""
-    old = None
-    if out.exists() and replace:
-        old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-        os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        if old is not None:
-            os.rename(old, out)
-        if not replace and (out / MANIFEST).is_file():  # someone else prepared it meanwhile
-            shutil.rmtree(tmp, ignore_errors=True)
-            return out
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
-def write_prepared(
-    out: Path, manifest: dict[str, Any], sites: dict[str, dict[str, np.ndarray]], replace: bool
-) -> Path:
-    """Write one .npz per site and the manifest into a temp folder, then rename it to `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        files = {}
-        for site, arrays in sites.items():
-            path = tmp / f"{site}.npz"
-            np.savez(path, **arrays)
-            files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-        full = {
-            **manifest,
-            "format": FORMAT_VERSION,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "files": files,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(full, indent=2))
-        return _swap_into_place(tmp, out, replace)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def read_manifest(directory: Path) -> dict[str, Any]:
-    path = directory / MANIFEST
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise FedbenchError(f"{path}: unreadable manifest ({exc})") from None
-
-
-def read_prepared(directory: Path) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
-    """The manifest and every site's arrays (no pickles are ever loaded)."""
-    manifest = read_manifest(directory)
-    arrays = {}
-    for site in manifest["sites"]:
-        path = directory / f"{site}.npz"
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays[site] = {key: npz[key] for key in npz.files}
-        except (OSError, ValueError) as exc:
-            raise FedbenchError(f"{path}: unreadable prepared file ({exc})") from None
-    return manifest, arrays
-
-
-def check_site_arrays(
-    path: Path, arrays: dict[str, np.ndarray], mask_values: set[int]
-) -> list[str]:
-    """Problems of one prepared site: empty, image/mask size mismatch, unexpected mask values."""
-    image, mask = arrays.get("image"), arrays.get("mask")
-    if image is None or mask is None:
-        return [f"{path}: lacks the 'image' or 'mask' array"]
-    if len(mask) == 0:
-        return [f"{path}: empty site (no samples)"]
-    problems = []
-    if len(image) != len(mask) or image.shape[-2:] != mask.shape[-2:]:
-        problems.append(f"{path}: image {image.shape} and mask {mask.shape} differ in size")
-    extra = sorted(set(np.unique(mask).tolist()) - mask_values)
-    if extra:
-        problems.append(f"{path}: mask holds values {extra} outside {sorted(mask_values)}")
-    return problems
-
-
-def verify_prepared(directory: Path, name: str, mask_values: set[int]) -> list[str]:
-    """Every problem of a prepared folder, one line each naming the file; empty when it is good."""
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
-        return [f"{manifest_path}: missing (not a prepared folder)"]
-    try:
-        manifest = read_manifest(directory)
-    except FedbenchError as exc:
-        return [str(exc)]
-    if manifest.get("dataset") != name:
-        return [f"{manifest_path}: prepared for '{manifest.get('dataset')}', not '{name}'"]
-    problems = []
-    for file_name, entry in manifest.get("files", {}).items():
-        path = directory / file_name
-        if not path.is_file():
-            problems.append(f"{path}: missing")
-            continue
-        if sha256_file(path) != entry["sha256"]:
-            problems.append(f"{path}: sha256 differs from the manifest (modified or corrupt)")
-            continue
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {key: npz[key] for key in npz.files}
-        except (OSError, ValueError) as exc:
-            problems.append(f"{path}: unreadable ({exc})")
-            continue
-        problems += check_site_arrays(path, arrays, mask_values)
-    for site in manifest.get("sites", {}):
-        if f"{site}.npz" not in manifest.get("files", {}):
-            problems.append(f"{directory / (site + '.npz')}: site '{site}' has no file")
-    return problems
 
 
 def resize(plane: np.ndarray, size: int, nearest: bool) -> np.ndarray:
@@ -260,11 +132,7 @@ def write_split_file(directory: Path, label: str, payload: dict[str, Any]) -> Pa
     """Write the splits as JSON under `directory/splits/` (atomically); None if not writable."""
     target = directory / "splits" / f"{label}.json"
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-        os.replace(tmp, target)
+        write_text_atomic(target, json.dumps(payload, indent=2))
     except OSError as exc:
         warn(f"could not write the split file {target}: {exc.strerror}")
         return None
@@ -321,6 +189,28 @@ class PreparedDataset(Dataset):
     mask_values: ClassVar[set[int]] = {0, 1}
     #: whether `fedbench datasets show` draws the 3 input channels as one RGB picture
     display_rgb: ClassVar[bool] = False
+    #: every site the raw release holds, and what one is called in messages
+    known_sites: ClassVar[tuple[str, ...]] = ()
+    site_word: ClassVar[str] = "site"
+    #: `data.size` per preset
+    sizes: ClassVar[dict[str, int]] = {"quick": 64, "default": 128, "paper": 384}
+
+    def preset(self, preset: str) -> dict[str, Any]:
+        return {"data": {"size": self.sizes[preset]}} if preset in self.sizes else {}
+
+    def site_names(self, cfg: dict[str, Any]) -> list[str] | None:
+        return list(cfg.get("sites") or self.known_sites)
+
+    def chosen_sites(self, cfg: dict[str, Any]) -> list[str]:
+        """The sites `data.sites` asks for, each one checked against the release's."""
+        sites = list(cfg.get("sites") or self.known_sites)
+        unknown = [s for s in sites if s not in self.known_sites]
+        if unknown:
+            raise FedbenchError(
+                f"unknown {self.name} {self.site_word} '{unknown[0]}'; "
+                f"known: {', '.join(self.known_sites)}"
+            )
+        return sites
 
     def scan(self, source: Path, cfg: dict[str, Any]) -> Scan:
         raise NotImplementedError

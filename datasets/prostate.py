@@ -32,9 +32,8 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedbench.data import FederatedData
-from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
-from fedbench.tasks import SegmentationTask
+from fedbench.task import SegmentationTask
 from fedbench_datasets.prepared import (
     PreparedDataset,
     Scan,
@@ -189,20 +188,7 @@ class Prostate(PreparedDataset):
     prepare_keys = ("size", "sites")
     source_patterns = ("*/*.nii*", "*/*/*/*.png")
     mask_values = {0, 1}
-    sizes: ClassVar[dict[str, int]] = {"quick": 64, "default": 128, "paper": 384}
-
-    def preset(self, preset: str) -> dict[str, Any]:
-        return {"data": {"size": self.sizes[preset]}} if preset in self.sizes else {}
-
-    def site_names(self, cfg: dict[str, Any]) -> list[str] | None:
-        return list(cfg.get("sites") or SITES)
-
-    def chosen_sites(self, cfg: dict[str, Any]) -> list[str]:
-        sites = list(cfg.get("sites") or SITES)
-        unknown = [s for s in sites if s not in SITES]
-        if unknown:
-            raise FedbenchError(f"unknown prostate site '{unknown[0]}'; known: {', '.join(SITES)}")
-        return sites
+    known_sites = SITES
 
     def scan(self, source: Path, cfg: dict[str, Any]) -> Scan:
         scan = Scan()

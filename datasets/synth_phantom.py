@@ -10,12 +10,15 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage
 
-from fedbench_datasets.synth_prostate import PROFILES, Profile
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from fedbench_datasets.synth_prostate import Profile
 
 # Right-side muscles (mirrored to the left): centre x, y, radii x, y, rotation (radians).
 MUSCLES = (
@@ -241,12 +244,13 @@ def _case(rng: np.random.Generator, p: Profile, size: int, slices: int) -> tuple
 
 
 def generate(
-    size: int, cases: int, slices: int, seed: int, sites: list[int]
+    size: int, cases: int, slices: int, seed: int, sites: list[int], profiles: Sequence[Profile]
 ) -> dict[str, np.ndarray]:
-    """Raw 8-bit images and masks per site: `image_{i}`, `mask_{i}` of shape [C, S, H, W]."""
+    """Raw 8-bit images and masks per site: `image_{i}`, `mask_{i}` of shape [C, S, H, W];
+    site i is rendered with profiles[i % len(profiles)]."""
     out = {}
     for i in sites:
-        profile = PROFILES[i % len(PROFILES)]
+        profile = profiles[i % len(profiles)]
         stacks = [
             _case(np.random.default_rng([seed % 2**63, i, c]), profile, size, slices)
             for c in range(cases)

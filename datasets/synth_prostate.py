@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -24,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 from fedbench.data import Dataset, FederatedData, Site, Split
 from fedbench.errors import FedbenchError, unknown_name
 from fedbench.hookspecs import hookimpl
-from fedbench.tasks import SegmentationTask
+from fedbench.storage import write_atomic
+from fedbench.task import SegmentationTask
 
 if TYPE_CHECKING:
     import numpy as np
@@ -93,18 +92,10 @@ def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write a compressed .npz atomically (temp file + rename); warn if it cannot be written."""
     import numpy as np
 
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
+        write_atomic(path, lambda handle: np.savez_compressed(handle, **arrays))
     except OSError as exc:
         warnings.warn(f"synth-prostate: cannot write cache {path}: {exc}", stacklevel=3)
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
 
 
 def _site_split(images: np.ndarray, masks: np.ndarray) -> Split:
@@ -212,7 +203,7 @@ class SynthProstate(Dataset):
             from fedbench_datasets.synth_phantom import generate
 
             args = (s["size"], s["cases_per_site"], s["slices_per_case"], int(seed), s["sites"])
-            arrays = generate(*args)
+            arrays = generate(*args, profiles=PROFILES)
             _write_cache(path, arrays)
         n_train, n_val, _ = split_counts(s["cases_per_site"])
         bounds = (0, n_train, n_train + n_val, s["cases_per_site"])

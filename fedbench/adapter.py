@@ -4,7 +4,7 @@ time with the federation's models and its own unlabeled images."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedbench.errors import FedbenchError
@@ -15,20 +15,25 @@ if TYPE_CHECKING:  # torch loads when a run needs it, not when `fedbench list` r
 
     from fedbench.data import UnlabeledImages
     from fedbench.method import State
-    from fedbench.tasks import Task
+    from fedbench.task import Task
 
 
 @dataclass
 class TrainedFederation:
-    """The models a federation hands to an unseen site: the global one (if any) and one
-    personalized model per training site."""
+    """What a federation's training produced, as handed to an unseen site: the global model (if
+    the method has one), one personalized model per training site, which state keys the server
+    shared, what training cost and how validation evolved."""
 
-    method: str
     build_model: Callable[[], nn.Module]
     global_state: State | None
     personalized: list[State]
     site_names: list[str]
     device: torch.device
+    shared_keys: list[str] = field(default_factory=list)
+    cost: dict[str, int] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    #: per site: the personalized state of its best validation round (when eval.val_best)
+    val_best: list[State] | None = None
 
     def model(self, state: State) -> nn.Module:
         """A fresh module on the run's device holding `state`."""
@@ -65,16 +70,22 @@ class Adapter:
     def __init__(self, params: dict[str, Any]) -> None:
         self.params = {**self.defaults, **params}
 
+    @classmethod
+    def check_method(cls, method: type) -> None:
+        """Raise a clear error when this adapter cannot apply to the method (class): what a grid
+        knows before any data is loaded."""
+        if cls.needs_global_model and not method.has_global_model:
+            raise FedbenchError(
+                f"adapter '{cls.name}' needs a global model, and method '{method.name}' "
+                "has none; try --adapter ensemble"
+            )
+
     def check(self, method: type, model: nn.Module, task: Task) -> None:
         """Raise a clear error, before any training, when this adapter cannot apply to the
         method (class), its model or the task."""
         from fedbench.models import normalization_modules
 
-        if self.needs_global_model and not method.has_global_model:
-            raise FedbenchError(
-                f"adapter '{self.name}' needs a global model, and method '{method.name}' "
-                "has none; try --adapter ensemble"
-            )
+        self.check_method(method)
         if self.needs_dense_task and not task.dense_prediction:
             raise FedbenchError(f"adapter '{self.name}' applies to segmentation tasks only")
         if self.needs_normalization and not normalization_modules(model):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:  # torch loads when a run needs it, not when `fedbench list` reads the classes
     import torch
 
-    from fedbench.tasks import Task
+    from fedbench.task import Task
 
 
 @dataclass(frozen=True)
@@ -109,11 +109,13 @@ class FederatedData:
 
 
 class Dataset:
-    """Base of dataset plugins: declares its `data.*` settings and loads a FederatedData."""
+    """Base of dataset plugins: declares its `data.*` settings and loads a FederatedData.
+    `model` names the network its runs use unless `--set model.name=...` says otherwise."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    model: ClassVar[str] = "unet"
     required: ClassVar[tuple[str, ...]] = ("load",)
 
     def preset(self, preset: str) -> dict[str, Any]:

@@ -71,16 +71,16 @@ def mean_case_dice(
     return float(torch.stack(dice).mean())
 
 
-def segmentation_scores(
-    pred_labels: torch.Tensor,
-    targets: torch.Tensor,
+def region_scores(
+    pred: torch.Tensor,
+    true: torch.Tensor,
     cases: torch.Tensor,
-    class_names: list[str],
+    region_names: list[str],
+    release: bool = True,
 ) -> dict[str, float]:
-    """Site-level scores: mean over cases of per-case Dice and HD95, per class and their mean."""
-    num_classes = len(class_names) + 1
-    pred = _one_hot(pred_labels.cpu(), num_classes)
-    true = _one_hot(targets.cpu(), num_classes)
+    """Site-level scores from [N, 1 + R, H, W] binary region maps (channel 0 the background;
+    regions may overlap, as fundus' disc and cup do): mean over cases of per-case Dice and HD95,
+    per region when there are several, their means, and (`release`) the IOP-FL figure."""
     dice_rows, hd_rows = [], []
     for case_pred, case_true in _per_case(pred, true, cases.cpu()):
         dice_rows.append(_case_dice(case_pred, case_true))
@@ -88,9 +88,23 @@ def segmentation_scores(
     dice = torch.stack(dice_rows).mean(0)
     hd95 = torch.nanmean(torch.stack(hd_rows), dim=0)
     scores = {"dice": float(dice.mean()), "hd95": float(torch.nanmean(hd95))}
-    if len(class_names) > 1:
-        for i, name in enumerate(class_names):
+    if len(region_names) > 1:
+        for i, name in enumerate(region_names):
             scores[f"dice_{name}"] = float(dice[i])
             scores[f"hd95_{name}"] = float(hd95[i])
-    scores["dice_release"] = release_dice(pred, true)
+    if release:
+        scores["dice_release"] = release_dice(pred, true)
     return scores
+
+
+def segmentation_scores(
+    pred_labels: torch.Tensor,
+    targets: torch.Tensor,
+    cases: torch.Tensor,
+    class_names: list[str],
+) -> dict[str, float]:
+    """Site-level scores of exclusive classes (integer labels, 0 the background)."""
+    num_classes = len(class_names) + 1
+    pred = _one_hot(pred_labels.cpu(), num_classes)
+    true = _one_hot(targets.cpu(), num_classes)
+    return region_scores(pred, true, cases, class_names)

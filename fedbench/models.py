@@ -1,29 +1,36 @@
-"""The segmentation network: MONAI's 2D U-Net with BatchNorm, width and depth from the config."""
+"""The Model base class (networks come in through the `fedbench_models` hook and are chosen by
+the `model.name` setting) and helpers that select layers by type, never by a substring of a name."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch loads when a run needs it, not when `fedbench list` reads the classes
     from torch import nn
 
+    from fedbench.task import Task
 
-def build_unet(in_channels: int, out_channels: int, cfg: dict[str, Any]) -> nn.Module:
-    """A 2D U-Net: `channels` sets width and depth (one level per entry), `res_units` the blocks."""
-    from monai.networks.nets import UNet
 
-    channels = tuple(int(c) for c in cfg["channels"])
-    if len(channels) < 2:
-        raise ValueError("model.channels needs at least two levels")
-    return UNet(
-        spatial_dims=2,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        channels=channels,
-        strides=(2,) * (len(channels) - 1),
-        num_res_units=int(cfg["res_units"]),
-        norm="batch",
-    )
+class Model:
+    """A network builder. `defaults` are its `model.*` settings (with `preset()` overrides);
+    `build` makes a fresh module for a task (the task says the input and output sizes)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def preset(cls, preset: str) -> dict[str, Any]:
+        """Setting overrides this model wants for a preset (e.g. wider layers for `paper`)."""
+        return {}
+
+    @classmethod
+    def check(cls, cfg: dict[str, Any]) -> None:
+        """Raise a FedbenchError naming the setting when `cfg` cannot build a network, before
+        any training starts."""
+
+    def build(self, task: Task, cfg: dict[str, Any]) -> nn.Module:
+        raise NotImplementedError
 
 
 def normalization_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

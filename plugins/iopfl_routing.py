@@ -168,10 +168,8 @@ class IOPFLRouting(Adapter):
 
         from fedbench_plugins.routed_conv import build_routed_model, expert_sources
 
-        p = {**self.defaults, **self.params}
+        p = self.params
         expert_sources(str(p["space"]), len(federation.personalized))  # validate before any work
-        if federation.global_state is None:
-            raise FedbenchError("iopfl-routing needs the federation's global model")
         torch.manual_seed(ctx.seed)
         global_model = federation.model(federation.global_state)
         personalized = [federation.model(state) for state in federation.personalized]

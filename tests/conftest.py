@@ -11,9 +11,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does, before t
 import pytest
 import torch
 
-from fedbench.config import preset_config
 from fedbench.data import FederatedData, Site, Split
-from fedbench.tasks import SegmentationTask
+from fedbench.engine.config import preset_config
+from fedbench.engine.training import Training, train_federation
+from fedbench.task import SegmentationTask
+from fedbench_plugins.unet import UNet
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -44,9 +46,28 @@ def toy_data(sizes: tuple[int, ...] = (8, 12, 6), size: int = 16) -> FederatedDa
     return FederatedData("toy", sites, SegmentationTask(in_channels=1, class_names=["square"]))
 
 
+TOY_MODEL = {"channels": [4, 8], "res_units": 0}
+
+
+def toy_builder(data: FederatedData, model_cfg: dict | None = None):
+    """Builds the tiny U-Net the toy federations train."""
+    return lambda: UNet().build(data.task, model_cfg or TOY_MODEL)
+
+
+def toy_train(data: FederatedData, sites, method, config: dict, seed: int, device, **kwargs):
+    """train_federation with the toy U-Net."""
+    builder = toy_builder(data, config["model"])
+    return train_federation(data, sites, method, builder, config, seed, device, **kwargs)
+
+
+def toy_training(data: FederatedData, sites, method, config: dict, seed: int, device) -> Training:
+    """A Training (one federation in progress) of the toy U-Net."""
+    return Training(data, sites, method, toy_builder(data, config["model"]), config, seed, device)
+
+
 def toy_config(rounds: int = 2, **method: object) -> dict:
     config = preset_config("quick")
-    config["model"] = {"channels": [4, 8], "res_units": 0}
+    config["model"] = {"name": "unet", **TOY_MODEL}
     config["train"].update(rounds=rounds, batch_size=4)
     config["eval"]["history"] = False
     config["method"] = dict(method)

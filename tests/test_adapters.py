@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import toy_config, toy_data
+from conftest import toy_builder, toy_config, toy_data, toy_train
 
 from fedbench.adapter import AdaptContext, Adapter
 from fedbench.data import UnlabeledImages
-from fedbench.engine import train_federation
+from fedbench.engine.registry import load_registry
 from fedbench.errors import FedbenchError
-from fedbench.registry import load_registry
-from fedbench.tasks import Task
+from fedbench.task import Task
 
 CPU = torch.device("cpu")
 REGISTRY = load_registry()
@@ -25,7 +24,7 @@ def federations():
     data = toy_data()
     held_out, training = data.sites[0], data.sites[1:]
     trained = {
-        name: train_federation(data, training, REGISTRY.get("methods", name), toy_config(1), 0, CPU)
+        name: toy_train(data, training, REGISTRY.get("methods", name), toy_config(1), 0, CPU)
         for name in METHODS
     }
     return data, held_out, trained
@@ -44,12 +43,12 @@ def test_every_adapter_predicts_from_images_alone(federations, method, name):
     chosen = adapter(name)
     if chosen.needs_global_model and not method_cls.has_global_model:
         with pytest.raises(FedbenchError, match="needs a global model"):
-            chosen.check(method_cls, data.task.build_model(toy_config()["model"]), data.task)
+            chosen.check(method_cls, toy_builder(data)(), data.task)
         return
     images = UnlabeledImages(site.all_samples().inputs)
     assert not hasattr(images, "targets"), "the unseen site's loader carries no labels"
     ctx = AdaptContext(batch_size=4, seed=0, task=data.task)
-    outputs = chosen.predict(trained[method].federation, images, ctx)
+    outputs = chosen.predict(trained[method], images, ctx)
     assert outputs.shape == (len(images), 2, *images.inputs.shape[2:])
     assert torch.isfinite(outputs).all()
     scores = data.task.score(outputs, site.all_samples().targets, site.all_samples().cases)
@@ -58,7 +57,7 @@ def test_every_adapter_predicts_from_images_alone(federations, method, name):
 
 def test_adapters_leave_the_federation_untouched(federations):
     _, site, trained = federations
-    federation = trained["iopfl"].federation
+    federation = trained["iopfl"]
     before = {k: v.clone() for k, v in federation.global_state.items()}
     ctx = AdaptContext(batch_size=4, seed=0, task=toy_data().task)
     for name in ("tent", "iopfl-routing", "bn-adapt"):
@@ -75,7 +74,7 @@ class TabularTask(Task):
 
 @pytest.mark.parametrize("name", ["tent", "iopfl-routing"])
 def test_segmentation_only_adapters_refuse_other_tasks(name):
-    model = toy_data().task.build_model(toy_config()["model"])
+    model = toy_builder(toy_data())()
     with pytest.raises(FedbenchError, match="segmentation tasks only"):
         adapter(name).check(REGISTRY.get("methods", "fedavg"), model, TabularTask())
 

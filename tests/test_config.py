@@ -2,14 +2,22 @@
 
 import pytest
 
-from fedbench.config import apply_overrides, preset_config, stable_hash, validate
+from fedbench.engine.config import apply_overrides, preset_config
+from fedbench.engine.registry import load_registry
+from fedbench.engine.resolve import RunSpec, resolve
 from fedbench.errors import FedbenchError
+from fedbench.storage import stable_hash
+
+REGISTRY = load_registry()
+
+
+def resolved_config(*assignments: str) -> dict:
+    return resolve(RunSpec("fedavg", preset="quick", overrides=list(assignments)), REGISTRY).config
 
 
 def test_set_coerces_to_the_type_of_the_default():
-    config = apply_overrides(
-        preset_config("quick"),
-        ["train.lr=0.5", "train.rounds=3", "eval.history=false", "model.channels=4,8"],
+    config = resolved_config(
+        "train.lr=0.5", "train.rounds=3", "eval.history=false", "model.channels=4,8"
     )
     assert config["train"]["lr"] == 0.5 and config["train"]["rounds"] == 3
     assert config["eval"]["history"] is False and config["model"]["channels"] == [4, 8]
@@ -44,7 +52,7 @@ def test_bad_assignments_name_the_problem(assignment, message):
 )
 def test_unusable_values_are_rejected(key):
     with pytest.raises(FedbenchError):
-        validate(apply_overrides(preset_config("quick"), [key]))
+        resolved_config(key)
 
 
 def test_unknown_preset():

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from fedbench import federation_cache
 from fedbench.cli import app
+from fedbench.engine import run as engine_run
 from fedbench_plugins import routed_conv as rc
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -60,6 +60,6 @@ def test_iopfl_runs_on_cuda_and_a_second_adapter_reuses_its_federations(tmp_path
     def no_training(*args, **kwargs):
         raise AssertionError("a cached federation was trained again")
 
-    monkeypatch.setattr(federation_cache, "train_federation", no_training)
+    monkeypatch.setattr(engine_run, "train_federation", no_training)
     second = run_json(tmp_path, "--method", "iopfl", "--holdout", "HK", "--adapter", "tent")
     assert second["status"] == "ok" and second["adapter"] == "tent"

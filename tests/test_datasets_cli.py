@@ -150,7 +150,7 @@ def test_show_draws_real_slices(samples, tmp_path):  # noqa: F811
 
 @pytest.mark.parametrize("method", ["fedavg", "iopfl"])
 def test_real_prostate_samples_run_end_to_end(samples, tmp_path, method):  # noqa: F811
-    from fedbench.registry import load_registry
+    from fedbench.engine.registry import load_registry
 
     if method == "iopfl" and "iopfl-routing" not in load_registry().names("adapters"):
         pytest.skip("the iopfl-routing adapter is not installed")

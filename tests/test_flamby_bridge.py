@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from fedbench.cli import app
-from fedbench.registry import load_registry
+from fedbench.engine.registry import load_registry
 from fedbench_datasets import flamby_bridge
 
 FAKE = Path(__file__).resolve().parent / "fake_flamby"

@@ -1,6 +1,6 @@
 """`fedbench grid`: the cross product, skipping finished cells, failing cells that do not stop the
 grid (and run again only with --retry-failed), and the local backend (Ray: test_ray_backend.py).
-Execution is faked (fedbench.runner.execute), so these tests train nothing; one end-to-end test
+Execution is faked (the local backend's execute), so these tests train nothing; one end-to-end test
 trains a single round on synth-prostate when that dataset is installed."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fedbench import runner as fb_runner
+from fedbench.backends import local as local_backend
+from fedbench.backends.grid import parse_seeds, same_holdouts
 from fedbench.cli import app
+from fedbench.engine.resolve import holdout_sites
 from fedbench.errors import FedbenchError
-from fedbench.grid import parse_seeds, same_holdouts
-from fedbench.record import SCHEMA_VERSION, new_run_id, now_iso, write_record
-from fedbench.runner import RunSpec
+from fedbench.results.record import SCHEMA_VERSION, new_run_id, now_iso, write_record
 
 cli = CliRunner()
 
@@ -53,7 +53,7 @@ def fedbench_run_end(record):
 
 
 class FakeExecute:
-    """Stands in for fedbench.runner.execute: writes a plausible record, or fails on request."""
+    """Stands in for execute in the local backend: writes a plausible record, or fails."""
 
     def __init__(self, raise_for: tuple[str, ...] = (), diverge_for: tuple[str, ...] = ()):
         self.calls: list[tuple[str, str | None, int]] = []
@@ -65,7 +65,7 @@ class FakeExecute:
         if run.method.name in self.raise_for:
             raise FedbenchError(f"{run.method.name} cannot run here")
         status = "diverged" if run.method.name in self.diverge_for else "ok"
-        holdouts = fb_runner.holdout_sites(spec.holdout, ["a", "b", "c"])
+        holdouts = holdout_sites(spec.holdout, ["a", "b", "c"])
         rows = [
             {"regime": "inside", "site": s, "holdout": None, "metric": "dice", "value": 0.5}
             for s in ("a", "b", "c")
@@ -113,7 +113,7 @@ def grid(plugin: Path, results: Path, *args: str):
 
 def test_cells_run_once_then_are_skipped(plugin, tmp_path, monkeypatch):
     fake = FakeExecute()
-    monkeypatch.setattr(fb_runner, "execute", fake)
+    monkeypatch.setattr(local_backend, "execute", fake)
     results = tmp_path / "results"
     first = grid(plugin, results, "--method", "fedavg", "--method", "fedbn", "--seeds", "0,1")
     assert first.exit_code == 0, first.output
@@ -132,7 +132,7 @@ def test_cells_run_once_then_are_skipped(plugin, tmp_path, monkeypatch):
 
 def test_changed_settings_or_holdouts_rerun(plugin, tmp_path, monkeypatch):
     fake = FakeExecute()
-    monkeypatch.setattr(fb_runner, "execute", fake)
+    monkeypatch.setattr(local_backend, "execute", fake)
     results = tmp_path / "results"
     assert grid(plugin, results, "--method", "fedavg", "--seeds", "0").exit_code == 0
     assert (
@@ -147,7 +147,7 @@ def test_changed_settings_or_holdouts_rerun(plugin, tmp_path, monkeypatch):
 
 def test_failing_cells_do_not_stop_the_grid(plugin, tmp_path, monkeypatch):
     fake = FakeExecute(raise_for=("fedprox",), diverge_for=("fedbn",))
-    monkeypatch.setattr(fb_runner, "execute", fake)
+    monkeypatch.setattr(local_backend, "execute", fake)
     results = tmp_path / "results"
     args = ["--method", "fedprox", "--method", "fedbn", "--method", "fedavg", "--seeds", "0,1"]
     result = grid(plugin, results, *args)
@@ -185,10 +185,10 @@ def test_failing_cells_do_not_stop_the_grid(plugin, tmp_path, monkeypatch):
 
 def test_retry_failed_reruns_a_cell_that_now_succeeds(plugin, tmp_path, monkeypatch):
     results = tmp_path / "results"
-    monkeypatch.setattr(fb_runner, "execute", FakeExecute(raise_for=("fedavg",)))
+    monkeypatch.setattr(local_backend, "execute", FakeExecute(raise_for=("fedavg",)))
     assert grid(plugin, results, "--method", "fedavg", "--seeds", "0").exit_code == 1
     fixed = FakeExecute()
-    monkeypatch.setattr(fb_runner, "execute", fixed)
+    monkeypatch.setattr(local_backend, "execute", fixed)
     assert grid(plugin, results, "--method", "fedavg", "--seeds", "0").exit_code == 1
     assert fixed.calls == []
     retry = grid(plugin, results, "--method", "fedavg", "--seeds", "0", "--retry-failed")
@@ -202,7 +202,7 @@ def test_unexpected_exception_in_a_cell_is_a_failure(plugin, tmp_path, monkeypat
     def broken(run, registry, reporter):
         raise ValueError("bug in a plugin")
 
-    monkeypatch.setattr(fb_runner, "execute", broken)
+    monkeypatch.setattr(local_backend, "execute", broken)
     observed = tmp_path / "observed.log"
     monkeypatch.setenv("GRID_OBSERVER_LOG", str(observed))
     result = grid(plugin, tmp_path / "r", "--method", "fedavg", "--seeds", "0,1")
@@ -215,7 +215,7 @@ def test_unexpected_exception_in_a_cell_is_a_failure(plugin, tmp_path, monkeypat
 
 def test_bad_input_is_one_line(plugin, tmp_path, monkeypatch):
     fake = FakeExecute()
-    monkeypatch.setattr(fb_runner, "execute", fake)
+    monkeypatch.setattr(local_backend, "execute", fake)
     for args in (
         ["--method", "nope"],
         ["--method", "fedavg", "--adapter", "nope"],
@@ -232,7 +232,7 @@ def test_bad_input_is_one_line(plugin, tmp_path, monkeypatch):
 
 def test_adapters_cross_product_leaves_out_impossible_pairs(plugin, tmp_path, monkeypatch):
     fake = FakeExecute()
-    monkeypatch.setattr(fb_runner, "execute", fake)
+    monkeypatch.setattr(local_backend, "execute", fake)
     args = ["--method", "fedavg", "--method", "local", "--adapter", "none"]
     result = grid(plugin, tmp_path / "r", *args, "--adapter", "ensemble", "--seeds", "0")
     assert result.exit_code == 0, result.output
@@ -246,7 +246,7 @@ def test_adapters_cross_product_leaves_out_impossible_pairs(plugin, tmp_path, mo
 
 def test_dry_run_lists_cells_and_runs_nothing(plugin, tmp_path, monkeypatch):
     fake = FakeExecute()
-    monkeypatch.setattr(fb_runner, "execute", fake)
+    monkeypatch.setattr(local_backend, "execute", fake)
     result = grid(plugin, tmp_path / "r", "--method", "iopfl", "--seeds", "0,1", "--dry-run")
     assert result.exit_code == 0 and fake.calls == []
     assert result.stdout.count("to run   iopfl + iopfl-routing, seed") == 2
@@ -265,10 +265,10 @@ def test_same_holdouts():
         "holdouts": ["a", "b"],
         "metrics": [{"regime": "inside", "site": s} for s in ("a", "b", "c")],
     }
-    assert same_holdouts(record, RunSpec("m", holdout="b,a"), None)
-    assert not same_holdouts(record, RunSpec("m", holdout="all"), None)
-    assert same_holdouts(record, RunSpec("m", holdout="all"), ["a", "b"])
-    assert not same_holdouts(record, RunSpec("m", holdout="none"), None)
+    assert same_holdouts(record, holdout_sites("b,a", None))
+    assert not same_holdouts(record, holdout_sites("all", None))
+    assert same_holdouts(record, ["a", "b"])
+    assert not same_holdouts(record, holdout_sites("none", None))
 
 
 @pytest.mark.skipif(

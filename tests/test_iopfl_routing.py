@@ -13,18 +13,19 @@ from torch import nn
 from fedbench.adapter import AdaptContext, TrainedFederation
 from fedbench.data import UnlabeledImages
 from fedbench.errors import FedbenchError
-from fedbench.models import build_unet
-from fedbench.tasks import SegmentationTask
+from fedbench.task import SegmentationTask
 from fedbench_plugins import iopfl_routing as ir
 from fedbench_plugins import routed_conv as rc
+from fedbench_plugins.unet import UNet
 
 CFG = {"channels": [4, 8, 16], "res_units": 0}
+TASK = SegmentationTask(in_channels=1)
 K = 5
 
 
 def small_unet(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return build_unet(1, 2, CFG)
+    return UNet().build(TASK, CFG)
 
 
 def experts_of(layer_type: type, seed: int = 0, **kwargs) -> list[nn.Module]:
@@ -140,8 +141,7 @@ def test_trainable_parameters_are_routers_and_norm_affine() -> None:
 def federation(num_personalized: int = K) -> TrainedFederation:
     states = [small_unet(i).state_dict() for i in range(num_personalized + 1)]
     return TrainedFederation(
-        method="iopfl",
-        build_model=lambda: build_unet(1, 2, CFG),
+        build_model=lambda: UNet().build(TASK, CFG),
         global_state=states[0],
         personalized=states[1:],
         site_names=[f"site{i}" for i in range(num_personalized)],

@@ -13,9 +13,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fedbench.cli import app
-from fedbench.leaderboard import build_leaderboard, load_records, paired_p
-from fedbench.leaderboard_formats import render
-from fedbench.plots import DPI, curves_figsize, leaderboard_figsize
+from fedbench.cli.tables import to_text_table
+from fedbench.results.leaderboard import build_leaderboard, load_records, paired_p
+from fedbench.results.plots import DPI, curves_figsize, leaderboard_figsize
 
 runner = CliRunner()
 
@@ -234,7 +234,7 @@ def test_out_file_format_from_suffix_and_no_temp_left(results, tmp_path):
 
 
 def test_render_table_to_text_keeps_every_digit(results):
-    text = render(build_leaderboard(load_records(results)[0]), "table")
+    text = to_text_table(build_leaderboard(load_records(results)[0]))
     assert "0.850 ± 0.050" in text and "…" not in text
 
 

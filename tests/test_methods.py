@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import toy_config, toy_data
+from conftest import toy_config, toy_data, toy_train, toy_training
 
 from fedbench.data import FederatedData
-from fedbench.engine import Federation, train_federation
+from fedbench.engine.training import Training
 from fedbench.method import ClientUpdate, Method
 from fedbench.models import normalization_state_keys
 from fedbench_plugins.central import Central
@@ -41,8 +41,8 @@ def spy(method_cls: type[Method]) -> type[Method]:
     return Spy
 
 
-def one_round(method_cls: type[Method], data: FederatedData, **params) -> Federation:
-    fed = Federation(data, data.sites, method_cls, toy_config(1, **params), seed=0, device=CPU)
+def one_round(method_cls: type[Method], data: FederatedData, **params) -> Training:
+    fed = toy_training(data, data.sites, method_cls, toy_config(1, **params), seed=0, device=CPU)
     fed.run_round()
     return fed
 
@@ -64,21 +64,19 @@ def test_fedavg_aggregate_is_sample_weighted_mean_including_buffers(data):
 
 
 def test_fedprox_with_mu_zero_equals_fedavg_exactly(data):
-    a = train_federation(data, data.sites, FedAvg, toy_config(2), 0, CPU)
-    b = train_federation(data, data.sites, FedProx, toy_config(2, mu=0.0), 0, CPU)
-    for key, value in a.federation.global_state.items():
-        assert torch.equal(value, b.federation.global_state[key]), key
+    a = toy_train(data, data.sites, FedAvg, toy_config(2), 0, CPU)
+    b = toy_train(data, data.sites, FedProx, toy_config(2, mu=0.0), 0, CPU)
+    for key, value in a.global_state.items():
+        assert torch.equal(value, b.global_state[key]), key
 
 
 def test_fedprox_penalty_pulls_towards_global(data):
-    far = train_federation(data, data.sites, FedProx, toy_config(2, mu=0.0), 0, CPU)
-    near = train_federation(data, data.sites, FedProx, toy_config(2, mu=10.0), 0, CPU)
-    start = Federation(data, data.sites, FedAvg, toy_config(1), 0, CPU).global_state
+    far = toy_train(data, data.sites, FedProx, toy_config(2, mu=0.0), 0, CPU)
+    near = toy_train(data, data.sites, FedProx, toy_config(2, mu=10.0), 0, CPU)
+    start = toy_training(data, data.sites, FedAvg, toy_config(1), 0, CPU).global_state
 
     def drift(result):
-        return sum(
-            (result.federation.global_state[k] - start[k]).norm() for k in start if "weight" in k
-        )
+        return sum((result.global_state[k] - start[k]).norm() for k in start if "weight" in k)
 
     assert drift(near) < drift(far)
 
@@ -109,20 +107,20 @@ def test_fedbn_keeps_normalization_local_and_averages_the_rest(data):
 
 
 def test_local_never_mixes_sites(data):
-    result = train_federation(data, data.sites, Local, toy_config(2), 0, CPU)
+    result = toy_train(data, data.sites, Local, toy_config(2), 0, CPU)
     assert result.cost["bytes_up"] == result.cost["bytes_down"] == 0
-    assert result.federation.global_state is None
+    assert result.global_state is None
     noisy_sites = list(data.sites)
     other = noisy_sites[1]
     noisy_train = dataclasses.replace(other.train, inputs=torch.randn_like(other.train.inputs))
     noisy_sites[1] = dataclasses.replace(other, train=noisy_train)
     noisy = FederatedData(data.name, noisy_sites, data.task)
-    again = train_federation(noisy, noisy.sites, Local, toy_config(2), 0, CPU)
-    for key, value in result.federation.personalized[0].items():
-        assert torch.equal(value, again.federation.personalized[0][key]), key
+    again = toy_train(noisy, noisy.sites, Local, toy_config(2), 0, CPU)
+    for key, value in result.personalized[0].items():
+        assert torch.equal(value, again.personalized[0][key]), key
     assert not torch.equal(
-        result.federation.personalized[1]["model.0.conv.weight"],
-        again.federation.personalized[1]["model.0.conv.weight"],
+        result.personalized[1]["model.0.conv.weight"],
+        again.personalized[1]["model.0.conv.weight"],
     )
 
 
@@ -142,7 +140,7 @@ def test_central_pools_every_site_into_one_client(data):
 def test_iopfl_ema_equals_closed_form_over_three_rounds(data):
     alpha = 0.1
     method = spy(IOPFL)
-    fed = Federation(data, data.sites, method, toy_config(3, alpha=alpha), seed=0, device=CPU)
+    fed = toy_training(data, data.sites, method, toy_config(3, alpha=alpha), seed=0, device=CPU)
     for _ in range(3):
         fed.run_round()
     for client in range(len(data.sites)):
@@ -157,7 +155,7 @@ def test_iopfl_ema_equals_closed_form_over_three_rounds(data):
 
 def test_iopfl_ema_is_a_copy_and_never_uploaded(data):
     method = spy(IOPFL)
-    fed = Federation(data, data.sites, method, toy_config(2, alpha=0.1), seed=0, device=CPU)
+    fed = toy_training(data, data.sites, method, toy_config(2, alpha=0.1), seed=0, device=CPU)
     fed.run_round()
     tau_before = {k: v.clone() for k, v in fed.personalized(0).items()}
     fed.model.load_state_dict({k: torch.zeros_like(v) for k, v in fed.model.state_dict().items()})
@@ -173,7 +171,7 @@ def test_iopfl_ema_is_a_copy_and_never_uploaded(data):
 @pytest.mark.parametrize("method_cls", [FedAvg, FedProx, FedBN, Local, Central, IOPFL])
 def test_server_never_receives_images_or_masks(method_cls, data):
     method = spy(method_cls)
-    fed = Federation(data, data.sites, method, toy_config(1), seed=0, device=CPU)
+    fed = toy_training(data, data.sites, method, toy_config(1), seed=0, device=CPU)
     fed.run_round()
     model_shapes = {k: v.shape for k, v in fed.model.state_dict().items()}
     image_shapes = {tuple(s.train.inputs.shape[1:]) for s in data.sites} | {
@@ -191,7 +189,7 @@ def test_server_never_receives_images_or_masks(method_cls, data):
 
 def test_training_is_bit_for_bit_reproducible():
     data = toy_data()
-    a = train_federation(data, data.sites, FedAvg, toy_config(2), 3, CPU)
-    b = train_federation(data, data.sites, FedAvg, toy_config(2), 3, CPU)
-    for key, value in a.federation.global_state.items():
-        assert torch.equal(value, b.federation.global_state[key])
+    a = toy_train(data, data.sites, FedAvg, toy_config(2), 3, CPU)
+    b = toy_train(data, data.sites, FedAvg, toy_config(2), 3, CPU)
+    for key, value in a.global_state.items():
+        assert torch.equal(value, b.global_state[key])

@@ -17,9 +17,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fedbench.backends.ray_backend import MISSING_RAY, run_in_worker, unreachable
 from fedbench.cli import app
-from fedbench.ray_backend import MISSING_RAY, run_in_worker, unreachable
-from fedbench.runner import RunSpec
+from fedbench.engine.resolve import RunSpec
 
 cli = CliRunner()
 

@@ -6,9 +6,9 @@ from importlib.metadata import EntryPoint
 
 import pytest
 
-from fedbench import registry as registry_module
+from fedbench.engine import registry as registry_module
+from fedbench.engine.registry import load_registry
 from fedbench.errors import FedbenchError
-from fedbench.registry import load_registry
 
 PLUGIN = """
 from fedbench.hookspecs import hookimpl

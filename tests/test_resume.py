@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import toy_config, toy_data
+from conftest import toy_config, toy_data, toy_train
 
-from fedbench.engine import train_federation
 from fedbench_plugins.iopfl import IOPFL
 
 CPU = torch.device("cpu")
@@ -25,14 +24,14 @@ def test_training_resumed_from_a_checkpoint_equals_uninterrupted(tmp_path):
     checkpoint = tmp_path / "fed.pt"
     config = toy_config(4, alpha=0.1)
     config["eval"]["history"] = True
-    whole = train_federation(data, data.sites, IOPFL, config, 0, CPU)
+    whole = toy_train(data, data.sites, IOPFL, config, 0, CPU)
     first_half = dict(config, train=dict(config["train"], rounds=2))
-    train_federation(data, data.sites, IOPFL, first_half, 0, CPU, checkpoint=checkpoint)
+    toy_train(data, data.sites, IOPFL, first_half, 0, CPU, checkpoint_path=checkpoint)
     assert torch.load(checkpoint, weights_only=True)["round"] == 2
-    resumed = train_federation(data, data.sites, IOPFL, config, 0, CPU, checkpoint=checkpoint)
+    resumed = toy_train(data, data.sites, IOPFL, config, 0, CPU, checkpoint_path=checkpoint)
     assert resumed.history == whole.history
     assert resumed.cost == whole.cost
-    for mine, theirs in zip(resumed.federation.personalized, whole.federation.personalized):
+    for mine, theirs in zip(resumed.personalized, whole.personalized):
         for key, value in theirs.items():
             assert torch.equal(mine[key], value), key
 

@@ -19,13 +19,13 @@ SMALL = {"size": 32, "cases_per_site": 3, "slices_per_case": 4}
 @pytest.fixture(scope="module")
 def default_size() -> dict[str, np.ndarray]:
     """Three cases of every site at the default size 64 and slice count."""
-    return phantom.generate(64, 3, 8, seed=0, sites=list(range(6)))
+    return phantom.generate(64, 3, 8, seed=0, sites=list(range(6)), profiles=sp.PROFILES)
 
 
 def test_same_seed_same_arrays_and_other_seed_differs() -> None:
-    a = phantom.generate(32, 2, 3, seed=7, sites=[0, 4])
-    b = phantom.generate(32, 2, 3, seed=7, sites=[0, 4])
-    c = phantom.generate(32, 2, 3, seed=8, sites=[0, 4])
+    a = phantom.generate(32, 2, 3, seed=7, sites=[0, 4], profiles=sp.PROFILES)
+    b = phantom.generate(32, 2, 3, seed=7, sites=[0, 4], profiles=sp.PROFILES)
+    c = phantom.generate(32, 2, 3, seed=8, sites=[0, 4], profiles=sp.PROFILES)
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
@@ -50,7 +50,7 @@ def test_shapes_dtypes_and_per_case_normalisation(tmp_path: Path) -> None:
 def test_splits_hold_disjoint_generated_cases(tmp_path: Path) -> None:
     cfg = {**SMALL, "cases_per_site": 5, "sites": "UCL"}
     site = sp.SynthProstate().load(cfg, seed=3, cache_dir=tmp_path).sites[0]
-    raw = phantom.generate(32, 5, 4, seed=3, sites=[3])
+    raw = phantom.generate(32, 5, 4, seed=3, sites=[3], profiles=sp.PROFILES)
     masks = raw["mask_3"]
     assert sp.split_counts(5) == (3, 1, 1) and sp.split_counts(10) == (6, 2, 2)
     assert site.train.cases.tolist() == [0] * 4 + [1] * 4 + [2] * 4

@@ -2,7 +2,7 @@
 
 import torch
 
-from fedbench.tasks import predicted_labels
+from fedbench.task import predicted_labels
 
 
 def test_predicted_labels_equal_argmax_including_ties():

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from fedbench.adapter import AdaptContext, TrainedFederation
 from fedbench.cli import app
 from fedbench.data import UnlabeledImages
+from fedbench.engine.registry import load_registry
 from fedbench.errors import FedbenchError
-from fedbench.registry import load_registry
 from fedbench_datasets.fed_tcga_brca import (
     CENTRES,
     NUM_FEATURES,
@@ -211,7 +211,6 @@ def test_local_centres_predict_an_unseen_centre_as_an_ensemble(tcga, tmp_path):
 def test_the_ensemble_of_survival_models_is_their_mean_risk():
     task = SurvivalTask(NUM_FEATURES)
     federation = TrainedFederation(
-        method="local",
         build_model=lambda: task.build_model({}),
         global_state=None,
         personalized=[task.build_model({}).state_dict() for _ in range(3)],

@@ -2,28 +2,20 @@
 ok record with the same config hash) are skipped, so an interrupted grid continues where it
 stopped; a failing cell is reported, recorded as failed, and the grid goes on. Cells whose records
 all failed or diverged are not re-run unless asked (retry_failed). Backends run the pending cells:
-`local` here, `ray` in fedbench.ray_backend."""
+`local` here, `ray` in fedbench.backends.ray_backend."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from fedbench import runner
-from fedbench.errors import FedbenchError, unknown_name
-from fedbench.progress import Reporter
-from fedbench.record import (
-    SCHEMA_VERSION,
-    environment,
-    new_run_id,
-    now_iso,
-    read_records,
-)
-from fedbench.registry import Registry
-from fedbench.runner import RunSpec
+from fedbench.engine.registry import Registry
+from fedbench.engine.resolve import RunSpec, holdout_sites, resolve
+from fedbench.engine.run import run_identity
+from fedbench.errors import FedbenchError
+from fedbench.results.record import build_record, new_run_id, read_records
 
 BACKENDS = ("local", "ray")
 
@@ -103,13 +95,6 @@ def expand_names(names: Sequence[str], kind: str, registry: Registry) -> list[st
     return out
 
 
-def incompatibility(method: type, adapter: type | None) -> str | None:
-    """Why an adapter class cannot apply to a method class (known without data), or None."""
-    if adapter is not None and adapter.needs_global_model and not method.has_global_model:
-        return f"adapter '{adapter.name}' needs a global model, method '{method.name}' has none"
-    return None
-
-
 def cell_specs(base: RunSpec, methods: list[str], adapters: list[str], seeds: list[int]) -> list:
     """The cross product as RunSpecs; no adapters given means each method's default adapter."""
     choices: list[str | None] = list(adapters) if adapters and base.holdout != "none" else [None]
@@ -133,25 +118,13 @@ def records_by_hash(results_dir: Path) -> dict[str, list[dict[str, Any]]]:
     return by_hash
 
 
-def requested_holdouts(holdout: str, sites: list[str]) -> tuple[str, ...]:
-    """The sites `--holdout` asks to hold out, as a record of the cell lists them."""
-    if holdout == "none":
-        return ()
-    if holdout == "all":
-        return tuple(sites)
-    return tuple(s.strip() for s in holdout.split(",") if s.strip())
-
-
-def same_holdouts(record: dict[str, Any], spec: RunSpec, sites: list[str] | None) -> bool:
-    """Whether a record held out the sites `spec.holdout` asks for (the hash does not say)."""
+def same_holdouts(record: dict[str, Any], wanted: list[str] | None) -> bool:
+    """Whether a record held out the sites a cell asks for (the config hash does not say);
+    `wanted` None means all of the dataset's sites, read from the record's inside rows."""
     held = set(record.get("holdouts") or [])
-    if spec.holdout == "none":
-        return not held
-    if spec.holdout == "all":
-        if sites is None:
-            sites = [r["site"] for r in record["metrics"] if r.get("regime") == "inside"]
-        return held == set(sites)
-    return held == {s.strip() for s in spec.holdout.split(",") if s.strip()}
+    if wanted is None:
+        wanted = [r["site"] for r in record["metrics"] if r.get("regime") == "inside"]
+    return held == set(wanted)
 
 
 def place(plan: GridPlan, cell: Cell, records: list[dict[str, Any]], retry_failed: bool) -> None:
@@ -175,20 +148,22 @@ def plan_grid(specs: list[RunSpec], registry: Registry, retry_failed: bool = Fal
     done = records_by_hash(specs[0].results_dir) if specs else {}
     for spec in specs:
         try:
-            resolved = runner.resolve(spec, registry)
+            run = resolve(spec, registry)
         except FedbenchError as exc:
             plan.failed.append(CellResult(Cell(spec, ""), "failed", error=str(exc)))
             continue
-        concrete = replace(spec, adapter=resolved.adapter_name)
-        reason = incompatibility(resolved.method, resolved.adapter)
-        if reason:
-            note = f"left out {concrete.method} + {concrete.adapter}: {reason}"
+        concrete = replace(spec, adapter=run.adapter_name)
+        try:
+            if run.adapter is not None:
+                run.adapter.check_method(run.method)
+        except FedbenchError as exc:
+            note = f"left out {concrete.method} + {concrete.adapter}: {exc}"
             if note not in plan.notes:
                 plan.notes.append(note)
             continue
-        sites = resolved.dataset.site_names(resolved.config["data"])
-        cell = Cell(concrete, resolved.config_hash, requested_holdouts(spec.holdout, sites))
-        records = [r for r in done.get(cell.config_hash, []) if same_holdouts(r, spec, sites)]
+        wanted = holdout_sites(spec.holdout, run.dataset.site_names(run.config["data"]))
+        cell = Cell(concrete, run.config_hash, tuple(wanted or ()))
+        records = [r for r in done.get(cell.config_hash, []) if same_holdouts(r, wanted)]
         place(plan, cell, records, retry_failed)
     if plan.failed and not (plan.pending or plan.done or plan.earlier):
         raise FedbenchError(plan.failed[0].error or "no cell of the grid can run")
@@ -205,29 +180,21 @@ def failed_record(
 ) -> dict[str, Any]:
     """A valid failed record for a cell whose run died before writing its own; `error` names the
     cause. Written by the driver (environment: the driver's)."""
-    run = runner.resolve(cell.spec, registry)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "run_id": new_run_id(
+    run = resolve(cell.spec, registry)
+    return build_record(
+        run_id=new_run_id(
             run.dataset.name, run.method.name, run.adapter_name, cell.spec.seed, cell.config_hash
         ),
-        "status": "failed",
-        "method": run.method.name,
-        "adapter": run.adapter_name if cell.holdouts else None,
-        "dataset": run.dataset.name,
-        "seed": cell.spec.seed,
-        "preset": cell.spec.preset,
-        "holdouts": list(cell.holdouts),
-        "config": run.config,
-        "config_hash": cell.config_hash,
-        "environment": environment(cell.spec.device),
-        "started_at": started,
-        "finished_at": now_iso(),
-        "wall_s": round(wall_s, 3),
-        "cost": {"bytes_up": 0, "bytes_down": 0, "client_steps": 0, "federations": {}},
-        "metrics": [],
-        "error": error,
-    }
+        status="failed",
+        identity=run_identity(run),
+        holdouts=list(cell.holdouts),
+        config=run.config,
+        config_hash=cell.config_hash,
+        device=cell.spec.device,
+        started_at=started,
+        wall_s=wall_s,
+        error=error,
+    )
 
 
 def result_of(cell: Cell, record: dict[str, Any], wall_s: float) -> CellResult:
@@ -235,56 +202,6 @@ def result_of(cell: Cell, record: dict[str, Any], wall_s: float) -> CellResult:
     return CellResult(
         cell, record["status"], run_id=record["run_id"], error=record.get("error"), wall_s=wall_s
     )
-
-
-def run_cell(cell: Cell, registry: Registry, reporter: Reporter, debug: bool = False) -> CellResult:
-    """Resolve and execute one cell; an error in this cell becomes a failed record and result."""
-    started, clock = now_iso(), time.perf_counter()
-    try:
-        record = runner.execute(runner.resolve(cell.spec, registry), registry, reporter)
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:
-        if debug:
-            raise
-        wall_s = time.perf_counter() - clock
-        record = failed_record(cell, error_message(exc), registry, started, wall_s)
-        runner.save_outcome(cell.spec.results_dir, record, {}, registry)
-    return result_of(cell, record, time.perf_counter() - clock)
-
-
-def local_backend(
-    registry: Registry, make_reporter: Callable[[], Reporter], debug: bool = False
-) -> Backend:
-    """Runs cells one after another in this process."""
-
-    def run(cells: Sequence[Cell], on_result: OnResult) -> None:
-        for cell in cells:
-            reporter = make_reporter()
-            try:
-                result = run_cell(cell, registry, reporter, debug)
-            finally:
-                reporter.close()
-            on_result(result)
-
-    return run
-
-
-def make_backend(
-    name: str,
-    registry: Registry,
-    make_reporter: Callable[[], Reporter],
-    debug: bool = False,
-    ray_options: Any = None,
-) -> Backend:
-    """The backend called `name`; `ray_options` (a fedbench.ray_backend.RayOptions) for Ray."""
-    if name == "local":
-        return local_backend(registry, make_reporter, debug)
-    if name == "ray":
-        from fedbench.ray_backend import RayOptions, ray_backend
-
-        return ray_backend(registry, ray_options or RayOptions())
-    raise unknown_name("backend", name, list(BACKENDS))
 
 
 def failures(results: list[CellResult]) -> list[CellResult]:

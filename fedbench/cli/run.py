@@ -1,13 +1,10 @@
-"""The `fedbench` command line. Heavy libraries (torch, MONAI) are imported only by the commands
-that need them."""
+"""`fedbench run` and `fedbench list`: one run with its per-site table, and what is installed.
+Heavy libraries (torch, MONAI) are imported only inside the commands that need them."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,62 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedbench.cli.app import app, err, fail, out, registry, user_errors
 from fedbench.errors import FedbenchError
-
-app = typer.Typer(
-    help="Benchmark personalized federated learning on multi-site medical image segmentation.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
-out = Console()
-err = Console(stderr=True)
-STATE: dict[str, Any] = {"debug": False, "plugins": ()}
-
-
-def fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Expected failures become one line on stderr and a non-zero exit (traceback: --debug)."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except FedbenchError as exc:
-            if STATE["debug"]:
-                raise
-            fail(str(exc))
-        except KeyboardInterrupt:
-            if STATE["debug"]:
-                raise
-            fail("interrupted; records already written are intact", code=130)
-
-    return wrapper
-
-
-def registry():
-    from fedbench.registry import load_registry
-
-    reg = load_registry(tuple(STATE["plugins"]))
-    for line in reg.failures:
-        typer.echo(f"warning: {line}", err=True)
-    return reg
-
-
-@app.callback()
-def main_options(
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
-    plugin: Annotated[
-        list[Path] | None, typer.Option("--plugin", help="Load a plugin module from a file.")
-    ] = None,
-) -> None:
-    """Global options."""
-    STATE["debug"] = debug
-    STATE["plugins"] = tuple(plugin or ())
 
 
 @app.command("run")
@@ -97,8 +40,9 @@ def run_command(
 
     Run the same command again after an interruption: finished federations come from the cache
     and the one in training resumes from its last checkpoint."""
-    from fedbench.progress import make_reporter
-    from fedbench.runner import RunSpec, execute, resolve
+    from fedbench.cli.progress import make_reporter
+    from fedbench.engine.resolve import RunSpec, resolve
+    from fedbench.engine.run import execute
 
     spec = RunSpec(
         method=method,
@@ -203,24 +147,3 @@ def list_command(
     for row in rows:
         table.add_row(*row.values())
     out.print(table)
-
-
-# Command groups that live in their own modules; each exposes `register(app)`.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("fedbench.cli_results", "fedbench.cli_datasets")
-
-
-def _register_subcommands() -> None:
-    import importlib
-
-    for module in SUBCOMMAND_MODULES:
-        importlib.import_module(module).register(app)
-
-
-_register_subcommands()
-
-
-def main() -> None:
-    # Idle OpenMP threads sleep instead of spinning: with spinning, a second busy process on a
-    # small machine (a grid, a test run) slows every torch step down many times over.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    app()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -18,6 +19,11 @@ from fedbench.errors import FedbenchError, unknown_name
 KINDS = ("methods", "adapters", "datasets", "models")
 
 
+def print_warning(line: str) -> None:
+    """The default sink of run-time warnings: one line on stderr."""
+    print(f"warning: {line}", file=sys.stderr)
+
+
 @dataclass
 class Registry:
     """Everything the installed plugins contribute, by kind and name."""
@@ -25,6 +31,7 @@ class Registry:
     manager: pluggy.PluginManager
     components: dict[str, dict[str, type]] = field(default_factory=lambda: {k: {} for k in KINDS})
     failures: list[str] = field(default_factory=list)
+    warn: Callable[[str], None] = print_warning
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.components[kind])
@@ -35,6 +42,26 @@ class Registry:
             return self.components[kind][name]
         except KeyError:
             raise unknown_name(kind[:-1], name, self.names(kind)) from None
+
+    def notify_round_end(self, **kwargs: object) -> None:
+        """Call every `fedbench_round_end` observer (see `notify`)."""
+        self.notify("fedbench_round_end", kwargs)
+
+    def notify_run_end(self, **kwargs: object) -> None:
+        """Call every `fedbench_run_end` observer (see `notify`)."""
+        self.notify("fedbench_run_end", kwargs)
+
+    def notify(self, hook_name: str, kwargs: dict[str, object]) -> None:
+        """Call each observer on its own: one that raises is one warning naming its plugin, and
+        neither the other observers nor the run's status are touched."""
+        for impl in getattr(self.manager.hook, hook_name).get_hookimpls():
+            try:
+                impl.function(**{k: kwargs[k] for k in impl.argnames})
+            except Exception as exc:
+                self.warn(
+                    f"observer plugin '{impl.plugin_name}' failed in {hook_name}: "
+                    f"{type(exc).__name__}: {exc}"
+                )
 
 
 def load_module_from_path(path: Path) -> ModuleType:
@@ -69,7 +96,9 @@ def _required_base(kind: str) -> type | None:
         from fedbench.data import Dataset
 
         return Dataset
-    return None
+    from fedbench.models import Model
+
+    return Model
 
 
 def _collect(registry: Registry, kind: str) -> None:

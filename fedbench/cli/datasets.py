@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from fedbench.cli.app import app, echo, out, registry, user_errors
 from fedbench.errors import FedbenchError
 
 datasets_app = typer.Typer(
     help="List, prepare, verify and show datasets.", no_args_is_help=True, add_completion=False
 )
-OUTLINE_COLOURS = ("#00e5ff", "#ffd600", "#ff4081")
 
 SetOption = Annotated[
     list[str] | None,
@@ -34,36 +32,14 @@ ResultsOption = Annotated[
 ]
 
 
-def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """fedbench.cli's one-line error handling, looked up at call time (fedbench.cli imports
-    this module while it is being imported)."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from fedbench.cli import user_errors as handle
-
-        return handle(func)(*args, **kwargs)
-
-    return wrapper
-
-
-def echo(text: str) -> None:
-    """One line of output; never wrapped by rich, so a long path stays whole for copy and paste."""
-    from fedbench.cli import out
-
-    out.print(text, highlight=False, soft_wrap=True)
-
-
 def get_dataset(name: str) -> Any:
     """An instance of the registered dataset `name` (unknown names list the known ones)."""
-    from fedbench.cli import registry
-
     return registry().get("datasets", name)()
 
 
 def data_config(dataset: Any, preset: str, overrides: list[str]) -> dict[str, Any]:
     """The dataset's `data.*` settings: defaults, the preset's values, then --set."""
-    from fedbench.config import apply_overrides, deep_merge, preset_config
+    from fedbench.engine.config import apply_overrides, deep_merge, preset_config
 
     preset_config(preset)  # rejects an unknown preset
     data = deep_merge(dataset.defaults, dataset.preset(preset).get("data", {}))
@@ -97,8 +73,6 @@ def list_command(
     json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """List the installed datasets and their data settings."""
-    from fedbench.cli import out, registry
-
     reg = registry()
     rows = []
     for name in reg.names("datasets"):
@@ -195,35 +169,6 @@ def verify_command(
         report_problems(problems)
 
 
-def draw_grid(data: Any, per_site: int, rgb: bool, path: Path) -> None:
-    """Rows of sites, `per_site` images each, mask outlines on top; written to `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from fedbench.examples import display_image, pick
-
-    rows = len(data.sites)
-    fig, axes = plt.subplots(rows, per_site, figsize=(2 * per_site, 2 * rows), squeeze=False)
-    for r, site in enumerate(data.sites):
-        split = site.all_samples()
-        chosen = pick(split.targets, per_site)
-        for c, ax in enumerate(axes[r]):
-            ax.axis("off")
-            if c >= len(chosen):
-                continue
-            target = split.targets[chosen[c]]
-            ax.imshow(display_image(split.inputs[chosen[c]], rgb), cmap="gray")
-            for k in range(1, int(target.max()) + 1):
-                colour = OUTLINE_COLOURS[(k - 1) % len(OUTLINE_COLOURS)]
-                ax.contour((target >= k).numpy(), levels=[0.5], colors=[colour], linewidths=0.8)
-        axes[r][0].set_title(site.name, loc="left", fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-
-
 @datasets_app.command("show")
 @user_errors
 def show_command(
@@ -244,10 +189,10 @@ def show_command(
     sample = data.sites[0].train
     if not data.task.dense_prediction or sample.targets.dim() != 3 or sample.inputs.dim() != 4:
         raise FedbenchError(f"dataset '{name}' has no images and masks to show")
-    draw_grid(data, per_site, bool(getattr(dataset, "display_rgb", False)), out_file)
+    from fedbench.results.plots import dataset_figure
+
+    dataset_figure(data, per_site, bool(getattr(dataset, "display_rgb", False)), out_file)
     echo(f"wrote {out_file}")
 
 
-def register(app: typer.Typer) -> None:
-    """Add the `datasets` command group to the main app."""
-    app.add_typer(datasets_app, name="datasets")
+app.add_typer(datasets_app, name="datasets")

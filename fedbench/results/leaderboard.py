@@ -1,7 +1,7 @@
 """Leaderboards from run records (DESIGN.md section 5): one board inside the federation (a row per
 method) and one outside it (a row per method + adapter), mean ± std over seeds per site, ranked,
 each row compared with the best one by a paired Wilcoxon test over (site, seed) pairs. Rendering
-them as text is fedbench/leaderboard_formats.py; as a picture, fedbench/plots.py."""
+them as text is fedbench/results/formats.py; as a picture, fedbench/results/plots.py."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fedbench.config import stable_hash
 from fedbench.errors import FedbenchError
-from fedbench.record import read_records
+from fedbench.results.record import read_records
+from fedbench.storage import stable_hash
 
 ALPHA = 0.05
 REGIMES = {"inside": ["method"], "outside": ["method", "adapter"]}

@@ -5,21 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-
-class Reporter:
-    """Silent progress: the interface the runner calls."""
-
-    def start(self, label: str, total: int | None) -> None:
-        """A new phase begins (a federation's rounds, or an adaptation with no known length)."""
-
-    def advance(self) -> None:
-        """One step (a round) of the current phase is done."""
-
-    def finish(self) -> None:
-        """The current phase is done."""
-
-    def close(self) -> None:
-        """The run is over."""
+from fedbench.engine.reporter import Reporter
 
 
 class RichReporter(Reporter):

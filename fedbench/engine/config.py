@@ -1,11 +1,9 @@
-"""Run configuration: presets, component defaults, `--set KEY=VALUE` overrides, validation and
-the stable hash that identifies a run's settings."""
+"""Run configuration: presets, `--set KEY=VALUE` overrides and validation. Components (dataset,
+model, method, adapter) add their own sections from their `defaults` and `preset()`."""
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from typing import Any
 
 from fedbench.errors import FedbenchError
@@ -14,21 +12,17 @@ Config = dict[str, Any]
 
 BASE: Config = {
     "train": {"rounds": 12, "local_epochs": 1, "batch_size": 8, "lr": 2e-3, "optimizer": "adam"},
-    "model": {"channels": [16, 32, 64, 128], "res_units": 0},
     "eval": {"batch_size": 64, "val_best": False, "history": True},
 }
 
-# What each preset changes on top of BASE; datasets add their own data-side preset values.
+# What each preset changes on top of BASE; components add their own preset values.
 PRESETS: dict[str, Config] = {
-    "quick": {
-        "train": {"rounds": 2, "batch_size": 8},
-        "model": {"channels": [8, 16, 32], "res_units": 0},
-    },
+    "quick": {"train": {"rounds": 2, "batch_size": 8}},
     "default": {},
-    # The IOP-FL scale: U-Net 32..512 channels, Adam 1e-3, batch 5, 100 rounds (meant for a GPU).
+    # The IOP-FL scale: Adam 1e-3, batch 5, 100 rounds (meant for a GPU); the model's widths
+    # come from the model plugin's own preset.
     "paper": {
         "train": {"rounds": 100, "batch_size": 5, "lr": 1e-3, "optimizer": "adam"},
-        "model": {"channels": [32, 64, 128, 256, 512], "res_units": 1},
         "eval": {"batch_size": 16},
     },
 }
@@ -132,11 +126,3 @@ def validate(config: Config) -> None:
             f"setting train.optimizer must be one of {', '.join(OPTIMIZERS)}, "
             f"got '{flat['train.optimizer']}'"
         )
-    if len(flat["model.channels"]) < 2 or any(c <= 0 for c in flat["model.channels"]):
-        raise FedbenchError("setting model.channels needs at least two positive widths")
-
-
-def stable_hash(payload: Any) -> str:
-    """A short hash of JSON-serialisable data that does not depend on key order."""
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,5 +1,7 @@
-"""Tasks: what a dataset asks of the engine (model, training loss, scores). The engine itself
-knows no task, so a dataset plugin can bring classification or survival as well as segmentation."""
+"""Tasks: what a dataset asks of the engine (training loss, scores, the sizes a network needs).
+The engine itself knows no task, so a dataset plugin can bring classification or survival as well
+as segmentation. Networks are Model plugins chosen by `model.name`; a task whose dataset defines
+its own network (FLamby's baselines) returns it from `build_model` (model `dataset-baseline`)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,12 @@ class Task:
     dense_prediction: bool = False
 
     def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
-        raise NotImplementedError
+        """The network this task's dataset defines itself, for model `dataset-baseline`."""
+        from fedbench.errors import FedbenchError
+
+        raise FedbenchError(
+            f"{type(self).__name__} defines no network of its own; choose one with model.name"
+        )
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -50,7 +57,8 @@ def predicted_labels(outputs: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SegmentationTask(Task):
-    """2D segmentation with a U-Net, Dice + cross-entropy loss, Dice/HD95 scores."""
+    """2D segmentation: Dice + cross-entropy loss, Dice/HD95 scores; `in_channels` and
+    `num_classes` (background included) size the network."""
 
     in_channels: int
     class_names: list[str] = field(default_factory=lambda: ["foreground"])
@@ -65,11 +73,6 @@ class SegmentationTask(Task):
     @property
     def num_classes(self) -> int:
         return len(self.class_names) + 1
-
-    def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
-        from fedbench.models import build_unet
-
-        return build_unet(self.in_channels, self.num_classes, model_cfg)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self._loss(outputs, targets.unsqueeze(1))

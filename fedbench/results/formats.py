@@ -1,12 +1,10 @@
-"""A leaderboard as text: a rich table on the terminal, Markdown, CSV, HTML and JSON, each with
-the same columns and legend, and an atomic writer for the files."""
+"""A leaderboard as text: Markdown, CSV, HTML and JSON, each with the same columns and legend,
+and the writer for board files. The terminal table is the command line's (fedbench.cli.tables)."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +12,10 @@ import numpy as np
 import pandas as pd
 
 from fedbench.errors import FedbenchError
-from fedbench.leaderboard import ALPHA, TITLES, Board, Leaderboard, lower_is_better
+from fedbench.results.leaderboard import ALPHA, TITLES, Board, Leaderboard, lower_is_better
+from fedbench.storage import write_text_atomic
 
-FORMATS = ("table", "md", "csv", "html", "json")
+FORMATS = ("md", "csv", "html", "json")  # the terminal table is the CLI's (rich)
 
 
 def _fmt(mean: float, std: float | None, digits: int) -> str:
@@ -150,38 +149,7 @@ def to_html(lb: Leaderboard) -> str:
     )
 
 
-def to_rich_tables(lb: Leaderboard) -> list[Any]:
-    """rich Tables for the terminal, one per board."""
-    from rich.table import Table
-
-    tables = []
-    for board in lb.boards:
-        shown = display_frame(board, lb.metric)
-        table = Table(title=f"{TITLES[board.regime]}: {lb.metric} ({lb.selection}), {lb.dataset}")
-        for column in shown.columns:
-            table.add_column(str(column), justify="left" if column in board.keys else "right")
-        for row in shown.to_numpy():
-            table.add_row(*(str(c) for c in row))
-        tables.append(table)
-    return tables
-
-
-def to_text_table(lb: Leaderboard, width: int = 1000) -> str:
-    """The rich tables and the legend as plain text (for --format table --out FILE)."""
-    from io import StringIO
-
-    from rich.console import Console
-
-    buffer = StringIO()
-    console = Console(file=buffer, width=width, color_system=None, force_terminal=False)
-    for table in to_rich_tables(lb):
-        console.print(table)
-    for line in legend_lines(lb):
-        console.print(line, highlight=False, soft_wrap=True)
-    return buffer.getvalue()
-
-
-RENDERERS = dict(table=to_text_table, md=to_markdown, csv=to_csv, html=to_html, json=to_json)
+RENDERERS = dict(md=to_markdown, csv=to_csv, html=to_html, json=to_json)
 
 
 def render(lb: Leaderboard, fmt: str) -> str:
@@ -191,22 +159,16 @@ def render(lb: Leaderboard, fmt: str) -> str:
     return RENDERERS[fmt](lb)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text to a temp file next to `path`, then rename it over `path` (a regular file)."""
+def write_board(path: Path, text: str) -> None:
+    """Write a rendered board to a regular file atomically, or straight into a device or pipe
+    (/dev/stdout), which is never replaced."""
     path = Path(path)
     if path.is_dir():
         raise FedbenchError(f"cannot write {path}: it is a folder")
-    if path.exists() and not path.is_file():  # a device or pipe (/dev/stdout): never replace it
+    if path.exists() and not path.is_file():
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(text)
         return
     if not path.parent.is_dir():
         raise FedbenchError(f"cannot write {path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)

@@ -5,7 +5,6 @@ shared, how the server aggregates and what each client keeps; the engine does ev
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,26 +12,16 @@ import torch
 from torch import nn
 
 from fedbench.adapter import TrainedFederation, predict_batched
-from fedbench.checkpoint import restore_checkpoint, save_checkpoint
-from fedbench.config import Config
 from fedbench.data import FederatedData, Site, Split
+from fedbench.engine import checkpoint
+from fedbench.engine.config import Config
+from fedbench.engine.profiling import PROFILE
 from fedbench.errors import Diverged
 from fedbench.method import ClientUpdate, Method, State, clone_state, state_nbytes
-from fedbench.profiling import PROFILE
-from fedbench.tasks import Task
+from fedbench.task import Task
 
 RoundCallback = Callable[[int, dict[str, float]], None]
-
-
-@dataclass
-class FederationResult:
-    """A trained federation plus what it cost and how validation evolved over rounds."""
-
-    federation: TrainedFederation
-    cost: dict[str, int]
-    history: list[dict[str, Any]] = field(default_factory=list)
-    #: per client: the personalized state of its best validation round (when eval.val_best)
-    val_best: list[State] | None = None
+ModelBuilder = Callable[[], nn.Module]
 
 
 def make_optimizer(model: nn.Module, train_cfg: Config) -> torch.optim.Optimizer:
@@ -75,21 +64,23 @@ def validation_score(model: nn.Module, split: Split, task: Task, batch_size: int
     return task.validation_score(outputs, split.targets, split.cases)
 
 
-class Federation:
-    """The state of one federated training: global model, client states, the method, the cost."""
+class Training:
+    """One federated training in progress: global model, client states, the method, the cost."""
 
     def __init__(
         self,
         data: FederatedData,
         sites: list[Site],
         method_cls: type[Method],
+        build_model: ModelBuilder,
         config: Config,
         seed: int,
         device: torch.device,
     ) -> None:
         self.task, self.sites, self.config, self.device = data.task, sites, config, device
+        self.build_model = build_model
         torch.manual_seed(seed)
-        self.model = self.task.build_model(config["model"]).to(device)
+        self.model = build_model().to(device)
         self.method = method_cls(config["method"], len(sites))
         pooled = [Split.concat([s.train for s in sites])] if method_cls.pooled else None
         self.clients = [c.to(device) for c in (pooled or [s.train for s in sites])]
@@ -156,15 +147,46 @@ class Federation:
                 )
         return scores
 
-    def trained(self, method_name: str, has_global: bool) -> TrainedFederation:
-        """The models handed to unseen sites, as independent copies."""
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the next round depends on: states, method state, RNG states, cost."""
+        return {
+            "global_state": self.global_state,
+            "client_states": self.client_states,
+            "method_state": self.method.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cost": self.cost,
+        }
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Continue from what `snapshot` returned."""
+        self.global_state = snapshot["global_state"]
+        self.client_states = snapshot["client_states"]
+        self.method.load_state_dict(snapshot["method_state"])
+        self.generator.set_state(snapshot["generator"])
+        torch.set_rng_state(snapshot["torch_rng"])
+        self.cost = snapshot["cost"]
+
+    def result(
+        self, history: list[dict[str, Any]], val_best: list[State] | None
+    ) -> TrainedFederation:
+        """The models handed to unseen sites (independent copies) with cost and history."""
+        cost = dict(self.cost)
+        # per client per round, each way (every client takes part in every round)
+        per = max(1, cost["rounds"] * cost["clients"])
+        cost["bytes_up_per_client_round"] = cost["bytes_up"] // per
+        cost["bytes_down_per_client_round"] = cost["bytes_down"] // per
+        has_global = self.method.has_global_model
         return TrainedFederation(
-            method=method_name,
-            build_model=lambda: self.task.build_model(self.config["model"]),
+            build_model=self.build_model,
             global_state=clone_state(self.global_state) if has_global else None,
             personalized=[clone_state(self.personalized(i)) for i in range(len(self.sites))],
             site_names=[s.name for s in self.sites],
             device=self.device,
+            shared_keys=list(self.shared),
+            cost=cost,
+            history=history,
+            val_best=val_best,
         )
 
 
@@ -172,51 +194,48 @@ def train_federation(
     data: FederatedData,
     sites: list[Site],
     method_cls: type[Method],
+    build_model: ModelBuilder,
     config: Config,
     seed: int,
     device: torch.device,
     on_round: RoundCallback | None = None,
-    checkpoint: Path | None = None,
+    checkpoint_path: Path | None = None,
     checkpoint_every: int = 1,
     history: bool = True,
-) -> FederationResult:
-    """Train a federation over `sites` for the configured rounds, resuming from `checkpoint` when
-    one exists and saving one every `checkpoint_every` rounds. `history=False` skips the
-    per-round validation nobody reads (leave-one-site-out federations)."""
-    fed = Federation(data, sites, method_cls, config, seed, device)
+) -> TrainedFederation:
+    """Train a federation over `sites` for the configured rounds, resuming from
+    `checkpoint_path` when one exists and saving one every `checkpoint_every` rounds.
+    `history=False` skips the per-round validation nobody reads (leave-one-site-out
+    federations); validation still runs when `eval.val_best` needs it."""
+    fed = Training(data, sites, method_cls, build_model, config, seed, device)
     progress: dict[str, Any] = {"history": [], "best_scores": [], "best_states": []}
     start = 1
-    if checkpoint is not None:
-        restored = restore_checkpoint(checkpoint, fed)
-        if restored is not None:
-            start, progress = restored[0] + 1, restored[1]
+    saved = checkpoint.load(checkpoint_path, device) if checkpoint_path else None
+    if saved is not None:
+        try:
+            fed.restore(saved["training"])
+            start, progress = int(saved["round"]) + 1, saved["progress"]
+        except (KeyError, TypeError, ValueError, RuntimeError):  # not one of ours: start afresh
+            fed = Training(data, sites, method_cls, build_model, config, seed, device)
     history = history and config["eval"]["history"]
-    track = history or config["eval"]["val_best"]
+    val_best = config["eval"]["val_best"]
     for round_index in range(start, config["train"]["rounds"] + 1):
         fed.run_round()
-        scores = fed.validate() if track else {}
-        if scores:
+        scores = fed.validate() if history or val_best else {}
+        if history:
             progress["history"].append({"round": round_index, "val": scores})
-        if config["eval"]["val_best"]:
+        if val_best:
             _update_best(progress, fed, scores)
-        if checkpoint is not None and round_index % checkpoint_every == 0:
+        if checkpoint_path is not None and round_index % checkpoint_every == 0:
             with PROFILE.phase("checkpointing"):
-                save_checkpoint(checkpoint, fed, round_index, progress)
+                payload = {"round": round_index, "training": fed.snapshot(), "progress": progress}
+                checkpoint.save(checkpoint_path, payload)
         if on_round is not None:
             on_round(round_index, scores)
-    cost = dict(fed.cost)
-    # per client per round, each way (every client takes part in every round)
-    cost["bytes_up_per_client_round"] = cost["bytes_up"] // (cost["rounds"] * cost["clients"])
-    cost["bytes_down_per_client_round"] = cost["bytes_down"] // (cost["rounds"] * cost["clients"])
-    return FederationResult(
-        fed.trained(method_cls.name, method_cls.has_global_model),
-        cost,
-        progress["history"] if history else [],
-        progress["best_states"] if config["eval"]["val_best"] else None,
-    )
+    return fed.result(progress["history"], progress["best_states"] if val_best else None)
 
 
-def _update_best(progress: dict[str, Any], fed: Federation, scores: dict[str, float]) -> None:
+def _update_best(progress: dict[str, Any], fed: Training, scores: dict[str, float]) -> None:
     """Keep, per site, the personalized state of the round with the best validation score."""
     if not progress["best_scores"]:
         progress["best_scores"] = [-float("inf")] * len(fed.sites)

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedbench.record import safe_token
-from fedbench.tasks import predicted_labels
+from fedbench.results.record import safe_token
+from fedbench.storage import write_atomic
+from fedbench.task import predicted_labels
 
 PER_SITE = 2
 
@@ -52,16 +53,14 @@ def examples_path(results_dir: Path, run_id: str) -> Path:
 
 def save(results_dir: Path, run_id: str, examples: Kept) -> None:
     """Write every kept example into one .npz (temp file, then rename)."""
-    path = examples_path(results_dir, run_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
     flat = {
         f"{regime}|{site}|{key}": value
         for (regime, site), arrays in examples.items()
         for key, value in arrays.items()
     }
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez_compressed(tmp, **flat)
-    tmp.replace(path)
+    write_atomic(
+        examples_path(results_dir, run_id), lambda handle: np.savez_compressed(handle, **flat)
+    )
 
 
 def load(results_dir: Path, run_id: str) -> Kept | None:

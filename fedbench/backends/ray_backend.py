@@ -16,9 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from fedbench import runner
-from fedbench.errors import FedbenchError
-from fedbench.grid import (
+from fedbench.backends.grid import (
     Backend,
     Cell,
     CellResult,
@@ -27,10 +25,12 @@ from fedbench.grid import (
     failed_record,
     result_of,
 )
-from fedbench.progress import Reporter
-from fedbench.record import now_iso
-from fedbench.registry import Registry, load_registry
-from fedbench.runner import RunSpec
+from fedbench.engine.registry import Registry, load_registry
+from fedbench.engine.reporter import Reporter
+from fedbench.engine.resolve import RunSpec, resolve
+from fedbench.engine.run import Outcome, compute, save_outcome
+from fedbench.errors import FedbenchError
+from fedbench.results.record import now_iso
 
 MISSING_RAY = "the ray backend needs Ray: pip install 'fedbench-med[ray]'"
 
@@ -73,9 +73,8 @@ def run_in_worker(spec: RunSpec, plugins: tuple[str, ...], threads: int) -> dict
     torch.set_num_threads(threads)
     try:
         registry = worker_registry(plugins)
-        run = runner.resolve(spec, registry)
-        record, kept = runner.perform(run, registry, Reporter())
-        return {"record": record, "kept": kept}
+        outcome = compute(resolve(spec, registry), registry, Reporter())
+        return {"record": outcome.record, "kept": outcome.kept}
     except Exception as exc:
         return {"error": error_message(exc)}
 
@@ -177,7 +176,7 @@ def collect(
         record = failed_record(cell, outcome["error"], registry, started, wall_s)
     else:
         wall_s = float(record.get("wall_s", wall_s))
-    runner.save_outcome(cell.spec.results_dir, record, outcome.get("kept", {}), registry)
+    save_outcome(cell.spec.results_dir, Outcome(record, outcome.get("kept", {})), registry)
     return result_of(cell, record, wall_s)
 
 
@@ -216,8 +215,8 @@ def ray_backend(registry: Registry, options: RayOptions) -> Backend:
     ray = import_ray()
     if not options.cpus_per_run > 0 or options.gpus_per_run < 0:
         raise FedbenchError("--cpus-per-run must be above 0 and --gpus-per-run at least 0")
-    if starts_local(options):
-        check_fits({"CPU": local_cpus(), "GPU": options.gpus_per_run}, options)
+    if starts_local(options):  # GPUs are counted by Ray once it starts (check_fits below)
+        check_fits({"CPU": local_cpus(), "GPU": float("inf")}, options)
 
     def run(cells: Sequence[Cell], on_result: OnResult) -> None:
         if not cells:

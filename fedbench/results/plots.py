@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedbench.errors import FedbenchError
+from fedbench.storage import write_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from fedbench.leaderboard import Board, Leaderboard
+    from fedbench.data import FederatedData
+    from fedbench.results.leaderboard import Board, Leaderboard
 
 FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
 HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++", "**", "||")
@@ -41,16 +43,14 @@ def check_figure_path(path: Path) -> Path:
     return path
 
 
-def save(fig: Figure, path: Path) -> None:
-    """Save at the figure's own size (its constrained layout keeps everything inside) to a temp
-    file, then rename it over `path`."""
+def save(fig: Figure, path: Path, **options: Any) -> None:
+    """Save at the figure's own size (its constrained layout keeps everything inside) through
+    a temp file and a rename over `path`."""
     plt = _pyplot()
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    options = {"dpi": DPI, **options}
     try:
-        fig.savefig(tmp, dpi=DPI)
-        tmp.replace(path)
+        write_atomic(path, lambda handle: fig.savefig(handle, format=path.suffix[1:], **options))
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
 
 
@@ -225,9 +225,14 @@ def curves_figure(records: list[dict[str, Any]], path: Path) -> Path:
 TRUTH_COLOUR, PREDICTION_COLOUR = "#00d000", "#ff3030"
 
 
-def outline(ax: Any, mask: Any, colour: str) -> None:
-    """Contours of every foreground level of an integer mask."""
+OUTLINE_COLOURS = ("#00e5ff", "#ffd600", "#ff4081")
+
+
+def outline(ax: Any, mask: Any, colours: tuple[str, ...]) -> None:
+    """Contours of every foreground level of an integer mask, level k in colours[k - 1]
+    (cycling when there are more levels than colours)."""
     for level in range(1, int(mask.max()) + 1):
+        colour = colours[(level - 1) % len(colours)]
         ax.contour(mask >= level, levels=[0.5], colors=[colour], linewidths=0.9)
 
 
@@ -259,8 +264,8 @@ def examples_figure(
                     ax.axis("off")
                     continue
                 ax.imshow(arrays["image"][i], cmap="gray")
-                outline(ax, arrays["truth"][i], TRUTH_COLOUR)
-                outline(ax, arrays["pred"][i], PREDICTION_COLOUR)
+                outline(ax, arrays["truth"][i], (TRUTH_COLOUR,))
+                outline(ax, arrays["pred"][i], (PREDICTION_COLOUR,))
         axes[r][0].set_ylabel(site, fontsize=9)
     for g, regime in enumerate(regimes):
         for i in range(per):
@@ -272,4 +277,25 @@ def examples_figure(
         fontsize=10,
     )
     save(fig, path)
+    return path
+
+
+def dataset_figure(data: FederatedData, per_site: int, rgb: bool, path: Path) -> Path:
+    """Rows of sites, `per_site` images each, mask outlines on top (`fedbench datasets show`)."""
+    from fedbench.results.predictions import display_image, pick
+
+    plt = _pyplot()
+    rows = len(data.sites)
+    fig, axes = plt.subplots(rows, per_site, figsize=(2 * per_site, 2 * rows), squeeze=False)
+    for r, site in enumerate(data.sites):
+        split = site.all_samples()
+        chosen = pick(split.targets, per_site)
+        for c, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if c >= len(chosen):
+                continue
+            ax.imshow(display_image(split.inputs[chosen[c]], rgb), cmap="gray")
+            outline(ax, split.targets[chosen[c]].numpy(), OUTLINE_COLOURS)
+        axes[r][0].set_title(site.name, loc="left", fontsize=9)
+    save(fig, path, dpi=100, bbox_inches="tight")
     return path

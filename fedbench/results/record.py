@@ -4,7 +4,6 @@ results folder."""
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
 import secrets
@@ -16,6 +15,7 @@ from typing import Any
 
 from fedbench import __version__
 from fedbench.errors import FedbenchError
+from fedbench.storage import write_json_atomic
 
 SCHEMA_VERSION = 1
 REQUIRED_FIELDS = (
@@ -109,25 +109,59 @@ def runs_dir(results_dir: Path) -> Path:
     return runs
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to a temp file in the same folder, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, allow_nan=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_record(results_dir: Path, record: dict[str, Any]) -> Path:
     runs = runs_dir(results_dir)
     path = runs / f"{safe_token(record['run_id'])}.json"
     write_json_atomic(path, record)
     return path
+
+
+def build_record(
+    *,
+    run_id: str,
+    status: str,
+    identity: dict[str, Any],
+    holdouts: list[str],
+    config: dict[str, Any],
+    config_hash: str,
+    device: str,
+    started_at: str,
+    wall_s: float,
+    cost: dict[str, Any] | None = None,
+    metrics: list[dict[str, Any]] | None = None,
+    history: dict[str, Any] | None = None,
+    profile: dict[str, float] | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """The one place a run record (DESIGN.md section 5) is put together, for runs that ended
+    and for cells that died before writing their own. `identity` holds method, adapter,
+    dataset, seed and preset."""
+    record: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "status": status,
+        "method": identity["method"],
+        "adapter": identity["adapter"] if holdouts else None,
+        "dataset": identity["dataset"],
+        "seed": identity["seed"],
+        "preset": identity["preset"],
+        "holdouts": list(holdouts),
+        "config": config,
+        "config_hash": config_hash,
+        "environment": environment(device),
+        "started_at": started_at,
+        "finished_at": now_iso(),
+        "wall_s": round(wall_s, 3),
+        "cost": cost or {"bytes_up": 0, "bytes_down": 0, "client_steps": 0, "federations": {}},
+        "metrics": list(metrics or []) if status == "ok" else [],
+    }
+    if history is not None:
+        record["history"] = history
+    if profile is not None:
+        record["profile"] = profile
+    if error:
+        record["error"] = error
+    return record
 
 
 def validate_record(payload: Any) -> str | None:
@@ -161,3 +195,25 @@ def read_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
             continue
         records.append(payload)
     return records, warnings
+
+
+def find_record(results_dir: Path, run_id: str) -> dict[str, Any]:
+    """The valid record for a run id, a unique prefix of one, or a record file's path."""
+    runs = Path(results_dir) / "runs"
+    path = Path(run_id)
+    if not (path.suffix == ".json" and path.is_file()):
+        path = runs / f"{safe_token(run_id)}.json"
+    if not path.is_file():
+        matches = sorted(runs.glob(f"{safe_token(run_id)}*.json")) if runs.is_dir() else []
+        if len(matches) != 1:
+            found = "several match" if matches else f"no record in {runs}"
+            raise FedbenchError(f"run '{run_id}' not found: {found}")
+        path = matches[0]
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FedbenchError(f"{path} is not a valid record: {type(exc).__name__}") from None
+    problem = validate_record(payload)
+    if problem:
+        raise FedbenchError(f"{path} is not a valid record: {problem}")
+    return payload

@@ -1,0 +1,55 @@
+"""The local backend of `fedbench grid`: cells run one after another in this process; a cell
+that raises becomes a failed record naming the cause, and the grid goes on."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from fedbench.backends.grid import (
+    Backend,
+    Cell,
+    CellResult,
+    OnResult,
+    error_message,
+    failed_record,
+    result_of,
+)
+from fedbench.engine.registry import Registry
+from fedbench.engine.reporter import Reporter
+from fedbench.engine.resolve import resolve
+from fedbench.engine.run import Outcome, execute, save_outcome
+from fedbench.results.record import now_iso
+
+
+def run_cell(cell: Cell, registry: Registry, reporter: Reporter, debug: bool = False) -> CellResult:
+    """Resolve and execute one cell; an error in this cell becomes a failed record and result."""
+    started, clock = now_iso(), time.perf_counter()
+    try:
+        record = execute(resolve(cell.spec, registry), registry, reporter)
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        if debug:
+            raise
+        wall_s = time.perf_counter() - clock
+        record = failed_record(cell, error_message(exc), registry, started, wall_s)
+        save_outcome(cell.spec.results_dir, Outcome(record, {}), registry)
+    return result_of(cell, record, time.perf_counter() - clock)
+
+
+def local_backend(
+    registry: Registry, make_reporter: Callable[[], Reporter], debug: bool = False
+) -> Backend:
+    """Runs cells one after another in this process."""
+
+    def run(cells: Sequence[Cell], on_result: OnResult) -> None:
+        for cell in cells:
+            reporter = make_reporter()
+            try:
+                result = run_cell(cell, registry, reporter, debug)
+            finally:
+                reporter.close()
+            on_result(result)
+
+    return run

@@ -1,0 +1,164 @@
+"""From what the user asked (a RunSpec) to a Run: every name looked up in the registry, every
+setting fixed (preset, component defaults, `--set`), the device chosen."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedbench.engine.config import (
+    Config,
+    apply_overrides,
+    deep_merge,
+    parse_assignment,
+    preset_config,
+    validate,
+)
+from fedbench.errors import FedbenchError, unknown_name
+from fedbench.storage import stable_hash
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from fedbench.adapter import Adapter
+    from fedbench.data import Dataset
+    from fedbench.engine.registry import Registry
+    from fedbench.method import Method
+    from fedbench.models import Model
+    from fedbench.task import Task
+
+
+@dataclass
+class RunSpec:
+    """What the user asked for on the command line."""
+
+    method: str
+    adapter: str | None = None
+    dataset: str = "synth-prostate"
+    holdout: str = "all"
+    seed: int = 0
+    preset: str = "default"
+    device: str = "auto"
+    rounds: int | None = None
+    overrides: list[str] = field(default_factory=list)
+    results_dir: Path = Path("results")
+    checkpoint_every: int = 1
+    keep_checkpoints: bool = False
+
+
+@dataclass
+class Run:
+    """A RunSpec with every name looked up and every setting fixed."""
+
+    spec: RunSpec
+    method: type[Method]
+    adapter: type[Adapter] | None
+    dataset: Dataset
+    model: type[Model]
+    config: Config
+    device: torch.device
+
+    @property
+    def adapter_name(self) -> str | None:
+        return self.adapter.name if self.adapter else None
+
+    @property
+    def config_hash(self) -> str:
+        return stable_hash(
+            {
+                "config": self.config,
+                "method": self.method.name,
+                "adapter": self.adapter_name,
+                "dataset": self.dataset.name,
+                "seed": self.spec.seed,
+            }
+        )
+
+    def build_model(self, task: Task) -> nn.Module:
+        """A fresh network of the configured model for `task`."""
+        return self.model().build(task, self.config["model"])
+
+    def federation_identity(self, holdout: str | None) -> dict[str, Any]:
+        """Everything that changes a trained federation; adapter settings deliberately left
+        out, so every adapter shares the federation."""
+        return {
+            "config": {k: v for k, v in self.config.items() if k != "adapter"},
+            "method": self.method.name,
+            "dataset": self.dataset.name,
+            "seed": self.spec.seed,
+            "holdout": holdout,
+            "device": self.device.type,
+        }
+
+
+def pick_device(name: str) -> torch.device:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise FedbenchError(
+            "--device cuda was asked for, but CUDA is not available on this machine"
+        )
+    if name not in ("cpu", "cuda"):
+        raise FedbenchError(f"unknown device '{name}'; known: auto, cpu, cuda")
+    return torch.device(name)
+
+
+def chosen_model(overrides: list[str], default: str) -> str:
+    """The `model.name` the last `--set model.name=...` names, else the dataset's default: it
+    must be known before the model's own settings are merged in."""
+    name = default
+    for text in overrides:
+        path, value = parse_assignment(text)
+        if path == ["model", "name"]:
+            name = value
+    return name
+
+
+def resolve(spec: RunSpec, registry: Registry) -> Run:
+    """Look every name up and build the full config (preset, component defaults, --set)."""
+    method = registry.get("methods", spec.method)
+    dataset = registry.get("datasets", spec.dataset)()
+    adapter = registry.get("adapters", spec.adapter) if spec.adapter else None
+    if spec.holdout == "none":
+        adapter = None
+    elif adapter is None:
+        adapter = registry.get("adapters", method.default_adapter)
+    model = registry.get("models", chosen_model(spec.overrides, dataset.model))
+    config = preset_config(spec.preset)
+    config["data"] = copy.deepcopy(dataset.defaults)
+    config = deep_merge(config, dataset.preset(spec.preset))
+    config["model"] = {"name": model.name, **deep_merge(model.defaults, model.preset(spec.preset))}
+    config["method"] = copy.deepcopy(method.defaults)
+    config["adapter"] = deep_merge(adapter.defaults, adapter.preset(spec.preset)) if adapter else {}
+    if spec.rounds is not None:
+        config["train"]["rounds"] = spec.rounds
+    config = apply_overrides(config, spec.overrides)
+    validate(config)
+    model.check(config["model"])
+    return Run(spec, method, adapter, dataset, model, config, pick_device(spec.device))
+
+
+def holdout_sites(text: str, site_names: list[str] | None) -> list[str] | None:
+    """Parse --holdout all|none|SITE,... into the sites to hold out, each once, in order. With
+    the dataset's sites unknown (None), 'all' gives None and named sites are not checked."""
+    if text == "none":
+        return []
+    if text == "all":
+        chosen = list(site_names) if site_names is not None else None
+    else:
+        chosen = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+        if not chosen:
+            raise FedbenchError(f"bad --holdout '{text}': expected all, none or SITE,SITE")
+        for name in chosen if site_names is not None else ():
+            if name not in site_names:
+                raise unknown_name("site", name, site_names)
+    if site_names is not None and chosen and len(site_names) - 1 < 2:
+        raise FedbenchError(
+            f"holding out a site leaves {len(site_names) - 1} training site(s); at least two needed"
+        )
+    return chosen

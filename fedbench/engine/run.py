@@ -1,0 +1,254 @@
+"""One run, end to end: train (or reuse) the federations, score the inside regime, adapt and
+score the outside regime, and write the run record with its kept predictions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedbench.adapter import AdaptContext, TrainedFederation, predict_batched
+from fedbench.data import FederatedData, Split, UnlabeledImages
+from fedbench.engine import cache
+from fedbench.engine.profiling import PROFILE
+from fedbench.engine.registry import Registry
+from fedbench.engine.reporter import Reporter
+from fedbench.engine.resolve import Run, holdout_sites
+from fedbench.engine.training import RoundCallback, train_federation
+from fedbench.errors import Diverged, FedbenchError, PluginFailure
+from fedbench.results import predictions
+from fedbench.results.record import build_record, new_run_id, now_iso, runs_dir, write_record
+
+
+@contextmanager
+def blamed_on(plugin: str) -> Iterator[None]:
+    """Turn an unexpected exception raised inside a plugin's code into a PluginFailure that
+    names the plugin (`plugin` reads e.g. "method 'fedavg' failed in training")."""
+    try:
+        yield
+    except (Diverged, FedbenchError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        raise PluginFailure(f"{plugin}: {type(exc).__name__}: {exc}") from exc
+
+
+def load_or_train(
+    run: Run, data: FederatedData, holdout: str | None, on_round: RoundCallback
+) -> TrainedFederation:
+    """The federation trained without `holdout` (None: on all sites): from the cache, or
+    trained (resuming from the checkpoint a killed run left) and then cached."""
+    identity = run.federation_identity(holdout)
+    results_dir = Path(run.spec.results_dir)
+    path = cache.cache_path(results_dir, identity)
+
+    def build_model() -> torch.nn.Module:
+        return run.build_model(data.task)
+
+    cached = cache.load(path, run.device, build_model)
+    if cached is not None:
+        return cached
+    checkpoint = cache.cache_path(results_dir, identity, "checkpoints")
+    sites = [s for s in data.sites if s.name != holdout]
+    with blamed_on(f"method '{run.method.name}' failed in training"):
+        federation = train_federation(
+            data,
+            sites,
+            run.method,
+            build_model,
+            run.config,
+            run.spec.seed,
+            run.device,
+            on_round,
+            checkpoint_path=checkpoint,
+            checkpoint_every=run.spec.checkpoint_every,
+            history=holdout is None,  # nobody reads a leave-one-site-out federation's curve
+        )
+    cache.save(path, federation)
+    if not run.spec.keep_checkpoints:
+        checkpoint.unlink(missing_ok=True)
+    return federation
+
+
+def metric_rows(
+    regime: str, site: str, holdout: str | None, scores: dict[str, float], selection: str
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "regime": regime,
+            "site": site,
+            "holdout": holdout,
+            "metric": metric,
+            "value": value,
+            "selection": selection,
+        }
+        for metric, value in scores.items()
+    ]
+
+
+class Scoring:
+    """Trains or loads each federation of a run and accumulates the record's metric rows,
+    costs, history and kept predictions."""
+
+    def __init__(self, run: Run, registry: Registry, reporter: Reporter, run_id: str) -> None:
+        self.run, self.registry, self.reporter, self.run_id = run, registry, reporter, run_id
+        self.rows: list[dict[str, Any]] = []
+        self.costs: dict[str, dict[str, int]] = {}
+        self.history: dict[str, list[dict[str, Any]]] = {}
+        self.kept: predictions.Kept = {}
+        self.rgb = bool(getattr(run.dataset, "display_rgb", False))
+
+    def federation(self, data: FederatedData, holdout: str | None) -> TrainedFederation:
+        label = f"federation without {holdout}" if holdout else "federation, all sites"
+
+        def on_round(round_index: int, scores: dict[str, float]) -> None:
+            self.reporter.advance()
+            self.registry.notify_round_end(
+                run_id=self.run_id, holdout=holdout, round=round_index, metrics=scores
+            )
+
+        self.reporter.start(label, self.run.config["train"]["rounds"])
+        federation = load_or_train(self.run, data, holdout, on_round)
+        self.reporter.finish()
+        self.costs[holdout or "inside"] = federation.cost
+        return federation
+
+    def inside(self, data: FederatedData) -> None:
+        federation = self.federation(data, None)
+        self.history["inside"] = federation.history
+        batch = self.run.config["eval"]["batch_size"]
+        selections = [("final", federation.personalized)]
+        if federation.val_best is not None:
+            selections.append(("val-best", federation.val_best))
+        for selection, states in selections:
+            for site, state in zip(data.sites, states, strict=True):
+                with PROFILE.phase("evaluation"):
+                    model = federation.model(state)
+                    outputs = predict_batched(model, site.test.inputs, batch)
+                    scores = data.task.score(outputs, site.test.targets, site.test.cases)
+                self.rows += metric_rows("inside", site.name, None, scores, selection)
+                if selection == "final":
+                    self.keep("inside", site.name, site.test, outputs, data)
+
+    def outside(self, data: FederatedData, holdout: str) -> None:
+        federation = self.federation(data, holdout)
+        every = data.site(holdout).all_samples()
+        adapter = self.run.adapter(self.run.config["adapter"])
+        ctx = AdaptContext(self.run.config["train"]["batch_size"], self.run.spec.seed, data.task)
+        self.reporter.start(f"adapting {holdout} ({adapter.name})", None)
+        try:
+            with PROFILE.phase("adaptation"), blamed_on(f"adapter '{adapter.name}' failed"):
+                outputs = adapter.predict(federation, UnlabeledImages(every.inputs), ctx)
+        finally:
+            self.reporter.finish()
+        if not torch.isfinite(outputs).all():
+            raise Diverged(f"adapter '{adapter.name}' produced non-finite outputs on {holdout}")
+        with PROFILE.phase("evaluation"):
+            scores = data.task.score(outputs, every.targets, every.cases)
+        self.rows += metric_rows("outside", holdout, holdout, scores, "final")
+        self.keep("outside", holdout, every, outputs, data)
+
+    def keep(
+        self, regime: str, site: str, split: Split, outputs: torch.Tensor, data: FederatedData
+    ) -> None:
+        """A few predictions for `fedbench show` (segmentation only)."""
+        if data.task.dense_prediction:
+            self.kept[(regime, site)] = predictions.keep(
+                split.inputs, split.targets, outputs, self.rgb
+            )
+
+    def cost(self) -> dict[str, Any]:
+        keys = ("bytes_up", "bytes_down", "client_steps")
+        totals: dict[str, Any] = {k: sum(c[k] for c in self.costs.values()) for k in keys}
+        totals["federations"] = self.costs
+        return totals
+
+
+@dataclass
+class Outcome:
+    """A finished run: its record and the predictions it kept for `fedbench show`."""
+
+    record: dict[str, Any]
+    kept: predictions.Kept
+
+
+def run_identity(run: Run) -> dict[str, Any]:
+    """The names a record is filed under."""
+    spec = run.spec
+    return {
+        "method": run.method.name,
+        "adapter": run.adapter_name,
+        "dataset": run.dataset.name,
+        "seed": spec.seed,
+        "preset": spec.preset,
+    }
+
+
+def run_id_for(run: Run) -> str:
+    return new_run_id(
+        run.dataset.name, run.method.name, run.adapter_name, run.spec.seed, run.config_hash
+    )
+
+
+def compute(run: Run, registry: Registry, reporter: Reporter) -> Outcome:
+    """Run everything and return the outcome, writing nothing to the records (a Ray worker
+    sends it back to the driver, which writes it)."""
+    started, clock = now_iso(), time.perf_counter()
+    PROFILE.reset()
+    with PROFILE.phase("data loading"):
+        data = run.dataset.load(
+            run.config["data"], run.spec.seed, Path(run.spec.results_dir) / "cache"
+        )
+    holdouts = holdout_sites(run.spec.holdout, [s.name for s in data.sites]) or []
+    probe = run.build_model(data.task)
+    if run.adapter is not None:
+        run.adapter(run.config["adapter"]).check(run.method, probe, data.task)
+    scoring = Scoring(run, registry, reporter, run_id_for(run))
+    status, error = "ok", None
+    try:
+        scoring.inside(data)
+        for holdout in holdouts:
+            scoring.outside(data, holdout)
+    except Diverged as exc:
+        status, error = "diverged", str(exc)
+    except PluginFailure as exc:
+        status, error = "failed", str(exc)
+    record = build_record(
+        run_id=scoring.run_id,
+        status=status,
+        identity=run_identity(run),
+        holdouts=holdouts,
+        config=run.config,
+        config_hash=run.config_hash,
+        device=str(run.device),
+        started_at=started,
+        wall_s=time.perf_counter() - clock,
+        cost=scoring.cost(),
+        metrics=scoring.rows,
+        history=scoring.history,
+        profile=PROFILE.summary(),
+        error=error,
+    )
+    return Outcome(record, scoring.kept)
+
+
+def save_outcome(results_dir: Path, outcome: Outcome, registry: Registry) -> None:
+    """The predictions first, then the record that points to them; then the run-end observers,
+    for every record written (ok, failed or diverged, local or from a Ray worker)."""
+    if outcome.kept and outcome.record["status"] == "ok":
+        predictions.save(results_dir, outcome.record["run_id"], outcome.kept)
+    write_record(results_dir, outcome.record)
+    registry.notify_run_end(record=outcome.record)
+
+
+def execute(run: Run, registry: Registry, reporter: Reporter) -> dict[str, Any]:
+    """Run everything, then write the kept predictions and the record (status ok, failed or
+    diverged), which it returns."""
+    runs_dir(run.spec.results_dir)
+    outcome = compute(run, registry, reporter)
+    save_outcome(run.spec.results_dir, outcome, registry)
+    return outcome.record
