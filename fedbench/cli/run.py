@@ -124,12 +124,13 @@ def print_profile(record: dict[str, Any], console: Console) -> None:
 @app.command("list")
 @user_errors
 def list_command(
-    kind: Annotated[str, typer.Argument(help="methods, adapters or datasets")],
+    kind: Annotated[str, typer.Argument(help="methods, adapters, datasets or models")],
     json_: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """List the installed methods, adapters or datasets."""
-    if kind not in ("methods", "adapters", "datasets"):
-        raise FedbenchError(f"unknown kind '{kind}'; known: methods, adapters, datasets")
+    """List the installed methods, adapters, datasets or models."""
+    kinds = ("methods", "adapters", "datasets", "models")
+    if kind not in kinds:
+        raise FedbenchError(f"unknown kind '{kind}'; known: {', '.join(kinds)}")
     reg = registry()
     rows = []
     for name in reg.names(kind):
