@@ -2,7 +2,7 @@
 
 1. Waiting for data: the share of local training time a default-preset FedAvg run spends inside
    `Split.batches` (shuffling, indexing, stacking a batch), measured by wrapping that iterator and
-   `fedbench.engine.train_local` with perf_counter clocks; the goal is under 5%. The run is the
+   `Method.local_update` with perf_counter clocks; the goal is under 5%. The run is the
    default preset (64 px, 10 cases x 8 slices per site, 6 sites, the default U-Net) shortened to
    DATA_ROUNDS rounds: every round does the same work, so the share does not depend on the count.
    The engine's own profiler (`PROFILE`, "data loading" against "local training") is printed
@@ -99,7 +99,7 @@ def test_data_wait_share(benchmark: Any, tmp_path: Path, monkeypatch: pytest.Mon
         return timed_iterator(batches(self, *args, **kwargs), waiting)
 
     monkeypatch.setattr(Split, "batches", timed_batches)
-    monkeypatch.setattr(engine, "train_local", timed_call(engine.train_local, training))
+    monkeypatch.setattr(FedAvg, "local_update", timed_call(FedAvg.local_update, training))
     PROFILE.reset()
 
     def build() -> torch.nn.Module:

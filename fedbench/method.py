@@ -1,25 +1,58 @@
-"""The Method base class. The engine owns the loop; a method owns what differs between FL methods:
-which parameters are shared, the client's local objective, the server's aggregation and what each
-client keeps. The base class is FedAvg."""
+"""The Method base class. The engine owns the loop; a method owns what differs between FL methods,
+one overridable hook each: which state is shared (`shared_keys`), the client's local update
+(`local_update`, with `local_penalty` and `adjust_gradients` for the common variants), extra
+tensors each way (returned by `local_update`, sent by `server_payload`), the server's step
+(`server_update`, by default `aggregate`), what each client keeps (`personalized_state`), the
+method's own state across rounds (`state_dict`) and the settings it needs (`check_settings`).
+The base class is FedAvg."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # torch loads when a run needs it, not when `fedbench list` reads the classes
     import torch
     from torch import nn
 
+    from fedbench.data import Split
+    from fedbench.task import Task
+
 State = dict[str, "torch.Tensor"]
 
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """All a client transmits to the server: its shared parameters and its sample count."""
+    """All a client transmits to the server: its shared state, its sample count, the local steps
+    it took and any extra tensors its method sends (all counted in the bytes up but the two
+    numbers). `client` is the sender's index, which a real server knows too."""
 
     state: State
     num_samples: int
+    extras: State = field(default_factory=dict)
+    steps: int = 0
+    client: int = -1
+
+
+@dataclass
+class LocalContext:
+    """What a client's local update may use. `batches()` yields one epoch of shuffled
+    (inputs, targets) batches of the client's train split; add every optimizer step to
+    `steps` (the engine reports it as the client's cost)."""
+
+    client: int
+    split: Split
+    task: Task
+    train: dict[str, Any]
+    #: the shared global state the client received this round (not to be modified)
+    global_state: State
+    #: the extra tensors the server sent this round (`Method.server_payload`)
+    received: State
+    generator: torch.Generator
+    make_optimizer: Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer]
+    batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+    steps: int = 0
 
 
 def weighted_mean(states: list[State], weights: list[float]) -> State:
@@ -51,7 +84,7 @@ def state_nbytes(state: State) -> int:
 class Method:
     """FedAvg: every parameter and buffer is shared and averaged, weighted by sample count."""
 
-    name: ClassVar[str] = "fedavg"
+    name: ClassVar[str]
     description: ClassVar[str] = ""
     default_adapter: ClassVar[str] = "none"
     defaults: ClassVar[dict[str, Any]] = {}
@@ -59,7 +92,8 @@ class Method:
     has_global_model: ClassVar[bool] = True
     #: True for pooled training: one virtual client holding every site's data (a reference, not FL)
     pooled: ClassVar[bool] = False
-    required: ClassVar[tuple[str, ...]] = ("shared_keys", "aggregate", "personalized_state")
+    #: methods a subclass must override (FedAvg, the base, needs none)
+    required: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         self.params = {**self.defaults, **params}
@@ -69,19 +103,79 @@ class Method:
         """State-dict keys sent to and averaged by the server."""
         return list(model.state_dict())
 
+    @classmethod
+    def check_settings(cls, config: dict[str, Any]) -> None:
+        """Raise a FedbenchError naming the setting when this method cannot run with `config`
+        (e.g. SCAFFOLD wants plain SGD); called before any training."""
+
+    def local_update(self, model: nn.Module, ctx: LocalContext) -> State:
+        """Client side: train `model` (holding the client's view: its own state with the
+        global shared state merged in) and return the extra tensors to send; FedAvg sends
+        none. Default: `train.local_epochs` epochs of `train_steps` on every parameter."""
+        self.train_steps(model, ctx, int(ctx.train["local_epochs"]))
+        return {}
+
+    def train_steps(
+        self,
+        model: nn.Module,
+        ctx: LocalContext,
+        epochs: int,
+        params: Iterable[torch.Tensor] | None = None,
+        penalty: Callable[[nn.Module], torch.Tensor | None] | None = None,
+    ) -> None:
+        """The standard local loop: a fresh optimizer over `params` (default: all), `epochs`
+        passes over the split, task loss plus `penalty(model)` (default: `local_penalty`),
+        `adjust_gradients` before each step. A non-finite loss raises Diverged."""
+        import torch
+
+        from fedbench.errors import Diverged
+
+        model.train()
+        optimizer = ctx.make_optimizer(model.parameters() if params is None else params)
+        extra = penalty or (lambda m: self.local_penalty(m, ctx.global_state))
+        for _ in range(epochs):
+            for inputs, targets in ctx.batches():
+                optimizer.zero_grad(set_to_none=True)
+                loss = ctx.task.loss(model(inputs), targets)
+                term = extra(model)
+                if term is not None:
+                    loss = loss + term
+                if not torch.isfinite(loss):
+                    raise Diverged(f"loss became {loss.item()} in local training")
+                loss.backward()
+                self.adjust_gradients(model, ctx)
+                optimizer.step()
+                ctx.steps += 1
+
     def local_penalty(self, model: nn.Module, global_state: State) -> torch.Tensor | None:
         """An extra term added to the client's loss (FedProx's proximal term); None for none."""
         return None
 
+    def adjust_gradients(self, model: nn.Module, ctx: LocalContext) -> None:
+        """Change the gradients after backward, before the optimizer steps (SCAFFOLD's
+        control-variate correction); nothing by default."""
+
+    def server_payload(self) -> State:
+        """Extra tensors the server sends every client each round (counted in the bytes
+        down); none by default."""
+        return {}
+
+    def server_update(self, previous: State, updates: list[ClientUpdate]) -> State:
+        """Server side: the new global shared state from the previous one and the clients'
+        updates. Default: `aggregate`, which ignores `previous` (FedAvg); server optimizers
+        (FedAvgM, FedAdam) override this."""
+        return self.aggregate(updates)
+
     def aggregate(self, updates: list[ClientUpdate]) -> State:
-        """Server side: sample-weighted mean of the clients' shared states."""
+        """Sample-weighted mean of the clients' shared states."""
         return weighted_mean([u.state for u in updates], [u.num_samples for u in updates])
 
     def after_local_update(self, client: int, state: State) -> None:
         """Called with a client's state right after its local training in every round."""
 
     def state_dict(self) -> dict[str, Any]:
-        """What the method itself remembers between rounds (saved in checkpoints)."""
+        """What the method itself remembers between rounds, per client and on the server
+        (tensors, numbers, lists, dicts): saved in checkpoints, restored on resume."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

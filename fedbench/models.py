@@ -18,6 +18,7 @@ class Model:
     name: ClassVar[str]
     description: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    required: ClassVar[tuple[str, ...]] = ("build",)
 
     @classmethod
     def preset(cls, preset: str) -> dict[str, Any]:
@@ -39,6 +40,26 @@ def normalization_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     norm_types = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
     return [(name, m) for name, m in model.named_modules() if isinstance(m, norm_types)]
+
+
+def output_layer(model: nn.Module) -> tuple[str, nn.Module]:
+    """The layer that produces the network's output, for methods that keep a personal head
+    (FedPer, FedRep, ...): the last convolution or linear layer in module order. That is the
+    output layer of MONAI's U-Net (its top-level up path is registered last) and of a linear
+    model; a network where it is not should override the method's head selection."""
+    from torch import nn
+
+    layers = (nn.modules.conv._ConvNd, nn.Linear)
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, layers)]
+    if not found:
+        raise ValueError("the model has no convolution or linear layer")
+    return found[-1]
+
+
+def output_layer_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of `output_layer(model)` (its weight and bias)."""
+    prefix, layer = output_layer(model)
+    return {f"{prefix}.{key}" if prefix else key for key in layer.state_dict()}
 
 
 def normalization_state_keys(model: nn.Module) -> set[str]:

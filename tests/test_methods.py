@@ -179,10 +179,12 @@ def test_server_never_receives_images_or_masks(method_cls, data):
     }
     for updates in method.received:
         for update in updates:
-            assert set(vars(update)) == {"state", "num_samples"}
+            assert set(vars(update)) == {"state", "num_samples", "extras", "steps", "client"}
+            assert isinstance(update.steps, int) and isinstance(update.client, int)
             for key, tensor in update.state.items():
                 assert key in model_shapes and tensor.shape == model_shapes[key]
                 assert tuple(tensor.shape[-2:]) not in image_shapes or tensor.dim() > 3
+            assert update.extras == {}  # these methods send nothing beyond their state
     if not method.received:
         assert not fed.shared
 

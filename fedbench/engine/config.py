@@ -11,7 +11,14 @@ from fedbench.errors import FedbenchError
 Config = dict[str, Any]
 
 BASE: Config = {
-    "train": {"rounds": 12, "local_epochs": 1, "batch_size": 8, "lr": 2e-3, "optimizer": "adam"},
+    "train": {
+        "rounds": 12,
+        "local_epochs": 1,
+        "batch_size": 8,
+        "lr": 2e-3,
+        "optimizer": "adam",
+        "momentum": 0.9,  # SGD only
+    },
     "eval": {"batch_size": 64, "val_best": False, "history": True},
 }
 
@@ -121,6 +128,9 @@ def validate(config: Config) -> None:
         value = flat.get(key)
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise FedbenchError(f"setting {key} must be a positive number, got {value!r}")
+    momentum = flat["train.momentum"]
+    if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 <= momentum < 1:
+        raise FedbenchError(f"setting train.momentum must be in [0, 1), got {momentum!r}")
     if flat["train.optimizer"] not in OPTIMIZERS:
         raise FedbenchError(
             f"setting train.optimizer must be one of {', '.join(OPTIMIZERS)}, "

@@ -17,6 +17,7 @@ from fedbench import hookspecs
 from fedbench.errors import FedbenchError, unknown_name
 
 KINDS = ("methods", "adapters", "datasets", "models")
+HOOKS = tuple(n for n in dir(hookspecs) if n.startswith("fedbench_"))
 
 
 def print_warning(line: str) -> None:
@@ -82,7 +83,7 @@ def load_module_from_path(path: Path) -> ModuleType:
     return module
 
 
-def _required_base(kind: str) -> type | None:
+def _required_base(kind: str) -> type:
     """The base class a contributed component must derive from (imported lazily)."""
     if kind == "methods":
         from fedbench.method import Method
@@ -102,10 +103,12 @@ def _required_base(kind: str) -> type | None:
 
 
 def _collect(registry: Registry, kind: str) -> None:
-    """Call each plugin's registration hook on its own, so one broken plugin spares the others."""
+    """Call each plugin's registration hook on its own, so one broken plugin spares the others;
+    a class that breaks a door rule is one warning and is not registered."""
     hook = getattr(registry.manager.hook, f"fedbench_{kind}")
     base = _required_base(kind)
-    for impl in hook.get_hookimpls():
+    sources: dict[str, str] = {}
+    for impl in hook.get_hookimpls():  # in registration order: the first one keeps a name
         try:
             classes = impl.function() or []
         except Exception as exc:
@@ -116,27 +119,74 @@ def _collect(registry: Registry, kind: str) -> None:
             continue
         for cls in classes:
             problem = _check_component(cls, base)
+            if problem is None and cls.name in registry.components[kind]:
+                problem = (
+                    f"{kind[:-1]} name '{cls.name}' is taken by plugin "
+                    f"'{sources[cls.name]}'; {cls.__name__} is not registered"
+                )
             if problem:
                 registry.failures.append(f"plugin '{impl.plugin_name}': {problem}")
                 continue
-            registry.components[kind].setdefault(cls.name, cls)
+            registry.components[kind][cls.name] = cls
+            sources[cls.name] = impl.plugin_name
 
 
-def _check_component(cls: type, base: type | None) -> str | None:
+def _check_component(cls: type, base: type) -> str | None:
     """Why a contributed class cannot be used, or None when it can."""
-    if not isinstance(getattr(cls, "name", None), str):
-        return f"{getattr(cls, '__name__', cls)!r} has no string attribute 'name'"
-    if base is not None and not (isinstance(cls, type) and issubclass(cls, base)):
-        return f"{cls.__name__} ('{cls.name}') must subclass {base.__module__}.{base.__name__}"
-    if base is not None:
-        missing = [m for m in getattr(base, "required", ()) if not callable(getattr(cls, m, None))]
-        if missing:
-            return f"{cls.__name__} ('{cls.name}') lacks required method(s): {', '.join(missing)}"
+    label = getattr(cls, "__name__", repr(cls))
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        return f"{label} must subclass {base.__module__}.{base.__name__}"
+    if not isinstance(cls.__dict__.get("name"), str) or not cls.__dict__["name"]:
+        return f"class {label} sets no name of its own, so it is not registered"
+    missing = [m for m in base.required if getattr(cls, m, None) is getattr(base, m, None)]
+    if missing:
+        return f"{label} ('{cls.name}') does not implement {', '.join(missing)}"
     return None
 
 
+def _unmarked_hooks(module: ModuleType, plugin: str) -> list[str]:
+    """Functions named like a fedbench hook that lack @hookimpl (pluggy would ignore them)."""
+    lines = []
+    for attr in dir(module):
+        value = getattr(module, attr, None)
+        marked = hasattr(value, f"{hookspecs.PROJECT}_impl")
+        if attr.startswith("fedbench_") and callable(value) and not marked:
+            lines.append(f"plugin '{plugin}': function {attr} is not marked @hookimpl; ignored")
+    return lines
+
+
+def _register(registry: Registry, plugin: object, name: str) -> None:
+    """Register one plugin; any error (pluggy's validation included) is one warning."""
+    manager = registry.manager
+    if manager.get_plugin(name) is not None or manager.is_registered(plugin):
+        return
+    try:
+        manager.register(plugin, name=name)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        registry.failures.append(
+            f"plugin '{name}' cannot be registered: {type(exc).__name__}: {first}"
+        )
+        return
+    if isinstance(plugin, ModuleType):
+        registry.failures.extend(_unmarked_hooks(plugin, name))
+
+
+def _unknown_hooks(registry: Registry) -> None:
+    """Hook implementations whose name is no fedbench hook (a misspelling): one warning each
+    (what pluggy's check_pending finds)."""
+    for name in registry.manager.hook.__dict__:
+        caller = getattr(registry.manager.hook, name)
+        if getattr(caller, "spec", True) is None:
+            for impl in caller.get_hookimpls():
+                registry.failures.append(
+                    f"plugin '{impl.plugin_name}': {name} is not a fedbench hook "
+                    f"(known: {', '.join(HOOKS)}); ignored"
+                )
+
+
 def load_registry(plugin_paths: tuple[Path, ...] = ()) -> Registry:
-    """Load installed plugins and plugin files; a broken entry point is reported, not fatal."""
+    """Load installed plugins and plugin files; a broken plugin is reported, not fatal."""
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
     registry = Registry(manager)
@@ -148,11 +198,10 @@ def load_registry(plugin_paths: tuple[Path, ...] = ()) -> Registry:
                 f"plugin '{ep.name}' failed to import: {type(exc).__name__}: {exc}"
             )
             continue
-        if manager.get_plugin(ep.name) is None and not manager.is_registered(module):
-            manager.register(module, name=ep.name)
+        _register(registry, module, ep.name)
     for path in plugin_paths:
-        module = load_module_from_path(Path(path))
-        manager.register(module, name=str(path))
+        _register(registry, load_module_from_path(Path(path)), str(path))
+    _unknown_hooks(registry)
     for kind in KINDS:
         _collect(registry, kind)
     return registry

@@ -4,10 +4,13 @@ setting fixed (preset, component defaults, `--set`), the device chosen."""
 from __future__ import annotations
 
 import copy
+import hashlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedbench import __version__
 from fedbench.engine.config import (
     Config,
     apply_overrides,
@@ -66,6 +69,15 @@ class Run:
         return self.adapter.name if self.adapter else None
 
     @property
+    def code(self) -> dict[str, str]:
+        """The fedbench version and a hash of the source file of each plugin the run uses:
+        edited code is never mistaken for finished work (config hash, federation cache)."""
+        parts = {"method": self.method, "dataset": type(self.dataset), "model": self.model}
+        if self.adapter is not None:
+            parts["adapter"] = self.adapter
+        return {"fedbench": __version__, **{k: source_hash(c) for k, c in parts.items()}}
+
+    @property
     def config_hash(self) -> str:
         return stable_hash(
             {
@@ -74,6 +86,7 @@ class Run:
                 "adapter": self.adapter_name,
                 "dataset": self.dataset.name,
                 "seed": self.spec.seed,
+                "code": self.code,
             }
         )
 
@@ -91,7 +104,18 @@ class Run:
             "seed": self.spec.seed,
             "holdout": holdout,
             "device": self.device.type,
+            "code": {k: v for k, v in self.code.items() if k != "adapter"},
         }
+
+
+def source_hash(cls: type) -> str:
+    """A short hash of the file that defines `cls` ("unknown" when there is no file)."""
+    module = sys.modules.get(cls.__module__)
+    path = getattr(module, "__file__", None)
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12] if path else "unknown"
+    except OSError:
+        return "unknown"
 
 
 def pick_device(name: str) -> torch.device:
@@ -140,6 +164,7 @@ def resolve(spec: RunSpec, registry: Registry) -> Run:
     config = apply_overrides(config, spec.overrides)
     validate(config)
     model.check(config["model"])
+    method.check_settings(config)
     return Run(spec, method, adapter, dataset, model, config, pick_device(spec.device))
 
 

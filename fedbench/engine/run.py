@@ -185,6 +185,7 @@ def run_identity(run: Run) -> dict[str, Any]:
         "dataset": run.dataset.name,
         "seed": spec.seed,
         "preset": spec.preset,
+        "code": run.code,
     }
 
 

@@ -16,47 +16,21 @@ from fedbench.data import FederatedData, Site, Split
 from fedbench.engine import checkpoint
 from fedbench.engine.config import Config
 from fedbench.engine.profiling import PROFILE
-from fedbench.errors import Diverged
-from fedbench.method import ClientUpdate, Method, State, clone_state, state_nbytes
+from fedbench.method import ClientUpdate, LocalContext, Method, State, clone_state, state_nbytes
 from fedbench.task import Task
 
 RoundCallback = Callable[[int, dict[str, float]], None]
 ModelBuilder = Callable[[], nn.Module]
 
 
-def make_optimizer(model: nn.Module, train_cfg: Config) -> torch.optim.Optimizer:
+def optimizer_factory(train_cfg: Config) -> Callable[[Any], torch.optim.Optimizer]:
+    """The `train.optimizer` with its settings, for any iterable of parameters (a fresh
+    optimizer each round, as in IOP-FL)."""
+    lr = train_cfg["lr"]
     if train_cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=train_cfg["lr"], momentum=0.9)
-    return torch.optim.Adam(model.parameters(), lr=train_cfg["lr"])
-
-
-def train_local(
-    model: nn.Module,
-    split: Split,
-    task: Task,
-    method: Method,
-    global_state: State,
-    train_cfg: Config,
-    generator: torch.Generator,
-) -> int:
-    """One client's local update (a fresh optimizer each round, as in IOP-FL); returns its steps."""
-    model.train()
-    optimizer = make_optimizer(model, train_cfg)
-    steps = 0
-    for _ in range(train_cfg["local_epochs"]):
-        batches = split.batches(train_cfg["batch_size"], generator)
-        for inputs, targets in PROFILE.timed("data loading", batches):
-            optimizer.zero_grad(set_to_none=True)
-            loss = task.loss(model(inputs), targets)
-            penalty = method.local_penalty(model, global_state)
-            if penalty is not None:
-                loss = loss + penalty
-            if not torch.isfinite(loss):
-                raise Diverged(f"loss became {loss.item()} in local training")
-            loss.backward()
-            optimizer.step()
-            steps += 1
-    return steps
+        momentum = train_cfg["momentum"]
+        return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum)
+    return lambda params: torch.optim.Adam(params, lr=lr)
 
 
 def validation_score(model: nn.Module, split: Split, task: Task, batch_size: int) -> float:
@@ -100,32 +74,46 @@ class Training:
         """Client i's own state with the latest global shared parameters merged in."""
         return {**self.client_states[i], **{k: self.global_state[k] for k in self.shared}}
 
+    def local_context(self, i: int, split: Split, shared: State, payload: State) -> LocalContext:
+        """What client i's local update may use this round."""
+        train = self.config["train"]
+
+        def batches() -> Any:
+            return PROFILE.timed("data loading", split.batches(train["batch_size"], self.generator))
+
+        return LocalContext(
+            client=i,
+            split=split,
+            task=self.task,
+            train=train,
+            global_state=shared,
+            received=payload,
+            generator=self.generator,
+            make_optimizer=optimizer_factory(train),
+            batches=batches,
+        )
+
     def run_round(self) -> None:
-        """Every client trains locally from the global model, then the server aggregates."""
+        """Every client trains locally from the global model, then the server updates it."""
         updates = []
         shared_global = {k: self.global_state[k] for k in self.shared}
+        payload = self.method.server_payload()
         for i, split in enumerate(self.clients):
             with PROFILE.phase("local training"):
                 self.model.load_state_dict(self.client_view(i))
-                self.cost["client_steps"] += train_local(
-                    self.model,
-                    split,
-                    self.task,
-                    self.method,
-                    shared_global,
-                    self.config["train"],
-                    self.generator,
-                )
+                ctx = self.local_context(i, split, shared_global, payload)
+                extras = self.method.local_update(self.model, ctx)
+                self.cost["client_steps"] += ctx.steps
                 self.client_states[i] = clone_state(self.model.state_dict())
                 self.method.after_local_update(i, self.client_states[i])
-            update = ClientUpdate({k: self.client_states[i][k] for k in self.shared}, len(split))
-            updates.append(update)
+            shared = {k: self.client_states[i][k] for k in self.shared}
+            updates.append(ClientUpdate(shared, len(split), extras, ctx.steps, i))
             if not self.method.pooled:  # pooled training moves data, not models
-                self.cost["bytes_down"] += state_nbytes(shared_global)
-                self.cost["bytes_up"] += state_nbytes(update.state)
+                self.cost["bytes_down"] += state_nbytes(shared_global) + state_nbytes(payload)
+                self.cost["bytes_up"] += state_nbytes(shared) + state_nbytes(extras)
         if self.shared:
             with PROFILE.phase("aggregation"):
-                self.global_state.update(self.method.aggregate(updates))
+                self.global_state.update(self.method.server_update(shared_global, updates))
         self.cost["rounds"] += 1
 
     def personalized(self, site_index: int) -> State:

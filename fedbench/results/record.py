@@ -148,6 +148,7 @@ def build_record(
         "holdouts": list(holdouts),
         "config": config,
         "config_hash": config_hash,
+        "code": identity.get("code", {}),
         "environment": environment(device),
         "started_at": started_at,
         "finished_at": now_iso(),
