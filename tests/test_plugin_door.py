@@ -179,3 +179,36 @@ def test_observer_errors_are_warnings_and_leave_the_run_ok(tmp_path):
     assert "round observer broke" in result.stderr and "run observer broke" in result.stderr
     assert "Traceback" not in result.output
     assert "method 'fedavg'" not in result.stderr
+
+
+EDITABLE = """
+from fedbench.hookspecs import hookimpl
+from fedbench_plugins.fedavg import FedAvg
+
+
+class Mine(FedAvg):
+    name = "mine"
+
+
+@hookimpl
+def fedbench_methods():
+    return [Mine]
+"""
+
+
+def test_editing_a_plugin_changes_the_config_hash_and_the_cache_key(tmp_path):
+    from fedbench import __version__
+    from fedbench.engine.resolve import RunSpec, resolve
+
+    path = plugin(tmp_path, "mine", EDITABLE)
+    spec = RunSpec("mine", preset="quick")
+    before = resolve(spec, load_registry((path,)))
+    path.write_text(EDITABLE + "\n# a changed line\n")
+    after = resolve(spec, load_registry((path,)))
+    assert before.code["fedbench"] == __version__
+    assert before.code["method"] != after.code["method"]
+    assert before.code["dataset"] == after.code["dataset"]
+    assert before.config_hash != after.config_hash
+    assert before.federation_identity(None) != after.federation_identity(None)
+    unchanged = resolve(spec, load_registry((path,)))
+    assert unchanged.config_hash == after.config_hash

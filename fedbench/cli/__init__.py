@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from fedbench.cli import datasets, grid, results, run  # noqa: F401  (each registers commands)
+from fedbench.cli import datasets, grid, plugin, results, run  # noqa: F401  (each registers)
 from fedbench.cli.app import app
 
 

@@ -32,6 +32,8 @@ class Registry:
     manager: pluggy.PluginManager
     components: dict[str, dict[str, type]] = field(default_factory=lambda: {k: {} for k in KINDS})
     failures: list[str] = field(default_factory=list)
+    #: by kind and name: the plugin (entry-point name or file) the component came from
+    sources: dict[str, dict[str, str]] = field(default_factory=lambda: {k: {} for k in KINDS})
     warn: Callable[[str], None] = print_warning
 
     def names(self, kind: str) -> list[str]:
@@ -107,7 +109,7 @@ def _collect(registry: Registry, kind: str) -> None:
     a class that breaks a door rule is one warning and is not registered."""
     hook = getattr(registry.manager.hook, f"fedbench_{kind}")
     base = _required_base(kind)
-    sources: dict[str, str] = {}
+    sources = registry.sources[kind]
     for impl in hook.get_hookimpls():  # in registration order: the first one keeps a name
         try:
             classes = impl.function() or []

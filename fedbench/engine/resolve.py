@@ -63,19 +63,12 @@ class Run:
     model: type[Model]
     config: Config
     device: torch.device
+    #: fedbench's version and each used plugin's source hash, read at resolve time
+    code: dict[str, str] = field(default_factory=dict)
 
     @property
     def adapter_name(self) -> str | None:
         return self.adapter.name if self.adapter else None
-
-    @property
-    def code(self) -> dict[str, str]:
-        """The fedbench version and a hash of the source file of each plugin the run uses:
-        edited code is never mistaken for finished work (config hash, federation cache)."""
-        parts = {"method": self.method, "dataset": type(self.dataset), "model": self.model}
-        if self.adapter is not None:
-            parts["adapter"] = self.adapter
-        return {"fedbench": __version__, **{k: source_hash(c) for k, c in parts.items()}}
 
     @property
     def config_hash(self) -> str:
@@ -106,6 +99,13 @@ class Run:
             "device": self.device.type,
             "code": {k: v for k, v in self.code.items() if k != "adapter"},
         }
+
+
+def code_versions(**plugins: type | None) -> dict[str, str]:
+    """The fedbench version and a hash of the source file of each plugin a run uses: edited
+    code is never mistaken for finished work (config hash, federation cache)."""
+    hashes = {role: source_hash(cls) for role, cls in plugins.items() if cls is not None}
+    return {"fedbench": __version__, **hashes}
 
 
 def source_hash(cls: type) -> str:
@@ -165,7 +165,8 @@ def resolve(spec: RunSpec, registry: Registry) -> Run:
     validate(config)
     model.check(config["model"])
     method.check_settings(config)
-    return Run(spec, method, adapter, dataset, model, config, pick_device(spec.device))
+    code = code_versions(method=method, dataset=type(dataset), model=model, adapter=adapter)
+    return Run(spec, method, adapter, dataset, model, config, pick_device(spec.device), code)
 
 
 def holdout_sites(text: str, site_names: list[str] | None) -> list[str] | None:

@@ -1,0 +1,249 @@
+"""The conformance kit: what every plugin, built-in or third-party, must satisfy. Run it as
+`fedbench plugin check NAME`, or from a test: `assert check_plugin("my-method") == []`.
+
+Checks, each reported as one line when it fails: the plugin passed the door (loaded without a
+warning); a quick run ends ok; the same seed gives the same record; a federation resumed from a
+checkpoint equals the uninterrupted one; the server receives no image or mask tensor; the bytes
+counted up and down match what was sent; an adapter's output does not depend on the labels.
+Runs use the quick preset on `synth-prostate` (a dataset plugin: its own data), two rounds."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedbench.errors import FedbenchError
+
+if TYPE_CHECKING:
+    from fedbench.engine.registry import Registry
+    from fedbench.engine.resolve import Run, RunSpec
+
+KINDS = ("methods", "adapters", "datasets", "models")
+ROUNDS = 2
+
+
+@dataclass(frozen=True)
+class Subject:
+    """The plugin under check: its kind, name, and the run spec that exercises it."""
+
+    kind: str
+    name: str
+    spec: RunSpec
+
+
+def find_kind(registry: Registry, name: str) -> str:
+    """The kind `name` is registered as, or one clear error."""
+    kinds = [k for k in KINDS if name in registry.components[k]]
+    if not kinds:
+        known = sorted({n for k in KINDS for n in registry.names(k)})
+        raise FedbenchError(f"no plugin named '{name}'; known: {', '.join(known)}")
+    return kinds[0]
+
+
+def subject_for(
+    registry: Registry,
+    name: str,
+    results_dir: Path,
+    overrides: list[str] | None = None,
+    dataset: str | None = None,
+) -> Subject:
+    """A small run that uses the plugin: a method on synth-prostate with its default adapter
+    (one held-out site); an adapter on FedAvg (or local when it needs no global model); a
+    dataset with FedAvg; a model chosen by model.name."""
+    from fedbench.engine.resolve import RunSpec
+
+    kind = find_kind(registry, name)
+    spec = RunSpec(
+        method="fedavg",
+        preset="quick",
+        rounds=ROUNDS,
+        results_dir=results_dir,
+        overrides=list(overrides or []),
+    )
+    if dataset is not None:
+        spec = replace(spec, dataset=dataset)
+    if kind == "methods":
+        spec = replace(spec, method=name)
+    elif kind == "adapters":
+        adapter = registry.get("adapters", name)
+        spec = replace(
+            spec, adapter=name, method="fedavg" if adapter.needs_global_model else "local"
+        )
+    elif kind == "datasets":
+        spec = replace(spec, dataset=name)
+    else:
+        spec = replace(spec, overrides=[*spec.overrides, f"model.name={name}"])
+    dataset = registry.get("datasets", spec.dataset)()
+    sites = dataset.site_names({**dataset.defaults}) or []
+    return Subject(kind, name, replace(spec, holdout=sites[-1] if sites else "none"))
+
+
+def door_problems(registry: Registry, kind: str, name: str) -> list[str]:
+    """Load warnings about the plugin (module or file) that provides `name`."""
+    source = registry.sources[kind][name]
+    return [f"door: {line}" for line in registry.failures if line.startswith(f"plugin '{source}'")]
+
+
+def computed(spec: RunSpec, registry: Registry, results_dir: Path) -> dict[str, Any]:
+    """The record of `spec` computed in a fresh results folder (nothing cached)."""
+    from fedbench.engine.reporter import Reporter
+    from fedbench.engine.resolve import resolve
+    from fedbench.engine.run import compute
+
+    run = resolve(replace(spec, results_dir=results_dir), registry)
+    return compute(run, registry, Reporter()).record
+
+
+def run_problems(subject: Subject, registry: Registry, scratch: Path) -> list[str]:
+    """A quick run ends ok, and the same seed gives the same metrics and cost."""
+    first = computed(subject.spec, registry, scratch / "a")
+    if first["status"] != "ok":
+        return [f"run: a quick run ended {first['status']}: {first.get('error', '')}"]
+    second = computed(subject.spec, registry, scratch / "b")
+    same = first["metrics"] == second["metrics"] and first["cost"] == second["cost"]
+    return [] if same else ["determinism: two runs with the same seed gave different records"]
+
+
+def spy_class(method: type) -> tuple[type, list[dict[str, Any]]]:
+    """A subclass of `method` that records what the server sends and receives each round."""
+    rounds: list[dict[str, Any]] = []
+
+    class Spy(method):  # type: ignore[misc, valid-type]
+        name = method.name
+
+        def server_payload(self) -> Any:
+            payload = super().server_payload()
+            rounds.append({"payload": payload, "previous": None, "updates": []})
+            return payload
+
+        def server_update(self, previous: Any, updates: Any) -> Any:
+            rounds[-1].update(previous=previous, updates=list(updates))
+            return super().server_update(previous, updates)
+
+    return Spy, rounds
+
+
+def nbytes(state: dict[str, Any]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def carries_data(tensor: Any, model_shapes: set[tuple[int, ...]], sample_shapes: set) -> bool:
+    """A tensor shaped like no model state but like a batch of inputs or targets."""
+    shape = tuple(tensor.shape)
+    return shape not in model_shapes and len(shape) >= 1 and shape[1:] in sample_shapes
+
+
+def server_problems(run: Run, data: Any, rounds: list[dict[str, Any]], cost: dict) -> list[str]:
+    """Only model-shaped tensors reach the server, and the bytes match what was sent."""
+    problems: list[str] = []
+    model_shapes = {tuple(v.shape) for v in run.build_model(data.task).state_dict().values()}
+    sample_shapes = {tuple(s.train.inputs.shape[1:]) for s in data.sites}
+    sample_shapes |= {tuple(s.train.targets.shape[1:]) for s in data.sites}
+    up = down = 0
+    for entry in rounds:
+        for update in entry["updates"]:
+            sent = {**update.state, **{f"extra:{k}": v for k, v in update.extras.items()}}
+            if any(carries_data(t, model_shapes, sample_shapes) for t in sent.values()):
+                problems.append("privacy: a client sent an image- or mask-shaped tensor")
+            up += nbytes(update.state) + nbytes(update.extras)
+        if entry["previous"] is not None:
+            down += len(entry["updates"]) * (nbytes(entry["previous"]) + nbytes(entry["payload"]))
+    if run.method.pooled:
+        return problems
+    if (cost["bytes_up"], cost["bytes_down"]) != (up, down):
+        problems.append(
+            f"bytes: counted {cost['bytes_up']} up / {cost['bytes_down']} down, but the "
+            f"updates and payloads hold {up} / {down}"
+        )
+    return sorted(set(problems))
+
+
+def training_problems(subject: Subject, registry: Registry, scratch: Path) -> list[str]:
+    """For a method: server-side checks and resume equality on the federation of all sites."""
+    from fedbench.engine.resolve import resolve
+    from fedbench.engine.training import train_federation
+
+    run = resolve(replace(subject.spec, results_dir=scratch), registry)
+    data = run.dataset.load(run.config["data"], run.spec.seed, scratch / "cache")
+    spy, rounds = spy_class(run.method)
+
+    def train(config: dict[str, Any], method: type, **kwargs: Any) -> Any:
+        build = lambda: run.build_model(data.task)  # noqa: E731
+        return train_federation(data, data.sites, method, build, config, 0, run.device, **kwargs)
+
+    whole = train(run.config, spy)
+    problems = server_problems(run, data, rounds, whole.cost)
+    first = copy.deepcopy(run.config)
+    first["train"]["rounds"] = 1
+    checkpoint = scratch / "resume.pt"
+    train(first, run.method, checkpoint_path=checkpoint)
+    resumed = train(run.config, run.method, checkpoint_path=checkpoint)
+    if not same_federation(whole, resumed):
+        problems.append("resume: a federation resumed from its checkpoint differs")
+    return problems
+
+
+def same_federation(a: Any, b: Any) -> bool:
+    """Bit-equal global and personalized states."""
+    import torch
+
+    states = [(a.global_state or {}, b.global_state or {})]
+    states += list(zip(a.personalized, b.personalized, strict=True))
+    return all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in states)
+
+
+def label_problems(subject: Subject, registry: Registry, scratch: Path) -> list[str]:
+    """For an adapter: its outputs do not change when the unseen site's labels are shuffled."""
+    import torch
+
+    from fedbench.adapter import AdaptContext
+    from fedbench.data import UnlabeledImages
+    from fedbench.engine.resolve import resolve
+    from fedbench.engine.run import load_or_train
+
+    run = resolve(replace(subject.spec, results_dir=scratch), registry)
+    data = run.dataset.load(run.config["data"], run.spec.seed, scratch / "cache")
+    holdout = data.sites[-1].name
+    federation = load_or_train(run, data, holdout, lambda *_: None)
+    site = data.site(holdout)
+    every = site.all_samples()
+    ctx = AdaptContext(run.config["train"]["batch_size"], run.spec.seed, data.task)
+    outputs = []
+    for _ in range(2):
+        assert run.adapter is not None
+        adapter = run.adapter(run.config["adapter"])
+        outputs.append(adapter.predict(federation, UnlabeledImages(every.inputs), ctx))
+        for split in (site.train, site.val, site.test):  # what the process holds, in place
+            split.targets.copy_(split.targets[torch.randperm(len(split))])
+    same = torch.equal(outputs[0], outputs[1])
+    return [] if same else ["labels: the adapter's outputs change when the labels do"]
+
+
+def check_plugin(
+    name: str,
+    registry: Registry | None = None,
+    overrides: list[str] | None = None,
+    dataset: str | None = None,
+) -> list[str]:
+    """Every conformance check for the plugin `name` (`overrides`: `--set` assignments, such as
+    a dataset's data.path; `dataset`: the runs' dataset, synth-prostate unless the plugin is a
+    dataset); the problems found, one line each (empty when it conforms)."""
+    from fedbench.engine.registry import load_registry
+
+    registry = registry or load_registry()
+    kind = find_kind(registry, name)
+    problems = door_problems(registry, kind, name)
+    with tempfile.TemporaryDirectory(prefix="fedbench-check-") as tmp:
+        scratch = Path(tmp)
+        subject = subject_for(registry, name, scratch, overrides, dataset)
+        problems += run_problems(subject, registry, scratch / "runs")
+        if problems:
+            return problems
+        if subject.kind == "methods":
+            problems += training_problems(subject, registry, scratch / "train")
+        if subject.kind == "adapters":
+            problems += label_problems(subject, registry, scratch / "adapt")
+    return problems
