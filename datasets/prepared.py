@@ -177,6 +177,20 @@ def split_label(seed: int, settings: dict[str, Any]) -> str:
     return f"seed{seed}-{stable_hash(settings)[:8]}"
 
 
+def refuse_foreign_target(out: Path, source: Path) -> None:
+    """Never replace what fedbench did not create: `out` may be missing, empty, or a folder
+    fedbench prepared (it holds our manifest); anything else is one clear error."""
+    if out.resolve() == source.resolve():
+        raise FedbenchError(f"--out {out} is the --source folder; nothing was changed")
+    if out.exists() and not out.is_dir():
+        raise FedbenchError(f"--out {out} is a file; nothing was changed")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise FedbenchError(
+            f"--out {out} holds files fedbench did not prepare; nothing was changed "
+            "(name a new or empty folder)"
+        )
+
+
 class PreparedDataset(Dataset):
     """A dataset read from raw files once (`scan`) into a prepared folder, then built (`build`)
     into sites and splits on every load."""
@@ -245,6 +259,7 @@ class PreparedDataset(Dataset):
         """Convert the raw files under `source` into the prepared folder `out` (orphans are
         listed in its manifest and warned about on every load)."""
         source = require_path({"path": source}, self.name)
+        refuse_foreign_target(Path(out), source)
         scan = self.scan(source, cfg)
         if scan.problems:
             raise DataProblems(scan.problems)

@@ -1,6 +1,7 @@
 """Settings: presets, --set overrides with types, validation and the stable config hash."""
 
 import pytest
+import torch
 
 from fedbench.engine.config import apply_overrides, preset_config
 from fedbench.engine.registry import load_registry
@@ -63,3 +64,17 @@ def test_unknown_preset():
 def test_hash_is_stable_and_order_free():
     assert stable_hash({"a": 1, "b": [1, 2]}) == stable_hash({"b": [1, 2], "a": 1})
     assert stable_hash({"a": 1}) != stable_hash({"a": 2})
+
+
+def test_sgd_momentum_is_a_setting():
+    from fedbench.engine.training import optimizer_factory
+
+    config = resolved_config("train.optimizer=sgd", "train.momentum=0.5")
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = optimizer_factory(config["train"])([param])
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.param_groups[0]["momentum"] == 0.5
+    assert resolved_config()["train"]["momentum"] == 0.9  # as it was built in before
+    for bad in ("train.momentum=1", "train.momentum=-0.1"):
+        with pytest.raises(FedbenchError, match="train.momentum"):
+            resolved_config(bad)

@@ -167,3 +167,30 @@ def test_real_prostate_samples_run_end_to_end(samples, tmp_path, method):  # noq
     assert len(dice) == 7 and ("outside", "BIDMC") in dice
     assert all(0.0 <= v <= 1.0 for v in dice.values())
     assert "I2CVB/train/image/00_03.png" in result.stderr
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_prepare_out_never_deletes_what_fedbench_did_not_create(tmp_path):
+    source = make_slice_source(tmp_path / "raw", sites=("RUNMC", "BMC", "HK"))
+    raw = tree(source)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("my thesis")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    cases = [(source, "is the --source folder"), (foreign, "did not prepare"), (a_file, "a file")]
+    for out, message in cases:
+        args = ("datasets", "prepare", "prostate", "--source", str(source), "--out", str(out))
+        result = invoke(*args, *SITES3)
+        assert result.exit_code != 0 and message in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert tree(source) == raw
+    assert (foreign / "notes.txt").read_text() == "my thesis" and len(tree(foreign)) == 1
+    assert a_file.read_text() == "keep me"
+    prepared = tmp_path / "prepared"  # a folder fedbench prepared may be prepared again
+    for _ in range(2):
+        args = ("datasets", "prepare", "prostate", "--source", str(source), "--out", str(prepared))
+        assert invoke(*args, *SITES3).exit_code == 0
