@@ -132,7 +132,7 @@ def test_run_table_on_terminal_output(tmp_path):
 
 
 BAD_INPUT = [
-    (["--method", "nope"], "unknown method 'nope'; known: central, fedavg"),
+    (["--method", "nope"], "unknown method 'nope'; known: central, "),
     (["--method", "fedavg", "--adapter", "nope"], "unknown adapter 'nope'; known:"),
     (["--method", "fedavg", "--dataset", "nope"], "unknown dataset 'nope'; known:"),
     (["--method", "fedavg", "--holdout", "MARS"], "unknown site 'MARS'; known: BIDMC, BMC"),

@@ -165,9 +165,9 @@ def _register(registry: Registry, plugin: object, name: str) -> None:
     try:
         manager.register(plugin, name=name)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        text = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         registry.failures.append(
-            f"plugin '{name}' cannot be registered: {type(exc).__name__}: {first}"
+            f"plugin '{name}' cannot be registered: {type(exc).__name__}: {text}"
         )
         return
     if isinstance(plugin, ModuleType):
