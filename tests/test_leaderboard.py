@@ -182,8 +182,11 @@ def test_latest_record_of_a_repeated_cell_counts(results):
 
 def test_default_dataset_is_the_one_with_most_records(results):
     write(results, make_record("other", "alpha", 0, {"z": 0.4}, dataset="other"))
-    assert build_leaderboard(load_records(results)[0]).dataset == "toy"
-    assert build_leaderboard(load_records(results)[0], dataset="other").dataset == "other"
+    picked = build_leaderboard(load_records(results)[0])
+    assert picked.dataset == "toy"
+    assert any("also present: other (1 records)" in note for note in picked.notes)
+    chosen = build_leaderboard(load_records(results)[0], dataset="other")
+    assert chosen.dataset == "other" and not any("also present" in n for n in chosen.notes)
 
 
 def test_corrupted_file_is_named_and_skipped(results):

@@ -212,3 +212,25 @@ def test_editing_a_plugin_changes_the_config_hash_and_the_cache_key(tmp_path):
     assert before.federation_identity(None) != after.federation_identity(None)
     unchanged = resolve(spec, load_registry((path,)))
     assert unchanged.config_hash == after.config_hash
+
+
+def test_plugin_is_accepted_after_the_subcommand_too(tmp_path):
+    from fedbench.cli import hoist_global_options
+
+    path = plugin(tmp_path, "mine", EDITABLE)
+    assert hoist_global_options(["run", "--method", "m", "--plugin", "p.py", "--debug"]) == [
+        "--plugin",
+        "p.py",
+        "--debug",
+        "run",
+        "--method",
+        "m",
+    ]
+    assert hoist_global_options(["show", "--plugin=p.py", "--", "--debug"]) == [
+        "--plugin=p.py",
+        "show",
+        "--",
+        "--debug",
+    ]
+    result = cli.invoke(app, hoist_global_options(["list", "methods", "--plugin", str(path)]))
+    assert result.exit_code == 0 and "mine" in result.stdout

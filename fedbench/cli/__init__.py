@@ -4,16 +4,43 @@ package registers every command on `app`."""
 from __future__ import annotations
 
 import os
+import sys
 
 from fedbench.cli import datasets, grid, plugin, results, run  # noqa: F401  (each registers)
 from fedbench.cli.app import app
+
+GLOBAL_FLAGS = ("--debug",)
+GLOBAL_OPTIONS = ("--plugin",)
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """Move `--plugin PATH` and `--debug` to the front, where Typer reads global options, so
+    `fedbench run --plugin my.py ...` works as `fedbench --plugin my.py run ...` does. Nothing
+    after a `--` is touched."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        if arg in GLOBAL_FLAGS or ("=" in arg and arg.split("=", 1)[0] in GLOBAL_OPTIONS):
+            front.append(arg)
+        elif arg in GLOBAL_OPTIONS and i + 1 < len(argv):
+            front += argv[i : i + 2]
+            i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
 
 
 def main() -> None:
     # Idle OpenMP threads sleep instead of spinning: with spinning, a second busy process on a
     # small machine (a grid, a test run) slows every torch step down many times over.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    app()
+    app(args=hoist_global_options(sys.argv[1:]), prog_name="fedbench")
 
 
-__all__ = ["app", "main"]
+__all__ = ["app", "hoist_global_options", "main"]

@@ -192,7 +192,8 @@ def build_leaderboard(
     name = pick_dataset(records, dataset)
     mine = [r for r in records if r["dataset"] == name]
     ok = [r for r in mine if r["status"] == "ok"]
-    notes = status_notes(mine)
+    notes = other_datasets(records, name) if dataset is None else []
+    notes += status_notes(mine)
     frame = metric_frame(ok)
     if frame.empty:
         raise FedbenchError(f"no successful runs with metrics for dataset '{name}'")
@@ -218,6 +219,15 @@ def build_leaderboard(
         )
     notes += settings_notes([r for r in ok if r["run_id"] in kept])
     return Leaderboard(name, metric, selection, boards, notes)
+
+
+def other_datasets(records: list[dict[str, Any]], chosen: str) -> list[str]:
+    """When the board picked a dataset itself: which others have records (--dataset NAME)."""
+    counts = pd.Series([r["dataset"] for r in records], dtype=object).value_counts()
+    others = [f"{d} ({counts[d]} records)" for d in sorted(counts.index) if d != chosen]
+    if not others:
+        return []
+    return [f"board of {chosen} (most records); also present: {', '.join(others)}; --dataset"]
 
 
 def status_notes(records: list[dict[str, Any]]) -> list[str]:
