@@ -99,7 +99,10 @@ def computed(spec: RunSpec, registry: Registry, results_dir: Path) -> dict[str, 
 
 def run_problems(subject: Subject, registry: Registry, scratch: Path) -> list[str]:
     """A quick run ends ok, and the same seed gives the same metrics and cost."""
-    first = computed(subject.spec, registry, scratch / "a")
+    try:
+        first = computed(subject.spec, registry, scratch / "a")
+    except FedbenchError as exc:
+        return [f"run: the quick run cannot start: {exc}"]
     if first["status"] != "ok":
         return [f"run: a quick run ended {first['status']}: {first.get('error', '')}"]
     second = computed(subject.spec, registry, scratch / "b")

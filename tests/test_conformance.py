@@ -22,9 +22,20 @@ BUILT_IN = [
 ]
 
 
+#: the settings a built-in refuses to run without (it says so in one line, tested below)
+NEEDS = {"scaffold": ["train.optimizer=sgd", "train.momentum=0", "train.lr=0.01"]}
+
+
 @pytest.mark.parametrize("name", [n for n in BUILT_IN if n != "dataset-baseline"])
 def test_every_built_in_plugin_conforms(name):
-    assert check_plugin(name, REGISTRY) == []
+    assert check_plugin(name, REGISTRY, NEEDS.get(name)) == []
+
+
+def test_a_method_refusing_the_settings_is_one_run_line():
+    if "scaffold" not in REGISTRY.names("methods"):
+        pytest.skip("scaffold is not installed")
+    (line,) = check_plugin("scaffold", REGISTRY)
+    assert line.startswith("run: the quick run cannot start:") and "train.optimizer=sgd" in line
 
 
 def test_the_dataset_baseline_model_conforms_on_its_dataset(shared_dir):
