@@ -45,6 +45,7 @@ def find_kind(registry: Registry, name: str) -> str:
 
 def subject_for(
     registry: Registry,
+    kind: str,
     name: str,
     results_dir: Path,
     overrides: list[str] | None = None,
@@ -55,7 +56,6 @@ def subject_for(
     dataset with FedAvg; a model chosen by model.name."""
     from fedbench.engine.resolve import RunSpec
 
-    kind = find_kind(registry, name)
     spec = RunSpec(
         method="fedavg",
         preset="quick",
@@ -241,7 +241,7 @@ def check_plugin(
     problems = door_problems(registry, kind, name)
     with tempfile.TemporaryDirectory(prefix="fedbench-check-") as tmp:
         scratch = Path(tmp)
-        subject = subject_for(registry, name, scratch, overrides, dataset)
+        subject = subject_for(registry, kind, name, scratch, overrides, dataset)
         problems += run_problems(subject, registry, scratch / "runs")
         if problems:
             return problems
