@@ -30,7 +30,7 @@ class TrainedFederation:
     site_names: list[str]
     device: torch.device
     shared_keys: list[str] = field(default_factory=list)
-    cost: dict[str, int] = field(default_factory=dict)
+    cost: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     #: per site: the personalized state of its best validation round (when eval.val_best)
     val_best: list[State] | None = None

@@ -2,9 +2,9 @@
 one overridable hook each: which state is shared (`shared_keys`), the client's local update
 (`local_update`, with `local_penalty` and `adjust_gradients` for the common variants), extra
 tensors each way (returned by `local_update`, sent by `server_payload`), the server's step
-(`server_update`, by default `aggregate`), what each client keeps (`personalized_state`), the
-method's own state across rounds (`state_dict`) and the settings it needs (`check_settings`).
-The base class is FedAvg."""
+(`server_update`, by default `aggregate`), what each client keeps (`personalized_state`, after an
+optional `final_update` such as fine-tuning), the method's own state across rounds
+(`state_dict`) and the settings it needs (`check_settings`). The base class is FedAvg."""
 
 from __future__ import annotations
 
@@ -169,6 +169,12 @@ class Method:
     def aggregate(self, updates: list[ClientUpdate]) -> State:
         """Sample-weighted mean of the clients' shared states."""
         return weighted_mean([u.state for u in updates], [u.num_samples for u in updates])
+
+    def final_update(self, model: nn.Module, ctx: LocalContext) -> None:
+        """Client side, once after the last round: a last local step on `model` (the client's
+        personalized model), which it then keeps and is scored with (fine-tuning before
+        scoring). Nothing is sent. Methods that do not override it keep their models as they
+        are."""
 
     def after_local_update(self, client: int, state: State) -> None:
         """Called with a client's state right after its local training in every round."""

@@ -5,8 +5,9 @@ Variant: one personalization layer, the network's output layer (`output_layer_ke
 convolution or linear layer, weight and bias); everything else, normalization statistics
 included, is the shared base. Base and head train jointly in every local update, as in the
 paper (not alternately, as FedRep does). Each client is scored with the global base plus its own
-head. No head is ever trained globally, so there is no global model to hand an unseen site:
-`has_global_model` is False and unseen sites default to the ensemble of the personalized models."""
+head. An unseen site receives the global base with the sample-weighted mean of the clients'
+heads (each sent once after the last round, counted in the bytes up); by default it uses the
+ensemble of the personalized models."""
 
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ class FedPer(Method):
     name = "fedper"
     description = "FedPer: the output layer (head) stays on each client, the base is averaged"
     default_adapter = "ensemble"
-    has_global_model = False
 
     def shared_keys(self, model: nn.Module) -> list[str]:
         head = output_layer_keys(model)

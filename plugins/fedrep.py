@@ -11,10 +11,11 @@ Each phase has a fresh `train.optimizer` over the parameters it trains only, and
 parameters stop requiring gradients for the phase (their flags are put back afterwards). The
 frozen body's BatchNorm layers still normalise with batch statistics in phase 1, as in phase 2,
 but their running statistics are restored after it, so phase 1 changes nothing but the head.
-Clients are scored with the global body and their own head. No head is trained globally, so
-there is no global model for an unseen site (`has_global_model` False; unseen sites use the
-ensemble of the personalized models, as FedPer's). Default: one head epoch (the paper trains the
-head for several epochs per round, e.g. 10; raise `method.head_epochs` for that)."""
+Clients are scored with the global body and their own head. An unseen site receives the global
+body with the sample-weighted mean of the clients' heads (each sent once after the last round,
+counted in the bytes up); by default it uses the ensemble of the personalized models. Default:
+one head epoch (the paper trains the head for several epochs per round, e.g. 10; raise
+`method.head_epochs` for that)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,6 @@ class FedRep(Method):
     name = "fedrep"
     description = "FedRep: local head trained first, then the shared body (method.head_epochs)"
     default_adapter = "ensemble"
-    has_global_model = False
     defaults = {"head_epochs": 1}
 
     @classmethod

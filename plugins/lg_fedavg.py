@@ -4,9 +4,9 @@ global layers on top are shared and averaged.
 
 Variant: the global part is the network's output layer (`output_layer_keys`: the last
 convolution or linear layer); everything below it, normalization included, is local; all layers
-train jointly in each local update. As in FedPer, no representation is ever trained globally,
-so there is no global model for an unseen site: `has_global_model` is False and unseen sites use
-the ensemble of the personalized models."""
+train jointly in each local update. An unseen site receives the global output layer with the
+sample-weighted mean of the clients' representation layers (each sent once after the last
+round, counted in the bytes up); by default it uses the ensemble of the personalized models."""
 
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ class LGFedAvg(Method):
     name = "lg-fedavg"
     description = "LG-FedAvg: local representation layers, the output layer is averaged"
     default_adapter = "ensemble"
-    has_global_model = False
 
     def shared_keys(self, model: nn.Module) -> list[str]:
         head = output_layer_keys(model)

@@ -58,4 +58,3 @@ def test_lg_fedavg_shares_only_the_output_layer(data):
         assert all(torch.equal(p[k], fed.global_state[k]) for p in personal), k
     body = [k for k in personal[0] if k not in head and personal[0][k].is_floating_point()]
     assert any(not torch.equal(personal[0][k], personal[1][k]) for k in body)
-    assert fed.method.has_global_model is False

@@ -18,6 +18,8 @@ BASE: Config = {
         "lr": 2e-3,
         "optimizer": "adam",
         "momentum": 0.9,  # SGD only
+        # "all", a count (an integer >= 1) or a fraction in (0, 1] of the clients per round
+        "clients_per_round": "all",
     },
     "eval": {"batch_size": 64, "val_best": False, "history": True},
 }
@@ -121,6 +123,35 @@ def known_keys(config: Config) -> str:
     return ", ".join(sorted(flatten(config)))
 
 
+def as_number(text: Any) -> Any:
+    """'3' -> 3, '0.5' -> 0.5, 'all' -> 'all'; anything else unchanged (a non-number is None)."""
+    if not isinstance(text, str):
+        return text
+    word = text.strip().lower()
+    for kind in (int, float):
+        try:
+            return kind(word)
+        except ValueError:
+            pass
+    return word if word == "all" else None
+
+
+def clients_per_round(setting: Any, num_clients: int) -> int:
+    """How many of `num_clients` take part in a round under `train.clients_per_round`: all, a
+    count (at most all) or a fraction (rounded, at least one); one clear error otherwise."""
+    value = as_number(setting)
+    if value == "all":
+        return num_clients
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return min(value, num_clients)
+    if isinstance(value, float) and 0 < value <= 1:
+        return max(1, min(num_clients, round(value * num_clients)))
+    raise FedbenchError(
+        "setting train.clients_per_round must be 'all', a count >= 1 or a fraction in (0, 1], "
+        f"got {setting!r}"
+    )
+
+
 def validate(config: Config) -> None:
     """Reject settings no run can use, naming the setting."""
     flat = flatten(config)
@@ -128,6 +159,7 @@ def validate(config: Config) -> None:
         value = flat.get(key)
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise FedbenchError(f"setting {key} must be a positive number, got {value!r}")
+    clients_per_round(flat["train.clients_per_round"], 1)
     momentum = flat["train.momentum"]
     if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 <= momentum < 1:
         raise FedbenchError(f"setting train.momentum must be in [0, 1), got {momentum!r}")

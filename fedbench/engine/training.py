@@ -14,9 +14,18 @@ from torch import nn
 from fedbench.adapter import TrainedFederation, predict_batched
 from fedbench.data import FederatedData, Site, Split
 from fedbench.engine import checkpoint
-from fedbench.engine.config import Config
+from fedbench.engine.config import Config, clients_per_round
 from fedbench.engine.profiling import PROFILE
-from fedbench.method import ClientUpdate, LocalContext, Method, State, clone_state, state_nbytes
+from fedbench.method import (
+    ClientUpdate,
+    LocalContext,
+    Method,
+    State,
+    clone_state,
+    state_nbytes,
+    weighted_mean,
+)
+from fedbench.storage import stable_hash
 from fedbench.task import Task
 
 RoundCallback = Callable[[int, dict[str, float]], None]
@@ -62,6 +71,10 @@ class Training:
         self.global_state = clone_state(self.model.state_dict())
         self.client_states = [clone_state(self.global_state) for _ in self.clients]
         self.generator = torch.Generator().manual_seed(seed)
+        # a stream of its own, so drawing clients never shifts the batches' shuffling
+        self.sampler = torch.Generator().manual_seed(int(stable_hash(["clients", seed])[:15], 16))
+        self.participation: list[list[int]] = []
+        self.finished: list[State] | None = None
         self.cost = {
             "bytes_up": 0,
             "bytes_down": 0,
@@ -93,12 +106,24 @@ class Training:
             batches=batches,
         )
 
+    def participants(self) -> list[int]:
+        """This round's clients: all of them, or `train.clients_per_round` drawn without
+        replacement from the sampling stream (nothing is drawn when all take part)."""
+        total = len(self.clients)
+        count = clients_per_round(self.config["train"]["clients_per_round"], total)
+        if count == total:
+            return list(range(total))
+        return sorted(torch.randperm(total, generator=self.sampler)[:count].tolist())
+
     def run_round(self) -> None:
-        """Every client trains locally from the global model, then the server updates it."""
+        """The round's clients train locally from the global model, then the server updates it."""
         updates = []
         shared_global = {k: self.global_state[k] for k in self.shared}
         payload = self.method.server_payload()
-        for i, split in enumerate(self.clients):
+        chosen = self.participants()
+        self.participation.append(chosen)
+        for i in chosen:
+            split = self.clients[i]
             with PROFILE.phase("local training"):
                 self.model.load_state_dict(self.client_view(i))
                 ctx = self.local_context(i, split, shared_global, payload)
@@ -119,7 +144,37 @@ class Training:
     def personalized(self, site_index: int) -> State:
         """The model site `site_index` keeps (the global model for pooled training)."""
         client = 0 if self.method.pooled else site_index
+        if self.finished is not None:
+            return self.finished[client]
         return self.method.personalized_state(client, self.client_view(client))
+
+    def finish(self) -> None:
+        """Each client's `Method.final_update` (e.g. fine-tuning) on its personalized model,
+        once after the last round, for methods that define one."""
+        if type(self.method).final_update is Method.final_update or self.finished is not None:
+            return
+        finished = []
+        for i, split in enumerate(self.clients):
+            with PROFILE.phase("local training"):
+                self.model.load_state_dict(self.personalized(i))
+                ctx = self.local_context(i, split, {}, {})
+                self.method.final_update(self.model, ctx)
+                self.cost["client_steps"] += ctx.steps
+                finished.append(clone_state(self.model.state_dict()))
+        self.finished = finished
+
+    def unseen_site_model(self) -> tuple[State, int]:
+        """The global model an unseen site receives, and the bytes it took: the shared state,
+        with every key the server never shared filled by the sample-weighted mean of the
+        clients' own values (each client sends those once, after the last round)."""
+        own = [k for k in self.global_state if k not in self.shared]
+        taking_part = sorted({i for chosen in self.participation for i in chosen})
+        if not own or not taking_part:
+            return clone_state(self.global_state), 0
+        parts = [{k: self.client_states[i][k] for k in own} for i in taking_part]
+        sizes = [len(self.clients[i]) for i in taking_part]
+        mean = weighted_mean(parts, sizes)
+        return {**clone_state(self.global_state), **mean}, sum(state_nbytes(p) for p in parts)
 
     def validate(self) -> dict[str, float]:
         """Validation score of each site's personalized model."""
@@ -144,6 +199,8 @@ class Training:
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cost": self.cost,
+            "sampler": self.sampler.get_state(),
+            "participation": self.participation,
         }
 
     def restore(self, snapshot: dict[str, Any]) -> None:
@@ -154,20 +211,26 @@ class Training:
         self.generator.set_state(snapshot["generator"])
         torch.set_rng_state(snapshot["torch_rng"])
         self.cost = snapshot["cost"]
+        self.sampler.set_state(snapshot["sampler"])
+        self.participation = snapshot["participation"]
 
     def result(
         self, history: list[dict[str, Any]], val_best: list[State] | None
     ) -> TrainedFederation:
         """The models handed to unseen sites (independent copies) with cost and history."""
-        cost = dict(self.cost)
-        # per client per round, each way (every client takes part in every round)
-        per = max(1, cost["rounds"] * cost["clients"])
+        cost: dict[str, Any] = dict(self.cost)
+        per = max(1, sum(len(chosen) for chosen in self.participation))  # client-rounds
         cost["bytes_up_per_client_round"] = cost["bytes_up"] // per
         cost["bytes_down_per_client_round"] = cost["bytes_down"] // per
-        has_global = self.method.has_global_model
+        cost["participation"] = [list(chosen) for chosen in self.participation]
+        global_state = None
+        if self.method.has_global_model:
+            global_state, sent = self.unseen_site_model()
+            cost["bytes_up"] += sent
+            cost["bytes_up_final"] = sent
         return TrainedFederation(
             build_model=self.build_model,
-            global_state=clone_state(self.global_state) if has_global else None,
+            global_state=global_state,
             personalized=[clone_state(self.personalized(i)) for i in range(len(self.sites))],
             site_names=[s.name for s in self.sites],
             device=self.device,
@@ -220,6 +283,7 @@ def train_federation(
                 checkpoint.save(checkpoint_path, payload)
         if on_round is not None:
             on_round(round_index, scores)
+    fed.finish()
     return fed.result(progress["history"], progress["best_states"] if val_best else None)
 
 
