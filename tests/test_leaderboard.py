@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 
 from fedbench.cli import app
 from fedbench.cli.tables import to_text_table
+from fedbench.results.heatmap import figure_size
 from fedbench.results.leaderboard import build_leaderboard, load_records, paired_p
-from fedbench.results.plots import DPI, curves_figsize, leaderboard_figsize
+from fedbench.results.plots import DPI, curves_figsize
 
 runner = CliRunner()
 
@@ -263,13 +264,13 @@ def png_size(path: Path) -> tuple[int, int]:
         return image.size
 
 
-def test_leaderboard_plot_is_a_png_of_the_planned_size(results, tmp_path):
+def test_leaderboard_heatmap_is_a_png_of_the_planned_size(results, tmp_path):
     out = tmp_path / "board.png"
     result = runner.invoke(
         app, ["leaderboard", "--results-dir", str(results), "--format", "md", "--plot", str(out)]
     )
     assert result.exit_code == 0, result.output
-    width, height = leaderboard_figsize(build_leaderboard(load_records(results)[0]))
+    width, height = figure_size(build_leaderboard(load_records(results)[0]))
     got = png_size(out)
     assert abs(got[0] - width * DPI) <= 1 and abs(got[1] - height * DPI) <= 1
 

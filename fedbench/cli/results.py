@@ -26,7 +26,13 @@ def leaderboard_command(
         ),
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Write to this file instead of stdout.")] = None,
-    plot: Annotated[Path | None, typer.Option(help="Also draw the boards to FILE.png.")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Also draw the boards as a heatmap to FILE.png.")
+    ] = None,
+    cd: Annotated[
+        Path | None,
+        typer.Option(help="Also draw critical-difference diagrams (Friedman, Nemenyi) to FILE."),
+    ] = None,
     metric: Annotated[str, typer.Option(help="Metric to rank by (hd* ranks ascending).")] = "dice",
     selection: Annotated[str, typer.Option(help="final or val-best.")] = "final",
 ) -> None:
@@ -39,10 +45,12 @@ def leaderboard_command(
     known = ("table", *formats.FORMATS)
     if fmt not in known:
         fail(f"unknown format '{fmt}'; known: {', '.join(known)}")
-    if plot is not None:
+    figures = [path for path in (plot, cd) if path is not None]
+    if figures:
         from fedbench.results.plots import check_figure_path
 
-        check_figure_path(plot)
+        for path in figures:
+            check_figure_path(path)
     records, warnings = lbm.load_records(results_dir)
     for line in warnings:
         say(f"warning: {line}")
@@ -56,10 +64,15 @@ def leaderboard_command(
     else:
         sys.stdout.write(formats.render(board, fmt))
     if plot is not None:
-        from fedbench.results.plots import leaderboard_figure
+        from fedbench.results.heatmap import heatmap_figure
 
-        leaderboard_figure(board, plot)
+        heatmap_figure(board, plot)
         say(f"wrote {plot}")
+    if cd is not None:
+        from fedbench.results.ranking import cd_figure
+
+        cd_figure(board, cd)
+        say(f"wrote {cd}")
 
 
 def _print_tables(board: Any) -> None:

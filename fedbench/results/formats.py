@@ -33,14 +33,14 @@ def display_frame(board: Board, metric: str) -> pd.DataFrame:
     out = pd.DataFrame({"rank": f["rank"].astype(str)})
     for key in board.keys:
         out[key] = f[key].astype(str)
-    for column in [*board.sites, "mean", "worst"]:
+    for column in [*board.sites, "mean", "worst", "site sd"]:
         label = "worst site" if column == "worst" else str(column)
         out[label] = [_fmt(m, s, digits) for m, s in zip(f[column], f[f"{column} std"])]
     out["spread"] = [_fmt(v, None, digits) for v in f["spread"]]
     out["MB sent"] = [_fmt(v / 1e6, None, 1) for v in f["bytes"]]
     out["seeds"] = f["seeds"].astype(str)
-    out["p vs best"] = [
-        "best" if s is None else _fmt(p, None, 3) for p, s in zip(f["p"], f["significant"])
+    out["p vs best (Holm)"] = [
+        "best" if s is None else _fmt(p, None, 3) for p, s in zip(f["p holm"], f["significant"])
     ]
     out["sig."] = ["*" if s else "" for s in f["significant"]]
     return out
@@ -51,9 +51,11 @@ def legend_lines(lb: Leaderboard) -> list[str]:
     order = "lower is better" if lb.lower_is_better else "higher is better"
     return [
         f"{lb.metric} ({order}), selection '{lb.selection}', dataset {lb.dataset}: mean ± std "
-        "over seeds; worst site = worst site score of each run; spread = max - min of site means",
-        f"* = differs from the best row (two-sided Wilcoxon signed-rank over (site, seed) pairs, "
-        f"p < {ALPHA}); p is '-' when there are no pairs to compare",
+        "over seeds; worst site = worst site score of each run; site sd = standard deviation "
+        "across sites of each run (fairness); spread = max - min of site means",
+        "* = differs from the best row: two-sided Wilcoxon signed-rank test over (site, seed) "
+        "pairs, p corrected with Holm's method for the comparisons of every row with the best, "
+        f"p < {ALPHA}; p is '-' when there are no pairs to compare",
         *lb.notes,
     ]
 
@@ -98,7 +100,9 @@ def _clean(value: Any) -> Any:
     return value
 
 
-STAT_COLUMNS = "mean|mean std|worst|worst std|spread|bytes|seeds|p|significant"
+STAT_COLUMNS = (
+    "mean|mean std|worst|worst std|site sd|site sd std|spread|bytes|seeds|p|p holm|significant"
+)
 
 
 def to_json(lb: Leaderboard) -> str:

@@ -1,7 +1,9 @@
 """Leaderboards from run records (DESIGN.md section 5): one board inside the federation (a row per
 method) and one outside it (a row per method + adapter), mean ± std over seeds per site, ranked,
-each row compared with the best one by a paired Wilcoxon test over (site, seed) pairs. Rendering
-them as text is fedbench/results/formats.py; as a picture, fedbench/results/plots.py."""
+each row compared with the best one by a paired Wilcoxon test over (site, seed) pairs, the p
+values corrected for the multiple comparisons with Holm's method. Rendering them as text is
+fedbench/results/formats.py; as pictures, fedbench/results/heatmap.py (the board) and
+fedbench/results/ranking.py (the critical-difference diagram)."""
 
 from __future__ import annotations
 
@@ -25,12 +27,18 @@ TITLES = {"inside": "Inside the federation", "outside": "Outside the federation 
 
 @dataclass
 class Board:
-    """One regime's ranked table: numeric columns, one row per method (or method + adapter)."""
+    """One regime's ranked table: numeric columns, one row per method (or method + adapter),
+    and `blocks`, each row's value per (site, seed) block (rows labelled as `label` does)."""
 
     regime: str
     keys: list[str]
     sites: list[str]
     frame: pd.DataFrame
+    blocks: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    def label(self, row: Any) -> str:
+        """'fedavg' or 'fedavg + tent': how a row is named in pictures."""
+        return " + ".join(str(row[k]) for k in self.keys)
 
 
 @dataclass
@@ -141,6 +149,18 @@ def paired_p(row: pd.Series, best: pd.Series) -> float:
     return p
 
 
+def holm(p_values: pd.Series) -> pd.Series:
+    """Holm's step-down correction of the finite p values (nan stays nan): the k-th smallest
+    of m is multiplied by m - k + 1, made monotone, capped at 1."""
+    from statsmodels.stats.multitest import multipletests
+
+    finite = p_values.dropna()
+    adjusted = pd.Series(math.nan, index=p_values.index, dtype=float)
+    if not finite.empty:
+        adjusted[finite.index] = multipletests(finite.to_numpy(), method="holm")[1]
+    return adjusted
+
+
 def build_board(frame: pd.DataFrame, regime: str, metric: str) -> Board:
     """The ranked board of one regime from the metric rows of that regime (one metric)."""
     keys = REGIMES[regime]
@@ -150,13 +170,15 @@ def build_board(frame: pd.DataFrame, regime: str, metric: str) -> Board:
     sites = list(dict.fromkeys(frame["site"]))
     values = values[sites]
     worst = values.max(axis=1) if lower_is_better(metric) else values.min(axis=1)
-    per_seed = pd.DataFrame({"mean": values.mean(axis=1), "worst": worst})
+    per_seed = pd.DataFrame(
+        {"mean": values.mean(axis=1), "worst": worst, "site sd": values.std(axis=1)}
+    )
     grouped, seed_stats = values.groupby(level=keys), per_seed.groupby(level=keys)
     site_mean, site_std = grouped.mean(), grouped.std()
     out = pd.DataFrame(index=site_mean.index)
     for site in sites:
         out[site], out[f"{site} std"] = site_mean[site], site_std[site]
-    for column in ("mean", "worst"):
+    for column in ("mean", "worst", "site sd"):
         out[column] = seed_stats[column].mean()
         out[f"{column} std"] = seed_stats[column].std()
     out["spread"] = site_mean.max(axis=1) - site_mean.min(axis=1)
@@ -171,8 +193,15 @@ def build_board(frame: pd.DataFrame, regime: str, metric: str) -> Board:
         math.nan if key == best else paired_p(_pairs(long, key), _pairs(long, best))
         for key in out.index
     ]
-    out["significant"] = [(bool(p < ALPHA) if key != best else None) for key, p in out["p"].items()]
-    return Board(regime, keys, sites, out.reset_index())
+    out["p holm"] = holm(out["p"])
+    out["significant"] = [
+        (bool(p < ALPHA) if key != best else None) for key, p in out["p holm"].items()
+    ]
+    board = Board(regime, keys, sites, out.reset_index())
+    blocks = long.unstack(["site", "seed"]).reindex(out.index)
+    blocks.index = [board.label(row) for row in board.frame.to_dict("records")]
+    board.blocks = blocks
+    return board
 
 
 def _pairs(long: pd.Series, key: Any) -> pd.Series:

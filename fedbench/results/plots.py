@@ -1,5 +1,6 @@
-"""Figures with matplotlib (Agg, no display needed): leaderboard bars per site with error bars,
-and validation learning curves per round and site."""
+"""Figures with matplotlib (Agg, no display needed): validation learning curves per round and
+site, predictions and datasets, and the helpers every figure shares (the board pictures are
+fedbench/results/heatmap.py and fedbench/results/ranking.py)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,12 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from fedbench.data import FederatedData
-    from fedbench.results.leaderboard import Board, Leaderboard
 
 FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
-HATCHES = ("", "//", "..", "xx", "\\\\", "oo", "--", "++", "**", "||")
 DPI = 130
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     """pyplot on the Agg backend (no display, same output everywhere)."""
     import matplotlib
 
@@ -46,7 +45,7 @@ def check_figure_path(path: Path) -> Path:
 def save(fig: Figure, path: Path, **options: Any) -> None:
     """Save at the figure's own size (its constrained layout keeps everything inside) through
     a temp file and a rename over `path`."""
-    plt = _pyplot()
+    plt = pyplot()
     options = {"dpi": DPI, **options}
     try:
         write_atomic(path, lambda handle: fig.savefig(handle, format=path.suffix[1:], **options))
@@ -56,86 +55,9 @@ def save(fig: Figure, path: Path, **options: Any) -> None:
 
 def colours(names: list[str]) -> dict[str, Any]:
     """A distinct colour per name, stable in the order given."""
-    plt = _pyplot()
+    plt = pyplot()
     cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
     return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
-
-
-def _bar_panel(panel: Any, board: Board, lb: Leaderboard, method_colours: dict[str, Any]) -> None:
-    """Grouped bars in a subfigure: one group per site (and the mean), one bar per row, std over
-    seeds; the legend sits outside the axes, to the right."""
-    ax = panel.subplots()
-    frame = board.frame.sort_values(board.keys, kind="stable")  # methods grouped, legend sorted
-    groups = [*board.sites, "mean"]
-    rows = len(frame)
-    width = 0.8 / max(rows, 1)
-    adapters = list(dict.fromkeys(frame["adapter"])) if "adapter" in frame else []
-    for i, row in enumerate(frame.to_dict("records")):
-        label = " + ".join(str(row[k]) for k in board.keys)
-        means = [row[g] for g in groups]
-        stds = [0.0 if math.isnan(row[f"{g} std"]) else row[f"{g} std"] for g in groups]
-        xs = [g + (i - (rows - 1) / 2) * width for g in range(len(groups))]
-        hatch = HATCHES[adapters.index(row["adapter"]) % len(HATCHES)] if adapters else ""
-        ax.bar(
-            xs,
-            means,
-            width,
-            yerr=stds,
-            label=label,
-            color=method_colours[row["method"]],
-            hatch=hatch,
-            edgecolor="white" if not hatch else "0.25",
-            linewidth=0.4,
-            error_kw={"elinewidth": 0.8, "capsize": 2 if rows <= 8 else 0, "ecolor": "0.2"},
-        )
-    ax.set_xticks(range(len(groups)), [str(g) for g in groups], fontsize=10)
-    ax.axvline(len(groups) - 1.5, color="0.6", linewidth=0.8, linestyle=":")
-    order = "lower is better" if lb.lower_is_better else "higher is better"
-    ax.set_ylabel(f"{lb.metric} ({order})", fontsize=10)
-    if not lb.lower_is_better and lb.metric.lower().startswith("dice"):
-        ax.set_ylim(0, 1.05)
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
-    titles = {
-        "inside": "Inside the federation (per-site models)",
-        "outside": "Outside the federation (each site held out, unseen)",
-    }
-    ax.set_title(titles.get(board.regime, board.regime), fontsize=12, loc="left")
-    panel.legend(
-        loc="outside right upper",
-        fontsize=9,
-        ncol=1 if rows <= 16 else 2,
-        frameon=False,
-        title="method + adapter" if board.regime == "outside" else "method",
-        title_fontsize=9,
-    )
-
-
-def leaderboard_figsize(lb: Leaderboard) -> tuple[float, float]:
-    """Inches: room for every bar and the legend, 4.2 in per regime panel."""
-    widest = max(len(b.frame) * (len(b.sites) + 1) for b in lb.boards)
-    legend = 2.6 if max(len(b.frame) for b in lb.boards) <= 16 else 4.8
-    return min(max(8.0, 2.0 + 0.11 * widest), 32.0) + legend, 0.4 + 4.2 * len(lb.boards)
-
-
-def leaderboard_figure(lb: Leaderboard, path: Path) -> Path:
-    """Per-site bars with std error bars, one panel per regime, methods told apart by colour."""
-    plt = _pyplot()
-    path = check_figure_path(path)
-    methods = sorted({str(m) for b in lb.boards for m in b.frame["method"]})
-    method_colours = colours(methods)
-    fig = plt.figure(figsize=leaderboard_figsize(lb), layout="constrained")
-    panels = fig.subfigures(len(lb.boards), 1, squeeze=False)[:, 0]
-    for panel, board in zip(panels, lb.boards):
-        _bar_panel(panel, board, lb, method_colours)
-    fig.suptitle(
-        f"{lb.dataset}: {lb.metric} ({lb.selection}), mean ± std over seeds",
-        fontsize=13,
-        x=0.01,
-        ha="left",
-    )
-    save(fig, path)
-    return path
 
 
 def curve_panel(ax: Any, record: dict[str, Any], site_colours: dict[str, Any]) -> None:
@@ -185,7 +107,7 @@ def curves_figsize(runs: int) -> tuple[float, float]:
 
 def curves_figure(records: list[dict[str, Any]], path: Path) -> Path:
     """Learning curves (validation Dice per round and site), one panel per run."""
-    plt = _pyplot()
+    plt = pyplot()
     path = check_figure_path(path)
     for record in records:
         if not (record.get("history") or {}).get("inside"):
@@ -241,7 +163,7 @@ def examples_figure(
 ) -> Path:
     """One row per site: its kept images with the ground truth (green) and the run's prediction
     (red) outlined, inside the federation and, where the site was held out, outside it."""
-    plt = _pyplot()
+    plt = pyplot()
     sites = list(dict.fromkeys(site for _, site in examples))
     regimes = [r for r in ("inside", "outside") if any(k[0] == r for k in examples)]
     per = max(len(v["image"]) for v in examples.values())
@@ -284,7 +206,7 @@ def dataset_figure(data: FederatedData, per_site: int, rgb: bool, path: Path) ->
     """Rows of sites, `per_site` images each, mask outlines on top (`fedbench datasets show`)."""
     from fedbench.results.predictions import display_image, pick
 
-    plt = _pyplot()
+    plt = pyplot()
     rows = len(data.sites)
     fig, axes = plt.subplots(rows, per_site, figsize=(2 * per_site, 2 * rows), squeeze=False)
     for r, site in enumerate(data.sites):
