@@ -1,13 +1,33 @@
 """Segmentation scores with MONAI's metrics: per-case foreground Dice and HD95, and the IOP-FL
-release's own per-slice figure (mean of background and foreground Dice), kept under its own name."""
+release's own per-slice figure (mean of background and foreground Dice), kept under its own name.
+
+HD95 is MONAI's `compute_hausdorff_distance(percentile=95)` on each case as a whole: its slices
+stacked in order as one volume (or, for tasks of independent 2D images, per image and then
+averaged over the case's images). Distances are in mm when the task knows the voxel spacing and
+in voxels otherwise. MONAI 1.6 returns NaN whenever the truth or the prediction of a class is
+empty, so those cases are decided from the masks, as BraTS scores HD95 and as the Metrics
+Reloaded reference code (Project-MONAI/MetricsReloaded, `BinaryPairwiseMeasures.
+measured_distance`) does for two empty masks:
+
+- truth and prediction both empty: 0 (nothing to find, nothing found);
+- exactly one of them empty (a missed structure, or one predicted where there is none): the
+  worst value, the diagonal of the volume (image) in the same unit. BraTS 2023 penalises such a
+  miss or false positive with 374 mm, the diagonal of its 240 x 240 x 155 mm volume.
+
+No figure is ever skipped, so a false positive on a slice without truth costs its distance.
+"""
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+
+#: voxel spacing (slice thickness, row, column) in mm
+Spacing = Sequence[float]
 
 
 def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -15,35 +35,49 @@ def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(labels.long(), num_classes).permute(0, 3, 1, 2).float()
 
 
+def _volume(stack: torch.Tensor) -> torch.Tensor:
+    """A case's [S, C, H, W] slices -> one [1, C, S, H, W] volume."""
+    return stack.permute(1, 0, 2, 3).unsqueeze(0)
+
+
 def _case_dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Foreground Dice per class over one case's slices stacked as a volume: [C-1]."""
     from monai.metrics import compute_dice
 
-    volume_pred = pred.permute(1, 0, 2, 3).unsqueeze(0)  # [1, C, S, H, W]
-    volume_true = target.permute(1, 0, 2, 3).unsqueeze(0)
-    return compute_dice(volume_pred, volume_true, include_background=False, ignore_empty=False)[0]
+    return compute_dice(
+        _volume(pred), _volume(target), include_background=False, ignore_empty=False
+    )[0]
 
 
-def _case_hd95(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """HD95 in pixels per foreground class, averaged over the case's slices that hold that class.
-
-    A slice whose prediction misses the class entirely scores the image diagonal (the worst
-    possible distance) instead of MONAI's NaN, so misses are penalised rather than ignored.
-    """
+def _hd95_with_empty_rule(
+    pred: torch.Tensor, target: torch.Tensor, spacing: Spacing | None
+) -> torch.Tensor:
+    """HD95 per batch item and foreground class of [B, C, *spatial] maps: [B, C-1], with the
+    empty-mask rule of the module docstring."""
     from monai.metrics import compute_hausdorff_distance
 
-    diagonal = math.hypot(pred.shape[-2], pred.shape[-1])
+    extent = [n * s for n, s in zip(pred.shape[2:], spacing or [1.0] * (pred.ndim - 2))]
+    worst = math.sqrt(sum(e * e for e in extent))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        per_slice = compute_hausdorff_distance(
-            pred, target, include_background=False, percentile=95
+        warnings.simplefilter("ignore")  # MONAI warns on every empty mask
+        hd = compute_hausdorff_distance(
+            pred, target, include_background=False, percentile=95, spacing=spacing
         )
-    has_truth = target[:, 1:].flatten(2).any(-1)
-    per_slice = torch.where(
-        torch.isfinite(per_slice), per_slice, torch.full_like(per_slice, diagonal)
-    )
-    per_slice = torch.where(has_truth, per_slice, torch.nan)
-    return torch.nanmean(per_slice, dim=0)
+    has_pred = pred[:, 1:].flatten(2).any(-1)
+    has_true = target[:, 1:].flatten(2).any(-1)
+    hd = torch.where(has_pred & has_true, hd, torch.full_like(hd, worst))
+    return torch.where(has_pred | has_true, hd, torch.zeros_like(hd))
+
+
+def case_hd95(
+    pred: torch.Tensor, target: torch.Tensor, spacing: Spacing | None = None, volume: bool = True
+) -> torch.Tensor:
+    """HD95 per foreground class of one case's [S, C, H, W] binary maps: [C-1]. `volume`: the
+    slices are one volume (spacing: thickness, row, column); else independent 2D images,
+    averaged (spacing: row, column)."""
+    if volume:
+        return _hd95_with_empty_rule(_volume(pred), _volume(target), spacing)[0]
+    return _hd95_with_empty_rule(pred, target, spacing).mean(0)
 
 
 def release_dice(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -57,7 +91,7 @@ def release_dice(pred: torch.Tensor, target: torch.Tensor) -> float:
 def _per_case(
     pred: torch.Tensor, true: torch.Tensor, cases: torch.Tensor
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(prediction, truth) one-hot stacks of each case's slices."""
+    """(prediction, truth) one-hot stacks of each case's slices, in their order."""
     return [(pred[cases == c], true[cases == c]) for c in torch.unique(cases)]
 
 
@@ -77,17 +111,20 @@ def region_scores(
     cases: torch.Tensor,
     region_names: list[str],
     release: bool = True,
+    spacing: Spacing | None = None,
+    volume: bool = True,
 ) -> dict[str, float]:
     """Site-level scores from [N, 1 + R, H, W] binary region maps (channel 0 the background;
-    regions may overlap, as fundus' disc and cup do): mean over cases of per-case Dice and HD95,
-    per region when there are several, their means, and (`release`) the IOP-FL figure."""
+    regions may overlap, as fundus' disc and cup do): mean over cases of per-case Dice and HD95
+    (see `case_hd95` for `spacing` and `volume`), per region when there are several, their
+    means, and (`release`) the IOP-FL figure. A case's samples must be its slices in order."""
     dice_rows, hd_rows = [], []
     for case_pred, case_true in _per_case(pred, true, cases.cpu()):
         dice_rows.append(_case_dice(case_pred, case_true))
-        hd_rows.append(_case_hd95(case_pred, case_true))
+        hd_rows.append(case_hd95(case_pred, case_true, spacing, volume))
     dice = torch.stack(dice_rows).mean(0)
-    hd95 = torch.nanmean(torch.stack(hd_rows), dim=0)
-    scores = {"dice": float(dice.mean()), "hd95": float(torch.nanmean(hd95))}
+    hd95 = torch.stack(hd_rows).mean(0)
+    scores = {"dice": float(dice.mean()), "hd95": float(hd95.mean())}
     if len(region_names) > 1:
         for i, name in enumerate(region_names):
             scores[f"dice_{name}"] = float(dice[i])
@@ -102,9 +139,11 @@ def segmentation_scores(
     targets: torch.Tensor,
     cases: torch.Tensor,
     class_names: list[str],
+    spacing: Spacing | None = None,
 ) -> dict[str, float]:
-    """Site-level scores of exclusive classes (integer labels, 0 the background)."""
+    """Site-level scores of exclusive classes (integer labels, 0 the background); each case's
+    slices form one volume of voxel `spacing` (thickness, row, column; None: voxels)."""
     num_classes = len(class_names) + 1
     pred = _one_hot(pred_labels.cpu(), num_classes)
     true = _one_hot(targets.cpu(), num_classes)
-    return region_scores(pred, true, cases, class_names)
+    return region_scores(pred, true, cases, class_names, spacing=spacing)

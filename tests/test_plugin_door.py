@@ -209,7 +209,7 @@ def test_editing_a_plugin_changes_the_config_hash_and_the_cache_key(tmp_path):
     assert before.code["method"] != after.code["method"]
     assert before.code["dataset"] == after.code["dataset"]
     assert before.config_hash != after.config_hash
-    assert before.federation_identity(None) != after.federation_identity(None)
+    assert before.federation_identity(None, "d") != after.federation_identity(None, "d")
     unchanged = resolve(spec, load_registry((path,)))
     assert unchanged.config_hash == after.config_hash
 

@@ -87,10 +87,11 @@ class Run:
         """A fresh network of the configured model for `task`."""
         return self.model().build(task, self.config["model"])
 
-    def federation_identity(self, holdout: str | None) -> dict[str, Any]:
-        """Everything that changes a trained federation; adapter settings deliberately left
-        out, so every adapter shares the federation."""
+    def federation_identity(self, holdout: str | None, data: str) -> dict[str, Any]:
+        """Everything that changes a trained federation, `data` the data's fingerprint; adapter
+        settings deliberately left out, so every adapter shares the federation."""
         return {
+            "data": data,
             "config": {k: v for k, v in self.config.items() if k != "adapter"},
             "method": self.method.name,
             "dataset": self.dataset.name,

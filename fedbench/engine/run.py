@@ -3,6 +3,7 @@ score the outside regime, and write the run record with its kept predictions."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,12 +38,40 @@ def blamed_on(plugin: str) -> Iterator[None]:
         raise PluginFailure(f"{plugin}: {type(exc).__name__}: {exc}") from exc
 
 
+def data_fingerprint(data: FederatedData) -> str:
+    """A hash of every site's name and samples (inputs, targets, cases, with shapes and
+    dtypes): federations trained on other data are never reused from the cache."""
+    digest = hashlib.sha256()
+    for site in data.sites:
+        digest.update(site.name.encode())
+        for split in (site.train, site.val, site.test):
+            for tensor in (split.inputs, split.targets, split.cases):
+                digest.update(f"{tuple(tensor.shape)} {tensor.dtype}".encode())
+                flat = tensor.detach().cpu().contiguous().reshape(-1)
+                digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+def check_finite(federation: TrainedFederation, method: str) -> None:
+    """A federation whose global or personalized weights hold NaN or inf has diverged."""
+    states = [federation.global_state or {}, *federation.personalized]
+    for state in states:
+        for key, tensor in state.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise Diverged(f"method '{method}' left non-finite values in {key}")
+
+
 def load_or_train(
-    run: Run, data: FederatedData, holdout: str | None, on_round: RoundCallback
+    run: Run,
+    data: FederatedData,
+    holdout: str | None,
+    on_round: RoundCallback,
+    fingerprint: str | None = None,
 ) -> TrainedFederation:
     """The federation trained without `holdout` (None: on all sites): from the cache, or
-    trained (resuming from the checkpoint a killed run left) and then cached."""
-    identity = run.federation_identity(holdout)
+    trained (resuming from the checkpoint a killed run left), checked for non-finite weights
+    and then cached."""
+    identity = run.federation_identity(holdout, fingerprint or data_fingerprint(data))
     results_dir = Path(run.spec.results_dir)
     path = cache.cache_path(results_dir, identity)
 
@@ -68,6 +97,7 @@ def load_or_train(
             checkpoint_every=run.spec.checkpoint_every,
             history=holdout is None,  # nobody reads a leave-one-site-out federation's curve
         )
+    check_finite(federation, run.method.name)
     cache.save(path, federation)
     if not run.spec.keep_checkpoints:
         checkpoint.unlink(missing_ok=True)
@@ -94,8 +124,11 @@ class Scoring:
     """Trains or loads each federation of a run and accumulates the record's metric rows,
     costs, history and kept predictions."""
 
-    def __init__(self, run: Run, registry: Registry, reporter: Reporter, run_id: str) -> None:
+    def __init__(
+        self, run: Run, registry: Registry, reporter: Reporter, run_id: str, fingerprint: str
+    ) -> None:
         self.run, self.registry, self.reporter, self.run_id = run, registry, reporter, run_id
+        self.fingerprint = fingerprint
         self.rows: list[dict[str, Any]] = []
         self.costs: dict[str, dict[str, int]] = {}
         self.history: dict[str, list[dict[str, Any]]] = {}
@@ -112,7 +145,7 @@ class Scoring:
             )
 
         self.reporter.start(label, self.run.config["train"]["rounds"])
-        federation = load_or_train(self.run, data, holdout, on_round)
+        federation = load_or_train(self.run, data, holdout, on_round, self.fingerprint)
         self.reporter.finish()
         self.costs[holdout or "inside"] = federation.cost
         return federation
@@ -129,6 +162,10 @@ class Scoring:
                 with PROFILE.phase("evaluation"):
                     model = federation.model(state)
                     outputs = predict_batched(model, site.test.inputs, batch)
+                if not torch.isfinite(outputs).all():
+                    name = self.run.method.name
+                    raise Diverged(f"method '{name}' gives non-finite outputs on {site.name}")
+                with PROFILE.phase("evaluation"):
                     scores = data.task.score(outputs, site.test.targets, site.test.cases)
                 self.rows += metric_rows("inside", site.name, None, scores, selection)
                 if selection == "final":
@@ -208,7 +245,8 @@ def compute(run: Run, registry: Registry, reporter: Reporter) -> Outcome:
     probe = run.build_model(data.task)
     if run.adapter is not None:
         run.adapter(run.config["adapter"]).check(run.method, probe, data.task)
-    scoring = Scoring(run, registry, reporter, run_id_for(run))
+    fingerprint = data_fingerprint(data)
+    scoring = Scoring(run, registry, reporter, run_id_for(run), fingerprint)
     status, error = "ok", None
     try:
         scoring.inside(data)
@@ -221,7 +259,7 @@ def compute(run: Run, registry: Registry, reporter: Reporter) -> Outcome:
     record = build_record(
         run_id=scoring.run_id,
         status=status,
-        identity=run_identity(run),
+        identity={**run_identity(run), "data_fingerprint": fingerprint},
         holdouts=holdouts,
         config=run.config,
         config_hash=run.config_hash,

@@ -149,6 +149,7 @@ def build_record(
         "config": config,
         "config_hash": config_hash,
         "code": identity.get("code", {}),
+        "data_fingerprint": identity.get("data_fingerprint"),
         "environment": environment(device),
         "started_at": started_at,
         "finished_at": now_iso(),
