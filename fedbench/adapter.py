@@ -4,7 +4,7 @@ time with the federation's models and its own unlabeled images."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedbench.errors import FedbenchError
@@ -34,6 +34,20 @@ class TrainedFederation:
     history: list[dict[str, Any]] = field(default_factory=list)
     #: per site: the personalized state of its best validation round (when eval.val_best)
     val_best: list[State] | None = None
+    #: the global model of the round with the best mean validation score (when eval.val_best)
+    val_best_global: State | None = None
+    #: the rounds chosen: site name -> round, and "global" -> round
+    val_best_rounds: dict[str, int] = field(default_factory=dict)
+
+    def selected(self, selection: str) -> TrainedFederation:
+        """The federation an unseen site receives under `selection`: "final" (the last
+        round's models) or "val-best" (each model from its validation-selected round)."""
+        if selection == "final":
+            return self
+        if self.val_best is None:
+            raise FedbenchError("no validation-best models: the run needs eval.val_best=true")
+        best_global = self.val_best_global if self.global_state is not None else None
+        return replace(self, global_state=best_global, personalized=list(self.val_best))
 
     def model(self, state: State) -> nn.Module:
         """A fresh module on the run's device holding `state`."""

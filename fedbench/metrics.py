@@ -50,14 +50,14 @@ def _case_dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _hd95_with_empty_rule(
-    pred: torch.Tensor, target: torch.Tensor, spacing: Spacing | None
+    pred: torch.Tensor, target: torch.Tensor, spacing: list[float] | None
 ) -> torch.Tensor:
     """HD95 per batch item and foreground class of [B, C, *spatial] maps: [B, C-1], with the
-    empty-mask rule of the module docstring."""
+    empty-mask rule of the module docstring; `spacing` per spatial axis (None: 1)."""
     from monai.metrics import compute_hausdorff_distance
 
-    extent = [n * s for n, s in zip(pred.shape[2:], spacing or [1.0] * (pred.ndim - 2))]
-    worst = math.sqrt(sum(e * e for e in extent))
+    steps = spacing or [1.0] * (pred.ndim - 2)
+    worst = math.sqrt(sum((n * s) ** 2 for n, s in zip(pred.shape[2:], steps, strict=True)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # MONAI warns on every empty mask
         hd = compute_hausdorff_distance(
@@ -73,11 +73,12 @@ def case_hd95(
     pred: torch.Tensor, target: torch.Tensor, spacing: Spacing | None = None, volume: bool = True
 ) -> torch.Tensor:
     """HD95 per foreground class of one case's [S, C, H, W] binary maps: [C-1]. `volume`: the
-    slices are one volume (spacing: thickness, row, column); else independent 2D images,
-    averaged (spacing: row, column)."""
+    slices form one volume; else they are independent 2D images (row and column spacing only),
+    their HD95s averaged. `spacing` is (thickness, row, column) in mm; None: voxels."""
+    steps = [float(s) for s in spacing] if spacing is not None else None
     if volume:
-        return _hd95_with_empty_rule(_volume(pred), _volume(target), spacing)[0]
-    return _hd95_with_empty_rule(pred, target, spacing).mean(0)
+        return _hd95_with_empty_rule(pred, target, steps[1:] if steps else None).mean(0)
+    return _hd95_with_empty_rule(pred, target, steps[1:] if steps else None).mean(0)
 
 
 def release_dice(pred: torch.Tensor, target: torch.Tensor) -> float:

@@ -58,12 +58,15 @@ def predicted_labels(outputs: torch.Tensor) -> torch.Tensor:
 @dataclass
 class SegmentationTask(Task):
     """2D segmentation: Dice + cross-entropy loss, Dice/HD95 scores; `in_channels` and
-    `num_classes` (background included) size the network."""
+    `num_classes` (background included) size the network. `spacing` is the voxel size in mm
+    (slice thickness, row, column) of every case as the network sees it, when the dataset
+    knows it: HD95 is then in mm, else in voxels (`hd95_unit`)."""
 
     in_channels: int
     class_names: list[str] = field(default_factory=lambda: ["foreground"])
     primary_metric: str = "dice"
     dense_prediction: bool = True
+    spacing: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         from monai.losses import DiceCELoss
@@ -73,6 +76,11 @@ class SegmentationTask(Task):
     @property
     def num_classes(self) -> int:
         return len(self.class_names) + 1
+
+    @property
+    def hd95_unit(self) -> str:
+        """What the `hd95` scores count: "mm" with a known spacing, else "voxel"."""
+        return "voxel" if self.spacing is None else "mm"
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self._loss(outputs, targets.unsqueeze(1))
@@ -86,7 +94,8 @@ class SegmentationTask(Task):
     ) -> dict[str, float]:
         from fedbench.metrics import segmentation_scores
 
-        return segmentation_scores(predicted_labels(outputs), targets, cases, self.class_names)
+        labels = predicted_labels(outputs)
+        return segmentation_scores(labels, targets, cases, self.class_names, self.spacing)
 
     def validation_score(
         self, outputs: torch.Tensor, targets: torch.Tensor, cases: torch.Tensor

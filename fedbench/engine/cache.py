@@ -31,6 +31,8 @@ def save(path: Path, federation: TrainedFederation) -> None:
         "cost": federation.cost,
         "history": federation.history,
         "val_best": federation.val_best,
+        "val_best_global": federation.val_best_global,
+        "val_best_rounds": federation.val_best_rounds,
     }
     checkpoint.save(path, payload)
 
@@ -52,6 +54,8 @@ def load(path: Path, device: torch.device, build_model: ModelBuilder) -> Trained
             cost=dict(payload["cost"]),
             history=list(payload["history"]),
             val_best=payload["val_best"],
+            val_best_global=payload["val_best_global"],
+            val_best_rounds=dict(payload["val_best_rounds"]),
         )
     except (KeyError, TypeError):
         return None

@@ -24,6 +24,7 @@ from fedbench.engine.training import RoundCallback, train_federation
 from fedbench.errors import Diverged, FedbenchError, PluginFailure
 from fedbench.results import predictions
 from fedbench.results.record import build_record, new_run_id, now_iso, runs_dir, write_record
+from fedbench.task import Task
 
 
 @contextmanager
@@ -129,6 +130,7 @@ class Scoring:
     ) -> None:
         self.run, self.registry, self.reporter, self.run_id = run, registry, reporter, run_id
         self.fingerprint = fingerprint
+        self.val_best_rounds: dict[str, dict[str, int]] = {}
         self.rows: list[dict[str, Any]] = []
         self.costs: dict[str, dict[str, int]] = {}
         self.history: dict[str, list[dict[str, Any]]] = {}
@@ -148,6 +150,8 @@ class Scoring:
         federation = load_or_train(self.run, data, holdout, on_round, self.fingerprint)
         self.reporter.finish()
         self.costs[holdout or "inside"] = federation.cost
+        if federation.val_best_rounds:
+            self.val_best_rounds[holdout or "inside"] = federation.val_best_rounds
         return federation
 
     def inside(self, data: FederatedData) -> None:
@@ -172,22 +176,34 @@ class Scoring:
                     self.keep("inside", site.name, site.test, outputs, data)
 
     def outside(self, data: FederatedData, holdout: str) -> None:
+        """Adapt and score the held-out site with the last round's models and, under
+        `eval.val_best`, with the validation-selected ones too."""
         federation = self.federation(data, holdout)
         every = data.site(holdout).all_samples()
+        selections = ["final"] if federation.val_best is None else ["final", "val-best"]
+        for selection in selections:
+            outputs = self.adapt(federation.selected(selection), every.inputs, holdout, data.task)
+            with PROFILE.phase("evaluation"):
+                scores = data.task.score(outputs, every.targets, every.cases)
+            self.rows += metric_rows("outside", holdout, holdout, scores, selection)
+            if selection == "final":
+                self.keep("outside", holdout, every, outputs, data)
+
+    def adapt(
+        self, federation: TrainedFederation, inputs: torch.Tensor, holdout: str, task: Task
+    ) -> torch.Tensor:
+        """The adapter's outputs for the held-out site's images (no labels), checked finite."""
         adapter = self.run.adapter(self.run.config["adapter"])
-        ctx = AdaptContext(self.run.config["train"]["batch_size"], self.run.spec.seed, data.task)
+        ctx = AdaptContext(self.run.config["train"]["batch_size"], self.run.spec.seed, task)
         self.reporter.start(f"adapting {holdout} ({adapter.name})", None)
         try:
             with PROFILE.phase("adaptation"), blamed_on(f"adapter '{adapter.name}' failed"):
-                outputs = adapter.predict(federation, UnlabeledImages(every.inputs), ctx)
+                outputs = adapter.predict(federation, UnlabeledImages(inputs), ctx)
         finally:
             self.reporter.finish()
         if not torch.isfinite(outputs).all():
             raise Diverged(f"adapter '{adapter.name}' produced non-finite outputs on {holdout}")
-        with PROFILE.phase("evaluation"):
-            scores = data.task.score(outputs, every.targets, every.cases)
-        self.rows += metric_rows("outside", holdout, holdout, scores, "final")
-        self.keep("outside", holdout, every, outputs, data)
+        return outputs
 
     def keep(
         self, regime: str, site: str, split: Split, outputs: torch.Tensor, data: FederatedData
@@ -269,6 +285,7 @@ def compute(run: Run, registry: Registry, reporter: Reporter) -> Outcome:
         cost=scoring.cost(),
         metrics=scoring.rows,
         history=scoring.history,
+        val_best_rounds=scoring.val_best_rounds,
         profile=PROFILE.summary(),
         error=error,
     )

@@ -215,9 +215,10 @@ class Training:
         self.participation = snapshot["participation"]
 
     def result(
-        self, history: list[dict[str, Any]], val_best: list[State] | None
+        self, history: list[dict[str, Any]], best: dict[str, Any] | None = None
     ) -> TrainedFederation:
-        """The models handed to unseen sites (independent copies) with cost and history."""
+        """The models handed to unseen sites (independent copies) with cost and history, and
+        the validation-best ones when `best` (what `_update_best` kept) is given."""
         cost: dict[str, Any] = dict(self.cost)
         per = max(1, sum(len(chosen) for chosen in self.participation))  # client-rounds
         cost["bytes_up_per_client_round"] = cost["bytes_up"] // per
@@ -237,7 +238,9 @@ class Training:
             shared_keys=list(self.shared),
             cost=cost,
             history=history,
-            val_best=val_best,
+            val_best=best["states"] if best else None,
+            val_best_global=best.get("global") if best else None,
+            val_best_rounds=dict(best["rounds"]) if best else {},
         )
 
 
@@ -259,7 +262,7 @@ def train_federation(
     `history=False` skips the per-round validation nobody reads (leave-one-site-out
     federations); validation still runs when `eval.val_best` needs it."""
     fed = Training(data, sites, method_cls, build_model, config, seed, device)
-    progress: dict[str, Any] = {"history": [], "best_scores": [], "best_states": []}
+    progress: dict[str, Any] = {"history": [], "best": {}}
     start = 1
     saved = checkpoint.load(checkpoint_path, device) if checkpoint_path else None
     if saved is not None:
@@ -276,7 +279,7 @@ def train_federation(
         if history:
             progress["history"].append({"round": round_index, "val": scores})
         if val_best:
-            _update_best(progress, fed, scores)
+            _update_best(progress["best"], fed, scores, round_index)
         if checkpoint_path is not None and round_index % checkpoint_every == 0:
             with PROFILE.phase("checkpointing"):
                 payload = {"round": round_index, "training": fed.snapshot(), "progress": progress}
@@ -284,15 +287,24 @@ def train_federation(
         if on_round is not None:
             on_round(round_index, scores)
     fed.finish()
-    return fed.result(progress["history"], progress["best_states"] if val_best else None)
+    return fed.result(progress["history"], progress["best"] if val_best else None)
 
 
-def _update_best(progress: dict[str, Any], fed: Training, scores: dict[str, float]) -> None:
-    """Keep, per site, the personalized state of the round with the best validation score."""
-    if not progress["best_scores"]:
-        progress["best_scores"] = [-float("inf")] * len(fed.sites)
-        progress["best_states"] = [{} for _ in fed.sites]
+def _update_best(
+    best: dict[str, Any], fed: Training, scores: dict[str, float], round_index: int
+) -> None:
+    """Keep, per site, the personalized state of its best validation round and, for unseen
+    sites, the global model of the round with the best mean validation score (the release's
+    validation-selected snapshots). Reads validation scores only."""
+    if not best:
+        sites = len(fed.sites)
+        best.update(scores=[-float("inf")] * sites, states=[{}] * sites, rounds={}, mean=None)
     for i, site in enumerate(fed.sites):
-        if scores[site.name] > progress["best_scores"][i]:
-            progress["best_scores"][i] = scores[site.name]
-            progress["best_states"][i] = clone_state(fed.personalized(i))
+        if scores[site.name] > best["scores"][i]:
+            best["scores"][i] = scores[site.name]
+            best["states"][i] = clone_state(fed.personalized(i))
+            best["rounds"][site.name] = round_index
+    mean = sum(scores.values()) / len(scores)
+    if fed.method.has_global_model and (best["mean"] is None or mean > best["mean"]):
+        best["mean"], best["global"] = mean, fed.unseen_site_model()[0]
+        best["rounds"]["global"] = round_index

@@ -130,6 +130,7 @@ def build_record(
     cost: dict[str, Any] | None = None,
     metrics: list[dict[str, Any]] | None = None,
     history: dict[str, Any] | None = None,
+    val_best_rounds: dict[str, Any] | None = None,
     profile: dict[str, float] | None = None,
     error: str | None = None,
 ) -> dict[str, Any]:
@@ -159,6 +160,8 @@ def build_record(
     }
     if history is not None:
         record["history"] = history
+    if val_best_rounds:
+        record["val_best_rounds"] = val_best_rounds
     if profile is not None:
         record["profile"] = profile
     if error:
