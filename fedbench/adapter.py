@@ -65,6 +65,12 @@ class AdaptContext:
     task: Task
 
 
+#: `adapter.epochs` per preset, the same for every adapter that adapts: the number of passes over
+#: the unseen site's images; each pass updates on each consecutive batch, then predicts that batch
+#: with the updated model; the last pass's predictions count; 0 predicts without updating.
+ADAPTATION_EPOCHS = {"quick": 1, "default": 2, "paper": 10}
+
+
 class Adapter:
     """Base of adapters. `predict` returns the model outputs for every image, in order."""
 
@@ -78,7 +84,10 @@ class Adapter:
 
     @classmethod
     def preset(cls, preset: str) -> dict[str, Any]:
-        """Setting overrides this adapter wants for a preset (e.g. fewer epochs on a CPU)."""
+        """Setting overrides this adapter wants for a preset: by default the shared
+        `ADAPTATION_EPOCHS` for adapters with an `epochs` setting."""
+        if "epochs" in cls.defaults and preset in ADAPTATION_EPOCHS:
+            return {"epochs": ADAPTATION_EPOCHS[preset]}
         return {}
 
     def __init__(self, params: dict[str, Any]) -> None:
@@ -111,6 +120,18 @@ class Adapter:
         self, federation: TrainedFederation, images: UnlabeledImages, ctx: AdaptContext
     ) -> torch.Tensor:
         raise NotImplementedError
+
+
+def online_batches(images: UnlabeledImages, batch_size: int) -> list[torch.Tensor]:
+    """The unseen site's images in consecutive batches, as it would stream them, for every
+    adapter that normalizes with batch statistics: a trailing batch of one image (batch_size >
+    1) joins the previous batch, as one image's statistics are degenerate."""
+    import torch
+
+    batches = list(images.batches(batch_size))
+    if batch_size > 1 and len(batches) > 1 and batches[-1].shape[0] == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
 
 
 def predict_batched(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:

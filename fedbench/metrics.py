@@ -77,7 +77,7 @@ def case_hd95(
     their HD95s averaged. `spacing` is (thickness, row, column) in mm; None: voxels."""
     steps = [float(s) for s in spacing] if spacing is not None else None
     if volume:
-        return _hd95_with_empty_rule(pred, target, steps[1:] if steps else None).mean(0)
+        return _hd95_with_empty_rule(_volume(pred), _volume(target), steps)[0]
     return _hd95_with_empty_rule(pred, target, steps[1:] if steps else None).mean(0)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedbench.adapter import AdaptContext, Adapter, TrainedFederation
+from fedbench.adapter import AdaptContext, Adapter, TrainedFederation, online_batches
 from fedbench.hookspecs import hookimpl
 from fedbench.models import use_batch_statistics
 
@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 
 class BNAdapt(Adapter):
     """The global model with BatchNorm running statistics replaced by each test batch's own;
-    batches are consecutive images, as an unseen site would stream them."""
+    batches are consecutive images, as an unseen site would stream them (a trailing single
+    image joins the previous batch, as for every adapter)."""
 
     name = "bn-adapt"
     description = "BN-Adapt: global model, normalization from the test batch's statistics"
@@ -29,7 +30,8 @@ class BNAdapt(Adapter):
 
         model = use_batch_statistics(federation.model(federation.global_state)).eval()
         with torch.inference_mode():
-            outputs = [model(b.to(federation.device)) for b in images.batches(ctx.batch_size)]
+            batches = online_batches(images, ctx.batch_size)
+            outputs = [model(b.to(federation.device)) for b in batches]
         return torch.cat(outputs).float().cpu()
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from fedbench.adapter import AdaptContext, Adapter, TrainedFederation
+from fedbench.adapter import AdaptContext, Adapter, TrainedFederation, online_batches
 from fedbench.data import UnlabeledImages
 from fedbench.errors import Diverged, FedbenchError
 from fedbench.hookspecs import hookimpl
@@ -84,17 +84,6 @@ def adaptation_loss(model: nn.Module, x: torch.Tensor, p: dict[str, Any]) -> tor
     return loss
 
 
-def online_batches(images: UnlabeledImages, batch_size: int) -> list[torch.Tensor]:
-    """Consecutive batches, no shuffle. A trailing batch of one image (when batch_size > 1) joins
-    the previous batch: batch-statistics BN fails on one image at 1x1 resolution and is noisy."""
-    import torch
-
-    batches = list(images.batches(batch_size))
-    if batch_size > 1 and len(batches) > 1 and batches[-1].shape[0] == 1:
-        batches[-2:] = [torch.cat(batches[-2:])]
-    return batches
-
-
 def adapt_online(
     model: nn.Module,
     batches: list[torch.Tensor],
@@ -110,7 +99,7 @@ def adapt_online(
     if not params:
         raise FedbenchError("iopfl-routing: the routed model has nothing to adapt")
     optimizer = torch.optim.Adam(params, lr=float(p["lr"]))
-    epochs, reseed = int(p["epochs"]), bool(p["quirks"])
+    epochs, reseed = int(p["epochs"]), bool(p["quirk_reseed"])
     model.train()
     outputs: list[torch.Tensor] = []
     for epoch in range(max(epochs, 1)):
@@ -133,9 +122,11 @@ def adapt_online(
 
 class IOPFLRouting(Adapter):
     """IOP-FL outside personalization. `space` picks the experts (both: K personalized + global;
-    global; personalized). `quirks` reproduces the release: non-transposed convs leave out the last
-    personalized expert, bottleneck routers (convs of the largest width) stay frozen at their
-    random init, and the RNG is reseeded before every batch. epochs = 0 predicts without steps."""
+    global; personalized). The release's three quirks, each its own flag (all off by default):
+    `quirk_drop_expert` (non-transposed convs leave out the last personalized expert),
+    `quirk_frozen_bottleneck` (bottleneck routers, the convs of the largest width, stay frozen
+    at their random init) and `quirk_reseed` (the RNG is reseeded before every batch).
+    `epochs` as every adapter's (fedbench.adapter.ADAPTATION_EPOCHS: 10 as released for paper)."""
 
     name = "iopfl-routing"
     description = (
@@ -153,13 +144,10 @@ class IOPFLRouting(Adapter):
         "shape_weight": 1e-6,
         "noise_std": 0.5,
         "space": "both",
-        "quirks": False,
+        "quirk_drop_expert": False,
+        "quirk_frozen_bottleneck": False,
+        "quirk_reseed": False,
     }
-
-    @classmethod
-    def preset(cls, preset: str) -> dict[str, Any]:
-        """10 epochs as released (paper); fewer for the CPU presets, which must stay fast."""
-        return {"quick": {"epochs": 1}, "default": {"epochs": 2}}.get(preset, {})
 
     def predict(
         self, federation: TrainedFederation, images: UnlabeledImages, ctx: AdaptContext
@@ -173,7 +161,13 @@ class IOPFLRouting(Adapter):
         torch.manual_seed(ctx.seed)
         global_model = federation.model(federation.global_state)
         personalized = [federation.model(state) for state in federation.personalized]
-        routed = build_routed_model(global_model, personalized, str(p["space"]), bool(p["quirks"]))
+        routed = build_routed_model(
+            global_model,
+            personalized,
+            str(p["space"]),
+            drop_expert=bool(p["quirk_drop_expert"]),
+            frozen_bottleneck=bool(p["quirk_frozen_bottleneck"]),
+        )
         del global_model, personalized
         batches = online_batches(images, ctx.batch_size)
         return adapt_online(routed.to(federation.device), batches, p, ctx.seed, federation.device)

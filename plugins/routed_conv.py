@@ -149,11 +149,13 @@ def build_routed_model(
     global_model: nn.Module,
     personalized_models: list[nn.Module],
     space: str = "both",
-    quirks: bool = False,
+    drop_expert: bool = False,
+    frozen_bottleneck: bool = False,
 ) -> nn.Module:
     """A copy of the global model whose convs route over the experts of `space`; normalization
     keeps the global affine weights and uses batch statistics. Only routers and norm affine
-    weights are trainable. `quirks` reproduces the release (see IOPFLRouting)."""
+    weights are trainable. `drop_expert` and `frozen_bottleneck` are two of the release's quirks
+    (see IOPFLRouting)."""
     sources = expert_sources(space, len(personalized_models))
     model = use_batch_statistics(copy.deepcopy(global_model))
     lookups = [dict(m.named_modules()) for m in personalized_models]
@@ -163,11 +165,11 @@ def build_routed_model(
     model.requires_grad_(False)
     for name, conv in convs:
         chosen = sources
-        if quirks and isinstance(conv, nn.Conv2d):
+        if drop_expert and isinstance(conv, nn.Conv2d):
             chosen = _drop_last_personalized(sources)
         experts = [_expert_layer(global_lookup if s is None else lookups[s], name) for s in chosen]
         routed = RoutedConv.from_layers(experts).to(conv.weight.device)
-        routed.router.requires_grad_(not (quirks and conv.out_channels == widest))
+        routed.router.requires_grad_(not (frozen_bottleneck and conv.out_channels == widest))
         _replace(model, name, routed)
     for _, module in normalization_modules(model):
         module.requires_grad_(True)
@@ -181,7 +183,9 @@ def _drop_last_personalized(sources: list[int | None]) -> list[int | None]:
         return sources
     kept = [s for s in sources if s != personal[-1]]
     if not kept:
-        raise FedbenchError("iopfl-routing: quirks with one personalized model leave no expert")
+        raise FedbenchError(
+            "iopfl-routing: quirk_drop_expert with one personalized model leaves no expert"
+        )
     return kept
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedbench.adapter import AdaptContext, Adapter, TrainedFederation
+from fedbench.adapter import AdaptContext, Adapter, TrainedFederation, online_batches
 from fedbench.hookspecs import hookimpl
 from fedbench.models import normalization_modules, use_batch_statistics
 
@@ -22,7 +22,8 @@ def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 class Tent(Adapter):
     """Online: for each consecutive test batch, one Adam step on the prediction's entropy (batch
-    statistics, only normalization weights trainable), then predict with the updated model."""
+    statistics, only normalization weights trainable), then predict with the updated model;
+    `epochs` such passes, as every adapter's (fedbench.adapter.ADAPTATION_EPOCHS)."""
 
     name = "tent"
     description = "TENT: entropy minimisation of normalization affine weights at test time"
@@ -44,13 +45,15 @@ class Tent(Adapter):
                 param.requires_grad_(True)
                 affine.append(param)
         optimizer = torch.optim.Adam(affine, lr=float(self.params["lr"]))
-        for _ in range(int(self.params["epochs"])):
+        epochs = int(self.params["epochs"])
+        for epoch in range(max(epochs, 1)):
             outputs = []
-            for batch in images.batches(ctx.batch_size):
+            for batch in online_batches(images, ctx.batch_size):
                 batch = batch.to(federation.device)
-                optimizer.zero_grad(set_to_none=True)
-                mean_entropy(model(batch)).backward()
-                optimizer.step()
+                if epoch < epochs:
+                    optimizer.zero_grad(set_to_none=True)
+                    mean_entropy(model(batch)).backward()
+                    optimizer.step()
                 with torch.no_grad():
                     outputs.append(model(batch).float().cpu())
         return torch.cat(outputs)

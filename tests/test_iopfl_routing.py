@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedbench.adapter import AdaptContext, TrainedFederation
+from fedbench.adapter import AdaptContext, TrainedFederation, online_batches
 from fedbench.data import UnlabeledImages
 from fedbench.errors import FedbenchError
 from fedbench.task import SegmentationTask
@@ -113,7 +113,7 @@ def test_experts_come_from_matching_layers() -> None:
 
 
 def test_quirks_drop_last_expert_in_convs_and_freeze_bottleneck() -> None:
-    model = rc.build_routed_model(small_unet(0), [small_unet(i + 1) for i in range(K)], quirks=True)
+    model = rc.build_routed_model(small_unet(0), [small_unet(i + 1) for i in range(K)], drop_expert=True, frozen_bottleneck=True)
     widest = max(layer.out_channels for layer in routed_convs(model).values())
     frozen = []
     for layer in routed_convs(model).values():
@@ -172,11 +172,11 @@ def test_predict_rejects_unknown_space() -> None:
 def test_adaptation_changes_routers_and_keeps_experts() -> None:
     fed = federation()
     glob = fed.model(fed.global_state)
-    model = rc.build_routed_model(glob, [fed.model(s) for s in fed.personalized], quirks=True)
+    model = rc.build_routed_model(glob, [fed.model(s) for s in fed.personalized], drop_expert=True, frozen_bottleneck=True)
     experts = {n: b.clone() for n, b in model.named_buffers()}
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    batches = ir.online_batches(UnlabeledImages(torch.randn(6, 1, 32, 32)), 3)
-    p = {**ir.IOPFLRouting.defaults, "epochs": 1, "quirks": True}
+    batches = online_batches(UnlabeledImages(torch.randn(6, 1, 32, 32)), 3)
+    p = {**ir.IOPFLRouting.defaults, "epochs": 1, "quirk_reseed": True}
     probs = ir.adapt_online(model, batches, p, seed=0, device=torch.device("cpu"))
     assert probs.shape == (6, 2, 32, 32)
     for name, buffer in model.named_buffers():
@@ -189,9 +189,9 @@ def test_adaptation_changes_routers_and_keeps_experts() -> None:
 
 
 def test_trailing_single_image_joins_previous_batch() -> None:
-    sizes = [len(b) for b in ir.online_batches(UnlabeledImages(torch.randn(9, 1, 4, 4)), 4)]
+    sizes = [len(b) for b in online_batches(UnlabeledImages(torch.randn(9, 1, 4, 4)), 4)]
     assert sizes == [4, 5]
-    sizes = [len(b) for b in ir.online_batches(UnlabeledImages(torch.randn(3, 1, 4, 4)), 1)]
+    sizes = [len(b) for b in online_batches(UnlabeledImages(torch.randn(3, 1, 4, 4)), 1)]
     assert sizes == [1, 1, 1]
 
 

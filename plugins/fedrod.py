@@ -1,0 +1,189 @@
+"""FedRoD (Chen and Chao, "On Bridging Generic and Personalized Federated Learning for Image
+Classification", ICLR 2022): a shared body with a generic head trained with a class-balanced
+risk, plus a personalized head per client on the same features.
+
+Variant (the linear personalized head of the paper, no hypernetwork; every client in every
+round). The generic head is the network's output layer (`output_layer`, the last convolution or
+linear layer); body and generic head are every state-dict key, shared and averaged
+sample-weighted as in FedAvg. In each local step on a batch (x, y):
+  * body + generic head take the balanced softmax risk: the task loss of the logits plus the log
+    class prior of the client's train labels, `task.loss(f(x) + log pi, y)`, pi added to every
+    pixel's logits for segmentation (per sample for classification). pi is counted over every
+    label (pixel) of the client's train split with add-one smoothing, pi_c = (n_c + 1) / (n + C),
+    so a class the client never sees gets a finite log prior;
+  * the personalized head p_i (a copy of the output layer's weight and bias, never sent) takes the
+    plain task loss of generic + personal logits, `task.loss(f(x).detach() + p_i(z.detach()), y)`,
+    z being the output layer's input (caught by a forward pre-hook), so it trains nothing else.
+Both terms are summed and one fresh `train.optimizer` over the network and p_i steps per batch;
+the optimizers are per-parameter, so the shared update is the same with or without p_i.
+p_i starts at zero, so a client's personalized model starts as the generic one.
+
+Scored model: the output layer is linear and nothing but additions of terms that do not depend on
+its parameters follow it in `unet` (the top up-layer is its last module; with residual units an
+identity skip is added), so f(x) + p_i(z) is the network whose output-layer weight and bias are
+generic + personal: `personalized_state` returns that one network. The generic model is the
+global model unseen sites get (default adapter `none`). `method.personal_head=false` trains no
+personal head (FedAvg with the balanced risk; every client is scored with the generic model).
+Targets must be class labels (integers)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from fedbench.errors import Diverged, FedbenchError
+from fedbench.hookspecs import hookimpl
+from fedbench.method import LocalContext, Method, State, clone_state
+from fedbench.models import output_layer
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from fedbench.data import Split
+
+
+def class_prior(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Add-one smoothed class frequencies of integer labels: (n_c + 1) / (n + C)."""
+    import torch
+
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise FedbenchError(f"fedrod needs class labels as targets, got {targets.dtype} targets")
+    labels = targets.reshape(-1).long()
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise FedbenchError(f"fedrod: labels outside 0..{num_classes - 1} for the output layer")
+    counts = torch.bincount(labels, minlength=num_classes).to(torch.float64)
+    return (counts + 1.0) / (counts.sum() + num_classes)
+
+
+def balanced_logits(outputs: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """outputs [N, C, ...] + log prior along the class dimension (every pixel alike)."""
+    shape = (1, -1) + (1,) * (outputs.dim() - 2)
+    return outputs + prior.log().to(outputs.dtype).reshape(shape)
+
+
+def num_outputs(layer: nn.Module) -> int:
+    """Classes the output layer scores: its out_channels (convolutions) or out_features."""
+    count = getattr(layer, "out_channels", None) or getattr(layer, "out_features", None)
+    if not count:
+        raise FedbenchError("fedrod: the output layer has neither out_channels nor out_features")
+    return int(count)
+
+
+@contextmanager
+def layer_inputs(layer: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """While open, `found["z"]` holds the latest input of `layer`."""
+    found: dict[str, torch.Tensor] = {}
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        found["z"] = args[0]
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        yield found
+    finally:
+        handle.remove()
+
+
+def prefixed(prefix: str, key: str) -> str:
+    """The model-level state-dict key of a key inside the layer at `prefix`."""
+    return f"{prefix}.{key}" if prefix else key
+
+
+class FedRoD(Method):
+    """Balanced-risk generic model shared as in FedAvg; a linear personal head per client."""
+
+    name = "fedrod"
+    description = "FedRoD: balanced-softmax generic model + a personal head (method.personal_head)"
+    defaults = {"personal_head": True}
+
+    def __init__(self, params: dict[str, Any], num_clients: int) -> None:
+        super().__init__(params, num_clients)
+        #: per client, the personal head by model-level key (None: not trained yet, all zeros)
+        self.personal: list[State | None] = [None] * num_clients
+
+    @classmethod
+    def check_settings(cls, config: dict[str, Any]) -> None:
+        value = config.get("method", {}).get("personal_head", cls.defaults["personal_head"])
+        if not isinstance(value, bool):
+            raise FedbenchError(f"method.personal_head must be true or false, got {value!r}")
+
+    def class_prior(self, split: Split, num_classes: int) -> torch.Tensor:
+        """The client's class prior pi (smoothed label frequencies of its train split)."""
+        return class_prior(split.targets, num_classes)
+
+    def personal_head(self, prefix: str, layer: nn.Module, client: int) -> nn.Module:
+        """A copy of the output layer holding the client's personal head (zeros at first)."""
+        import torch
+
+        head = copy.deepcopy(layer)
+        stored = self.personal[client]
+        with torch.no_grad():
+            for key, param in head.named_parameters():
+                if stored is None:
+                    param.zero_()
+                else:
+                    param.copy_(stored[prefixed(prefix, key)])
+        return head.train()
+
+    def local_update(self, model: nn.Module, ctx: LocalContext) -> State:
+        """`train.local_epochs` epochs of balanced risk + personal risk; the network is sent."""
+        prefix, layer = output_layer(model)
+        enabled = bool(self.params["personal_head"])
+        head = self.personal_head(prefix, layer, ctx.client) if enabled else None
+        prior = self.class_prior(ctx.split, num_outputs(layer)).to(ctx.split.inputs.device)
+        self.train_rod(model, layer, head, prior, ctx)
+        if head is not None:
+            own = {prefixed(prefix, k): v for k, v in head.state_dict().items()}
+            self.personal[ctx.client] = clone_state(own)
+        return {}
+
+    def train_rod(
+        self,
+        model: nn.Module,
+        layer: nn.Module,
+        head: nn.Module | None,
+        prior: torch.Tensor,
+        ctx: LocalContext,
+    ) -> None:
+        """One step per batch on balanced risk (network) + plain risk of the summed heads."""
+        import torch
+
+        model.train()
+        params = list(model.parameters()) + ([] if head is None else list(head.parameters()))
+        optimizer = ctx.make_optimizer(params)
+        with layer_inputs(layer) as found:
+            for _ in range(int(ctx.train["local_epochs"])):
+                for inputs, targets in ctx.batches():
+                    optimizer.zero_grad(set_to_none=True)
+                    outputs = model(inputs)
+                    loss = ctx.task.loss(balanced_logits(outputs, prior), targets)
+                    if head is not None:
+                        personal = outputs.detach() + head(found["z"].detach())
+                        loss = loss + ctx.task.loss(personal, targets)
+                    if not torch.isfinite(loss):
+                        raise Diverged(f"loss became {loss.item()} in local training")
+                    loss.backward()
+                    self.adjust_gradients(model, ctx)
+                    optimizer.step()
+                    ctx.steps += 1
+
+    def personalized_state(self, client: int, state: State) -> State:
+        """The client's network with output-layer weight and bias = generic + personal."""
+        stored = self.personal[client]
+        if stored is None:
+            return state
+        return {**state, **{k: state[k] + v.to(state[k].dtype) for k, v in stored.items()}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"personal": [None if s is None else clone_state(s) for s in self.personal]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.personal = [None if s is None else clone_state(s) for s in state["personal"]]
+
+
+@hookimpl
+def fedbench_methods() -> list[type]:
+    return [FedRoD]

@@ -1,0 +1,258 @@
+"""SAR (Niu et al., ICLR 2023) and MEMO (Zhang et al., NeurIPS 2022) against their definitions:
+limiting cases equal to simpler adapters, and small examples computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import toy_builder, toy_config, toy_data, toy_train
+
+from fedbench.adapter import AdaptContext
+from fedbench.data import UnlabeledImages
+from fedbench.engine.registry import load_registry
+from fedbench.errors import FedbenchError
+from fedbench.task import Task
+from fedbench_plugins.memo import (
+    MEMO,
+    augment,
+    dihedral_views,
+    invert,
+    marginal_entropy,
+    transform,
+    views_loss,
+)
+from fedbench_plugins.sar import SAR, ascend, reliable_entropy, restore, sar_step
+
+CPU = torch.device("cpu")
+REGISTRY = load_registry()
+#: SAR without its three ingredients, on tent's optimizer
+SAR_AS_TENT = {"rho": 0.0, "margin": math.inf, "reset": 0.0, "optimizer": "adam"}
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """A one-round FedAvg federation on two toy sites, the third held out, and its images."""
+    data = toy_data()
+    federation = toy_train(
+        data, data.sites[1:], REGISTRY.get("methods", "fedavg"), toy_config(1), 0, CPU
+    )
+    return data, federation, UnlabeledImages(data.sites[0].all_samples().inputs)
+
+
+def predict(adapter, toy, batch_size: int = 4) -> torch.Tensor:
+    data, federation, images = toy
+    return adapter.predict(federation, images, AdaptContext(batch_size, 0, data.task))
+
+
+def builtin(name: str, **params) -> object:
+    return REGISTRY.get("adapters", name)(params)
+
+
+def sigmoid(z: float) -> float:
+    return 1 / (1 + math.exp(-z))
+
+
+def entropy_of(p: float) -> float:
+    """Entropy of the two-class distribution (p, 1 - p), by hand."""
+    return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
+# --- SAR ---------------------------------------------------------------------------------------
+
+
+def test_sar_without_filter_sam_and_recovery_is_tent_bit_for_bit(toy):
+    tent = predict(builtin("tent", epochs=2), toy)
+    sar = predict(SAR({**SAR_AS_TENT, "epochs": 2}), toy)
+    assert torch.equal(sar, tent)
+
+
+@pytest.mark.parametrize(
+    "change", [{"rho": 0.05}, {"margin": 0.4}, {"optimizer": "sgd"}], ids=["rho", "filter", "sgd"]
+)
+def test_each_sar_ingredient_changes_the_result(toy, change):
+    tent = predict(builtin("tent", epochs=1), toy)
+    assert not torch.equal(predict(SAR({**SAR_AS_TENT, **change}), toy), tent)
+
+
+def test_reliable_filter_by_hand():
+    # four pixels of a two-class map: logits (z, 0), z = 0, 5, 3, 2; E0 = 0.4 ln 2 = 0.277
+    logits = torch.tensor([[[[0.0, 5.0, 3.0, 2.0]], [[0.0] * 4]]], dtype=torch.float64)
+    loss, mask = reliable_entropy(logits, 0.4 * math.log(2))
+    entropies = [entropy_of(sigmoid(z)) for z in (0.0, 5.0, 3.0, 2.0)]  # .693 .040 .192 .364
+    assert mask.tolist() == [[[False, True, True, False]]]
+    assert loss.item() == pytest.approx((entropies[1] + entropies[2]) / 2, rel=1e-12)
+
+
+class ShiftedLogits(torch.nn.Module):
+    """Logits (z + w * u, 0) per pixel, w a trainable scalar from 0; the input is ignored."""
+
+    def __init__(self, z: list[float], u: list[float]) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.0, dtype=torch.float64))
+        self.z = torch.tensor(z, dtype=torch.float64)
+        self.u = torch.tensor(u, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = torch.stack([self.z + self.w * self.u, torch.zeros_like(self.z)])
+        return scores.view(1, 2, 1, -1).expand(len(x), -1, -1, -1)
+
+
+def test_sar_step_by_hand():
+    # pixels z = 0, 5, 3, 2 moved by w * u, u = 0, 0, 1, -1; E0 = 0.4 ln 2 = 0.277, and
+    # dH(sigmoid(l))/dl = -l p (1 - p). At w = 0 z = 5, 3 are reliable, the gradient is
+    # negative, so the ascent goes to w' = -rho = -0.5: logits 0, 5, 2.5, 2.5. The last pixel is
+    # reliable there (H = 0.269) but was not at w: it stays out. The step: the mean over the two
+    # kept pixels of the gradient at w', of which z = 5 (u = 0) gives nothing.
+    model, rho, lr = ShiftedLogits([0.0, 5.0, 3.0, 2.0], [0.0, 0.0, 1.0, -1.0]), 0.5, 0.1
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    loss = sar_step(model, torch.zeros(1, 1, 1, 4), [model.w], optimizer, 0.4, rho)
+    p = sigmoid(2.5)  # (rel 1e-9: SAM's 1e-12 in rho / (||g|| + 1e-12) moves w' a hair)
+    assert model.w.item() == pytest.approx(-lr * (-2.5 * p * (1 - p)) / 2, rel=1e-9)
+    expected = (entropy_of(sigmoid(5.0)) + entropy_of(p)) / 2 / math.log(2)  # over ln C
+    assert loss == pytest.approx(expected, rel=1e-9)
+
+
+def test_sar_optimizers():
+    w = [torch.nn.Parameter(torch.zeros(1))]
+    sgd = SAR({}).optimizer(w)
+    assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.9
+    assert type(SAR({"optimizer": "adam"}).optimizer(w)) is torch.optim.Adam
+
+
+def test_sam_ascent_by_hand_and_exact_restore():
+    a = torch.tensor([1.0, 2.0], requires_grad=True)
+    b = torch.tensor([3.0], requires_grad=True)
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([4.0])  # ||g|| = 5
+    saved = ascend([a, b], rho=0.5)
+    assert torch.allclose(a.detach(), torch.tensor([1.3, 2.0]))
+    assert torch.allclose(b.detach(), torch.tensor([3.4]))
+    restore([a, b], saved)
+    assert a.tolist() == [1.0, 2.0] and b.tolist() == [3.0]
+
+
+def test_sar_recovered_after_every_batch_is_bn_adapt(toy):
+    # the normalised loss is below 0.4, so reset = 1 restores the initial weights every batch
+    recovered = predict(SAR({"reset": 1.0, "epochs": 2}), toy)
+    assert torch.equal(recovered, predict(builtin("bn-adapt"), toy))
+    assert not torch.equal(predict(SAR({"reset": 0.0}), toy), predict(builtin("bn-adapt"), toy))
+
+
+def test_sar_steps_nowhere_without_a_reliable_pixel(toy):
+    assert torch.equal(predict(SAR({"margin": 1e-12}), toy), predict(builtin("bn-adapt"), toy))
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("optimizer", "rmsprop"), ("rho", -0.1), ("margin", 0.0), ("reset", -1.0), ("epochs", -1)],
+)
+def test_sar_settings_are_validated(setting, value):
+    model = toy_builder(toy_data())()
+    with pytest.raises(FedbenchError, match=f"adapter.{setting}"):
+        SAR({setting: value}).check(REGISTRY.get("methods", "fedavg"), model, toy_data().task)
+
+
+# --- MEMO --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("params", [{"steps": 0}, {"lr": 0.0}], ids=["steps0", "lr0"])
+def test_memo_without_a_step_is_none(toy, params):
+    memo = predict(MEMO(params), toy)
+    assert torch.equal(memo, predict(builtin("none"), toy, batch_size=1))  # one image a pass
+    assert torch.allclose(memo, predict(builtin("none"), toy), atol=1e-5)  # batches of four
+
+
+def test_memo_steps_change_the_prediction(toy):
+    assert not torch.equal(predict(MEMO({"lr": 0.1}), toy), predict(builtin("none"), toy, 1))
+
+
+def test_marginal_entropy_by_hand():
+    # one pixel, two copies: softmax (0.9, 0.1) and (0.5, 0.5); marginal (0.7, 0.3)
+    logits = torch.tensor([[0.9, 0.1], [0.5, 0.5]], dtype=torch.float64).log().view(2, 2, 1, 1)
+    assert marginal_entropy(logits).item() == pytest.approx(entropy_of(0.7), rel=1e-12)
+    # two pixels: the mean over pixels of each pixel's marginal entropy
+    two = torch.cat([logits, logits.flip(1)], dim=3)  # second pixel: (0.1, 0.9) and (0.5, 0.5)
+    assert marginal_entropy(two).item() == pytest.approx(entropy_of(0.7), rel=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 5), (2, 3, 4, 6)], ids=["square", "oblong"])
+def test_inverse_maps_every_view_back_exactly(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    views = dihedral_views(8, square=shape[2] == shape[3])
+    images = {tuple(transform(x, v).flatten().tolist()) for v in views}
+    assert len(images) == (8 if shape[2] == shape[3] else 4)  # distinct elements of D4
+    pointwise = torch.nn.Conv2d(3, 2, 1)  # a per-pixel model: mapping its outputs back works
+    for view in views:
+        assert torch.equal(invert(transform(x, view), view), x)
+        with torch.no_grad():
+            assert torch.equal(invert(pointwise(transform(x, view)), view), pointwise(x))
+
+
+def test_views_are_mapped_back_before_averaging():
+    # a per-pixel model sees each copy as the image moved; mapped back, all B copies agree, so
+    # the marginal entropy is the entropy of the model's prediction on the image itself
+    image = torch.randn(1, 5, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    pointwise = torch.nn.Conv2d(1, 2, 1).double()
+    views = dihedral_views(8, square=True)
+    copies = augment(image, views, 0.0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        direct = marginal_entropy(pointwise(image.unsqueeze(0)))
+        assert views_loss(pointwise, copies, views).item() == pytest.approx(direct.item())
+
+
+def test_augment_without_intensity_is_the_views():
+    image = torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(1))
+    views = dihedral_views(3, square=True)
+    copies = augment(image, views, 0.0, torch.Generator().manual_seed(0))
+    assert all(torch.equal(copies[i], transform(image, v)) for i, v in enumerate(views))
+    jittered = augment(image, views, 0.1, torch.Generator().manual_seed(0))
+    assert not torch.equal(jittered, copies)
+
+
+def test_memo_resets_between_images(toy):
+    data, federation, images = toy
+    same = UnlabeledImages(images.inputs[:1].repeat(3, 1, 1, 1))
+    memo = MEMO({"lr": 0.1, "intensity": 0.0})
+    outputs = memo.predict(federation, same, AdaptContext(4, 0, data.task))
+    assert torch.equal(outputs[1], outputs[0]) and torch.equal(outputs[2], outputs[0])
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("steps", -1), ("augmentations", 0), ("lr", -1.0), ("intensity", -1.0)]
+)
+def test_memo_settings_are_validated(setting, value):
+    model = toy_builder(toy_data())()
+    with pytest.raises(FedbenchError, match=f"adapter.{setting}"):
+        MEMO({setting: value}).check(REGISTRY.get("methods", "fedavg"), model, toy_data().task)
+
+
+# --- both --------------------------------------------------------------------------------------
+
+
+class TabularTask(Task):
+    """A task without dense predictions."""
+
+    dense_prediction = False
+
+
+@pytest.mark.parametrize("adapter", [SAR, MEMO], ids=["sar", "memo"])
+def test_outputs_ignore_labels_and_leave_the_federation(toy, adapter):
+    data, federation, _ = toy
+    before = {k: v.clone() for k, v in federation.global_state.items()}
+    first = predict(adapter({}), toy)
+    site = data.sites[0]
+    for split in (site.train, site.val, site.test):
+        split.targets.copy_(1 - split.targets)
+    assert torch.equal(predict(adapter({}), toy), first)
+    assert all(torch.equal(v, before[k]) for k, v in federation.global_state.items())
+    with pytest.raises(FedbenchError, match="segmentation tasks only"):
+        adapter({}).check(REGISTRY.get("methods", "fedavg"), toy_builder(data)(), TabularTask())
+
+
+def test_sar_needs_normalization_and_memo_does_not():
+    bare = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3))
+    fedavg = REGISTRY.get("methods", "fedavg")
+    with pytest.raises(FedbenchError, match="needs normalization layers"):
+        SAR({}).check(fedavg, bare, toy_data().task)
+    MEMO({}).check(fedavg, bare, toy_data().task)
