@@ -17,8 +17,9 @@ top blocks of its networks; here all are adapted, as `tent` does), with
 A batch without a reliable pixel makes no step. Per batch: one update, then that batch is
 predicted with the updated (or just recovered) model, as `tent` here (the paper's code returns
 the pre-update forward); `epochs` passes, the last one returned, as every adapter's
-(fedbench.adapter.ADAPTATION_EPOCHS per preset). Defaults: lr 1e-3 (tent's), optimizer "sgd" (momentum 0.9, SAM's base optimizer in
-the paper; "adam" is tent's, with which rho = 0, margin = inf and reset = 0 give `tent` exactly).
+(fedbench.adapter.ADAPTATION_EPOCHS per preset). Defaults: lr 1e-3 (tent's), optimizer "sgd"
+(momentum 0.9, SAM's base optimizer in the paper; "adam" is tent's, with which rho = 0,
+margin = inf and reset = 0 give `tent` exactly).
 """
 
 from __future__ import annotations

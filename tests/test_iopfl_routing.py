@@ -113,7 +113,12 @@ def test_experts_come_from_matching_layers() -> None:
 
 
 def test_quirks_drop_last_expert_in_convs_and_freeze_bottleneck() -> None:
-    model = rc.build_routed_model(small_unet(0), [small_unet(i + 1) for i in range(K)], drop_expert=True, frozen_bottleneck=True)
+    model = rc.build_routed_model(
+        small_unet(0),
+        [small_unet(i + 1) for i in range(K)],
+        drop_expert=True,
+        frozen_bottleneck=True,
+    )
     widest = max(layer.out_channels for layer in routed_convs(model).values())
     frozen = []
     for layer in routed_convs(model).values():
@@ -172,7 +177,9 @@ def test_predict_rejects_unknown_space() -> None:
 def test_adaptation_changes_routers_and_keeps_experts() -> None:
     fed = federation()
     glob = fed.model(fed.global_state)
-    model = rc.build_routed_model(glob, [fed.model(s) for s in fed.personalized], drop_expert=True, frozen_bottleneck=True)
+    model = rc.build_routed_model(
+        glob, [fed.model(s) for s in fed.personalized], drop_expert=True, frozen_bottleneck=True
+    )
     experts = {n: b.clone() for n, b in model.named_buffers()}
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     batches = online_batches(UnlabeledImages(torch.randn(6, 1, 32, 32)), 3)
