@@ -55,11 +55,13 @@ def regions(labels: torch.Tensor) -> torch.Tensor:
 def fundus_scores(
     pred_labels: torch.Tensor, targets: torch.Tensor, cases: torch.Tensor
 ) -> dict[str, float]:
-    """Mean over cases of per-case Dice and HD95 for the disc and the cup, and their means."""
+    """Mean over cases of per-case Dice and HD95 for the disc and the cup, and their means.
+    A case's images (RIM-ONE's two eyes) are separate 2D images, not slices of a volume: HD95
+    is per image, in pixels (the crops state no pixel size), averaged over the case."""
     from fedbench.metrics import region_scores
 
     pred, true = regions(pred_labels.cpu()), regions(targets.cpu())
-    return region_scores(pred, true, cases, ["disc", "cup"], release=False)
+    return region_scores(pred, true, cases, ["disc", "cup"], release=False, volume=False)
 
 
 @dataclass

@@ -18,7 +18,7 @@ import numpy as np
 from fedbench.errors import FedbenchError
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: prostate volumes keep each case's voxel size
 
 
 def sha256_file(path: Path) -> str:

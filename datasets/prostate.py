@@ -16,6 +16,11 @@ each case to zero mean and unit variance over all its slices. Loading builds the
 the full case, then keeps only slices with prostate when `data.foreground_only` (IOP-FL drops
 empty slices in every split).
 
+HD95 is in mm when every case of the chosen sites has the same voxel size as the network sees it
+(NIfTI header zooms, in-plane scaled by the resize; units "mm" and "unknown" read as mm), else
+in voxels with a warning saying why: the task scores one spacing per dataset. The PNG slices
+state no pixel size, so their HD95 is in voxels.
+
 Splits are by case, fixed by the seed, and written to `splits/` next to the prepared files. Given
 train/test folders are used as given, and `data.val_fraction` of the training cases (at least one)
 become val. A site with only one training case (as in the MiDSS samples) cannot spare a case: its
@@ -41,6 +46,7 @@ from fedbench_datasets.prepared import (
     normalize_case,
     resize,
     split_label,
+    warn,
     write_split_file,
 )
 
@@ -50,6 +56,8 @@ SLICE_NAME = re.compile(r"^(?P<case>.+)_(?P<slice>\d+)$")
 SEGMENTATION = re.compile(r"_segmentation$", re.IGNORECASE)
 # one slice: (slice index, image [H, W] float, prostate mask [H, W] bool)
 Slices = dict[str, list[tuple[int, np.ndarray, np.ndarray]]]
+Spacings = dict[str, tuple[float, float, float]]  # a case's (thickness, row, column) in mm
+UNITS = {"meter": 1000.0, "micron": 0.001}  # NIfTI units in mm; "mm" and "unknown" read as mm
 
 
 def site_folder(source: Path, site: str) -> Path | None:
@@ -82,8 +90,9 @@ def read_slice_pair(image_path: Path, mask_path: Path, problems: list[str]) -> t
     return image, mask == 0
 
 
-def scan_slices(site_dir: Path, scan: Scan) -> tuple[Slices, dict[str, str]]:
-    """The slice layout of one site: pairs matched by name; unpaired files become orphans."""
+def scan_slices(site_dir: Path, scan: Scan) -> tuple[Slices, dict[str, str], Spacings]:
+    """The slice layout of one site: pairs matched by name; unpaired files become orphans.
+    PNG slices state no pixel size, so no case has a spacing."""
     cases: Slices = {}
     parts: dict[str, str] = {}
     for part in ("train", "test"):
@@ -103,7 +112,7 @@ def scan_slices(site_dir: Path, scan: Scan) -> tuple[Slices, dict[str, str]]:
                 case = f"{part}/{match['case']}"
                 parts[case] = part
                 cases.setdefault(case, []).append((int(match["slice"]), *pair))
-    return cases, parts
+    return cases, parts, {}
 
 
 def read_volume(path: Path) -> np.ndarray:
@@ -113,8 +122,18 @@ def read_volume(path: Path) -> np.ndarray:
     return data.reshape(data.shape[:3]) if data.ndim == 4 and data.shape[3] == 1 else data
 
 
-def scan_volumes(site_dir: Path, scan: Scan) -> tuple[Slices, dict[str, str]]:
-    """The volume layout of one site: CaseNN.nii.gz with CaseNN_segmentation.nii.gz."""
+def read_spacing(path: Path) -> tuple[float, float, float]:
+    """Voxel size in mm along the volume's axes 0, 1 and 2, from the NIfTI header."""
+    import nibabel
+
+    header = nibabel.load(str(path)).header
+    scale = UNITS.get(header.get_xyzt_units()[0], 1.0)
+    return tuple(float(z) * scale for z in header.get_zooms()[:3])
+
+
+def scan_volumes(site_dir: Path, scan: Scan) -> tuple[Slices, dict[str, str], Spacings]:
+    """The volume layout of one site: CaseNN.nii.gz with CaseNN_segmentation.nii.gz, and each
+    case's voxel size (slice thickness, row, column) in mm."""
     files = sorted(site_dir.glob("*.nii*"))
     stem = {p: p.name.split(".")[0] for p in files}
     segs = {SEGMENTATION.sub("", stem[p]): p for p in files if SEGMENTATION.search(stem[p])}
@@ -124,9 +143,11 @@ def scan_volumes(site_dir: Path, scan: Scan) -> tuple[Slices, dict[str, str]]:
     for name in sorted(segs.keys() - vols.keys()):
         scan.orphans.append(f"{segs[name]}: segmentation without a volume")
     cases: Slices = {}
+    spacing: Spacings = {}
     for name in sorted(vols.keys() & segs.keys()):
         try:
             image, label = read_volume(vols[name]), read_volume(segs[name])
+            rows, columns, thickness = read_spacing(vols[name])
         except Exception as exc:
             scan.problems.append(f"{vols[name]}: unreadable volume or segmentation ({exc})")
             continue
@@ -136,11 +157,15 @@ def scan_volumes(site_dir: Path, scan: Scan) -> tuple[Slices, dict[str, str]]:
             )
             continue
         cases[name] = [(k, image[..., k], label[..., k] > 0) for k in range(image.shape[2])]
-    return cases, {name: "all" for name in cases}
+        spacing[name] = (thickness, rows, columns)
+    return cases, {name: "all" for name in cases}, spacing
 
 
-def site_arrays(cases: Slices, parts: dict[str, str], size: int) -> dict[str, np.ndarray]:
-    """One site's prepared arrays, cases in name order and slices in index order."""
+def site_arrays(
+    cases: Slices, parts: dict[str, str], size: int, spacing: Spacings
+) -> dict[str, np.ndarray]:
+    """One site's prepared arrays, cases in name order and slices in index order; `spacing`
+    [cases, 3] (thickness, row, column in mm after the resize) when every case has one."""
     images, masks, case_index, slice_index = [], [], [], []
     names = sorted(cases)
     for i, name in enumerate(names):
@@ -150,7 +175,7 @@ def site_arrays(cases: Slices, parts: dict[str, str], size: int) -> dict[str, np
         masks.append(np.stack([resize(m, size, nearest=True) > 0.5 for _, _, m in rows]))
         case_index += [i] * len(rows)
         slice_index += [k for k, _, _ in rows]
-    return {
+    arrays = {
         "image": np.concatenate(images),
         "mask": np.concatenate(masks).astype(np.uint8),
         "case": np.asarray(case_index, dtype=np.int64),
@@ -158,6 +183,24 @@ def site_arrays(cases: Slices, parts: dict[str, str], size: int) -> dict[str, np
         "case_names": np.asarray(names, dtype=str),
         "case_parts": np.asarray([parts[n] for n in names], dtype=str),
     }
+    if names and all(n in spacing for n in names):
+        steps = [(*spacing[n], *cases[n][0][1].shape) for n in names]
+        arrays["spacing"] = np.asarray([(t, r * h / size, c * w / size) for t, r, c, h, w in steps])
+    return arrays
+
+
+def common_spacing(
+    arrays: dict[str, dict[str, np.ndarray]], sites: list[str]
+) -> tuple[float, float, float] | None:
+    """The one voxel size every case of `sites` shares, or None (warned when they differ)."""
+    if not all("spacing" in arrays[s] for s in sites):
+        return None
+    every = np.concatenate([arrays[s]["spacing"] for s in sites])
+    if np.allclose(every, every[0], rtol=1e-3, atol=0):
+        return tuple(float(v) for v in every[0])
+    low, high = every.min(0).round(3).tolist(), every.max(0).round(3).tolist()
+    warn(f"cases differ in voxel size (from {low} to {high} mm): hd95 is in voxels")
+    return None
 
 
 def neighbours_25d(image: np.ndarray, case: np.ndarray) -> np.ndarray:
@@ -201,11 +244,11 @@ class Prostate(PreparedDataset):
             slices = (folder / "train").is_dir() or (folder / "test").is_dir()
             layouts.add("slices" if slices else "volumes")
             read = scan_slices if slices else scan_volumes
-            cases, parts = read(folder, scan)
+            cases, parts, spacing = read(folder, scan)
             if not cases:
                 scan.problems.append(f"{folder}: empty site (no image with its mask)")
                 continue
-            scan.sites[site] = site_arrays(cases, parts, int(cfg["size"]))
+            scan.sites[site] = site_arrays(cases, parts, int(cfg["size"]), spacing)
         scan.layout = "+".join(sorted(layouts))
         return scan
 
@@ -246,7 +289,8 @@ class Prostate(PreparedDataset):
         settings = {k: cfg[k] for k in ("foreground_only", "val_fraction", "test_fraction")}
         payload = {"dataset": self.name, "seed": seed, "settings": settings, "sites": record}
         write_split_file(directory, split_label(seed, settings), payload)
-        task = SegmentationTask(in_channels=3, class_names=["prostate"])
+        spacing = common_spacing(arrays, self.chosen_sites(cfg))
+        task = SegmentationTask(in_channels=3, class_names=["prostate"], spacing=spacing)
         return FederatedData(self.name, sites, task)
 
 

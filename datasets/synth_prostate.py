@@ -145,7 +145,8 @@ class SynthProstate(Dataset):
     new names (`RUNMC-2`, ...) and new anatomy. Each site has `cases_per_site` cases (default
     14, split 60/20/20 by case into train/val/test) of `slices_per_case` adjacent slices of
     `size` pixels. Inputs are the 8-bit images normalised per case (zero mean, unit variance,
-    as SAML does); targets are 1 on the prostate.
+    as SAML does); targets are 1 on the prostate. The phantom has no physical size, so HD95 is
+    in voxels.
     """
 
     name = "synth-prostate"

@@ -1,20 +1,21 @@
 """Segmentation scores with MONAI's metrics: per-case foreground Dice and HD95, and the IOP-FL
 release's own per-slice figure (mean of background and foreground Dice), kept under its own name.
 
-HD95 is MONAI's `compute_hausdorff_distance(percentile=95)` on each case as a whole: its slices
-stacked in order as one volume (or, for tasks of independent 2D images, per image and then
-averaged over the case's images). Distances are in mm when the task knows the voxel spacing and
-in voxels otherwise. MONAI 1.6 returns NaN whenever the truth or the prediction of a class is
-empty, so those cases are decided from the masks, as BraTS scores HD95 and as the Metrics
-Reloaded reference code (Project-MONAI/MetricsReloaded, `BinaryPairwiseMeasures.
-measured_distance`) does for two empty masks:
+HD95 is MONAI's `compute_hausdorff_distance(percentile=95)` (the larger of the two directed 95th
+percentiles of surface distances) on each case as a whole: its slices stacked in order as one
+volume, or, for tasks of independent 2D images, per image and then averaged over the case's
+images. Distances are in mm when the task knows the voxel spacing, in voxels otherwise. MONAI
+1.6 returns NaN whenever the truth or the prediction of a class is empty, so those cases are
+decided from the masks:
 
-- truth and prediction both empty: 0 (nothing to find, nothing found);
+- truth and prediction both empty: 0, as the Metrics Reloaded reference code does
+  (Project-MONAI/MetricsReloaded, `BinaryPairwiseMeasures.measured_distance`);
 - exactly one of them empty (a missed structure, or one predicted where there is none): the
-  worst value, the diagonal of the volume (image) in the same unit. BraTS 2023 penalises such a
-  miss or false positive with 374 mm, the diagonal of its 240 x 240 x 155 mm volume.
+  worst value, the diagonal of the volume (image) in the same unit, as BraTS 2023 scores missed
+  and false-positive lesions 374 mm (about the 373 mm diagonal of its 240 x 240 x 155 mm grid).
 
-No figure is ever skipped, so a false positive on a slice without truth costs its distance.
+No case is ever skipped, and a false positive on a slice without truth costs its distance to the
+truth on the other slices (the per-slice mean this replaces scored it 0).
 """
 
 from __future__ import annotations

@@ -144,4 +144,6 @@ def test_records_carry_the_data_fingerprint(tmp_path):
         args += ["--set", setting]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["data_fingerprint"] == data_fingerprint(data)
+    record = json.loads(result.stdout)
+    assert record["data_fingerprint"] == data_fingerprint(data)
+    assert record["hd95_unit"] == "voxel", "the phantom has no physical size"

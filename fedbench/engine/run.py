@@ -275,7 +275,11 @@ def compute(run: Run, registry: Registry, reporter: Reporter) -> Outcome:
     record = build_record(
         run_id=scoring.run_id,
         status=status,
-        identity={**run_identity(run), "data_fingerprint": fingerprint},
+        identity={
+            **run_identity(run),
+            "data_fingerprint": fingerprint,
+            "hd95_unit": getattr(data.task, "hd95_unit", None),
+        },
         holdouts=holdouts,
         config=run.config,
         config_hash=run.config_hash,

@@ -162,6 +162,8 @@ def build_record(
         record["history"] = history
     if val_best_rounds:
         record["val_best_rounds"] = val_best_rounds
+    if identity.get("hd95_unit"):
+        record["hd95_unit"] = identity["hd95_unit"]
     if profile is not None:
         record["profile"] = profile
     if error:
