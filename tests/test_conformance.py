@@ -23,7 +23,10 @@ BUILT_IN = [
 
 
 #: the settings a built-in refuses to run without (it says so in one line, tested below)
-NEEDS = {"scaffold": ["train.optimizer=sgd", "train.momentum=0", "train.lr=0.01"]}
+NEEDS = {
+    "scaffold": ["train.optimizer=sgd", "train.momentum=0", "train.lr=0.01"],
+    "fednova": ["train.optimizer=sgd"],
+}
 
 
 @pytest.mark.parametrize("name", [n for n in BUILT_IN if n != "dataset-baseline"])

@@ -1,0 +1,469 @@
+"""APFL, FedDyn and FedNova against their definitions: limiting cases equal to simpler methods
+and small server and client steps worked out by hand here, not stored runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import toy_config, toy_data, toy_train, toy_training
+
+from fedbench.errors import FedbenchError
+from fedbench.method import ClientUpdate, Method, clone_state
+from fedbench_plugins.apfl import APFL, mix_states, mixed_step
+from fedbench_plugins.fedavg import FedAvg
+from fedbench_plugins.feddyn import FedDyn, dynamic_term, server_step, updated_gradient
+from fedbench_plugins.fednova import FedNova, gradient_weight, nova_step
+from fedbench_plugins.local import Local
+
+CPU = torch.device("cpu")
+F64 = torch.float64
+LR = 0.05
+
+
+def sgd_config(rounds: int, momentum: float = 0.0, **params: object) -> dict:
+    """The toy config with SGD at lr 0.05."""
+    cfg = toy_config(rounds, **params)
+    cfg["train"].update(optimizer="sgd", momentum=momentum, lr=LR)
+    return cfg
+
+
+def differs(a: dict, b: dict, keys) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in keys)
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and not differs(a, b, a)
+
+
+def run(method_cls: type[Method], cfg: dict, data, rounds: int):
+    fed = toy_training(data, data.sites, method_cls, cfg, seed=0, device=CPU)
+    for _ in range(rounds):
+        fed.run_round()
+    return fed
+
+
+def recording(method_cls: type[Method]) -> type[Method]:
+    """A subclass recording each local update's start and what the server receives."""
+
+    class Recorder(method_cls):
+        name = method_cls.name
+        starts: list[dict] = []
+        received: list[tuple[dict, list[ClientUpdate]]] = []
+
+        def local_update(self, model, ctx):
+            Recorder.starts.append(
+                {
+                    "client": ctx.client,
+                    "state": clone_state(model.state_dict()),
+                    "global": clone_state(ctx.global_state),
+                    "generator": ctx.generator.get_state(),
+                }
+            )
+            return super().local_update(model, ctx)
+
+        def server_update(self, previous, updates):
+            Recorder.received.append((clone_state(previous), list(updates)))
+            return super().server_update(previous, updates)
+
+    Recorder.starts, Recorder.received = [], []
+    return Recorder
+
+
+def param_names(fed) -> set[str]:
+    return {name for name, _ in fed.model.named_parameters()}
+
+
+# APFL
+
+
+def test_apfl_sends_exactly_the_fedavg_update_from_the_same_start(data):
+    cfg = toy_config(2, alpha=0.5, adaptive=True, alpha_lr=0.1)
+    method = recording(APFL)
+    fed = run(method, cfg, data, 2)
+    sent = [u for _, updates in method.received for u in updates]
+    assert len(sent) == len(method.starts) == 2 * len(data.sites)
+    for start, update in zip(method.starts, sent, strict=True):
+        model = fed.build_model()
+        model.load_state_dict(start["state"])
+        fed.generator.set_state(start["generator"])
+        ctx = fed.local_context(start["client"], fed.clients[start["client"]], start["global"], {})
+        assert FedAvg({}, 3).local_update(model, ctx) == update.extras == {}
+        assert set(update.state) == set(model.state_dict()), "w only: v_i is not sent"
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, update.state[key]), key
+        assert update.steps == 2 * ctx.steps, "the steps of w_i and of v_i both count"
+    fedavg = run(FedAvg, toy_config(2), data, 2)
+    assert same(fed.global_state, fedavg.global_state)
+    assert fed.cost["bytes_up"] == fedavg.cost["bytes_up"]
+    assert fed.cost["bytes_down"] == fedavg.cost["bytes_down"]
+    for i in range(len(data.sites)):
+        assert differs(fed.personalized(i), fed.global_state, param_names(fed))
+
+
+def test_apfl_with_alpha_zero_scores_the_global_model_exactly(data):
+    result = toy_train(data, data.sites, APFL, toy_config(2, alpha=0.0), 0, CPU)
+    fedavg = toy_train(data, data.sites, FedAvg, toy_config(2), 0, CPU)
+    assert same(result.global_state, fedavg.global_state)
+    for personal, theirs in zip(result.personalized, fedavg.personalized, strict=True):
+        assert same(personal, result.global_state) and same(personal, theirs)
+
+
+def test_apfl_with_alpha_one_scores_local_training_exactly(data):
+    """alpha = 1: the mixture is v_i alone, trained on its own loss from the same start and on
+    the same batches as the `local` method's model; w is still FedAvg's."""
+    apfl = run(APFL, toy_config(2, alpha=1.0), data, 2)
+    local = run(Local, toy_config(2), data, 2)
+    fedavg = run(FedAvg, toy_config(2), data, 2)
+    assert same(apfl.global_state, fedavg.global_state)
+    for i in range(len(data.sites)):
+        assert same(apfl.personalized(i), local.personalized(i)), i
+        assert differs(apfl.personalized(i), apfl.global_state, param_names(apfl))
+
+
+class SquaredError:
+    """A task whose loss is the mean squared error (all `mixed_step` asks of a task)."""
+
+    def loss(self, outputs, targets):
+        return (outputs - targets).pow(2).mean()
+
+
+def test_apfl_mixed_step_by_hand():
+    gen = torch.Generator().manual_seed(0)
+    w, v = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    for layer in (w, v):
+        for p in layer.parameters():
+            p.data = torch.randn(p.shape, generator=gen)
+    x, y = torch.randn(5, 3, generator=gen), torch.randn(5, 2, generator=gen)
+    alpha, lr = 0.3, 0.1
+    v0, w0 = clone_state(v.state_dict()), clone_state(w.state_dict())
+    # the mixed model's gradient, by hand: out = x A^T + b, loss = mean((out - y)^2)
+    a_mix = alpha * v0["weight"] + (1 - alpha) * w0["weight"]
+    b_mix = alpha * v0["bias"] + (1 - alpha) * w0["bias"]
+    residual = 2 * (x @ a_mix.T + b_mix - y) / y.numel()
+    grad = {"weight": residual.T @ x, "bias": residual.sum(0)}
+    optimizer = torch.optim.SGD(v.parameters(), lr=lr)
+    alpha_grad = mixed_step(w, v, optimizer, SquaredError(), (x, y), alpha)
+    for key in ("weight", "bias"):
+        expected = v0[key] - lr * alpha * grad[key]
+        torch.testing.assert_close(v.state_dict()[key], expected)
+        assert torch.equal(w.state_dict()[key], w0[key]) and w.weight.grad is None
+    by_hand = sum(((v0[k] - w0[k]) * grad[k]).sum() for k in grad)
+    torch.testing.assert_close(torch.tensor(alpha_grad), by_hand)
+
+
+def test_apfl_scores_the_mixture_of_every_key():
+    personal = {"w": torch.tensor([2.0, -4.0]), "n": torch.tensor(10)}
+    shared = {"w": torch.tensor([0.0, 4.0]), "n": torch.tensor(4)}
+    mixed = mix_states(personal, shared, 0.25)
+    torch.testing.assert_close(mixed["w"], torch.tensor([0.5, 2.0]))
+    assert mixed["n"].dtype == torch.int64 and mixed["n"].item() == 6  # 2.5 + 3 = 5.5 -> 6
+    assert same(mix_states(personal, shared, 0.0), shared)
+    assert same(mix_states(personal, shared, 1.0), personal)
+
+
+def test_apfl_adaptive_alpha_follows_its_gradient_and_resumes(data, tmp_path):
+    class Spy(APFL):
+        log: list[tuple[int, float, float, float]] = []
+
+        def move_alpha(self, client, grad):
+            before = self.alphas[client]
+            super().move_alpha(client, grad)
+            Spy.log.append((client, before, grad, self.alphas[client]))
+
+    cfg = toy_config(2, alpha=0.5, adaptive=True, alpha_lr=0.5)
+    fed = run(Spy, cfg, data, 2)
+    for _, before, grad, after in Spy.log:
+        assert after == min(1.0, max(0.0, before - 0.5 * grad))
+    assert len({a for _, _, _, a in Spy.log}) > len(data.sites), "alpha moves every step"
+    assert len(set(fed.method.alphas)) == len(data.sites), "one alpha per client"
+    for i, alpha in enumerate(fed.method.alphas):
+        assert alpha == [a for c, _, _, a in Spy.log if c == i][-1]
+        stored = fed.method.personal[i]
+        assert same(fed.personalized(i), mix_states(stored, fed.client_view(i), alpha))
+    whole = toy_train(data, data.sites, APFL, toy_config(3, **cfg["method"]), 0, CPU)
+    path = tmp_path / "apfl.pt"
+    toy_train(data, data.sites, APFL, cfg, 0, CPU, checkpoint_path=path)
+    assert torch.load(path, weights_only=True)["training"]["method_state"]["alphas"] != [0.5] * 3
+    resumed = toy_train(
+        data, data.sites, APFL, toy_config(3, **cfg["method"]), 0, CPU, checkpoint_path=path
+    )
+    for a, b in zip(whole.personalized, resumed.personalized, strict=True):
+        assert same(a, b)
+
+
+def test_apfl_local_update_replayed_by_hand(data):
+    """Round two of every client with SGD and adaptive alpha, replayed: per batch, v_i's step on
+    the mixture with w_i as it was before the batch and alpha's step, then w_i's step."""
+    alpha_lr = 0.5
+
+    class Spy(APFL):
+        starts: list[dict] = []
+
+        def local_update(self, model, ctx):
+            Spy.starts.append(
+                {
+                    "w": clone_state(model.state_dict()),
+                    "v": clone_state(self.personal[ctx.client] or model.state_dict()),
+                    "alpha": self.alphas[ctx.client],
+                    "generator": ctx.generator.get_state(),
+                }
+            )
+            return super().local_update(model, ctx)
+
+    fed = run(Spy, sgd_config(2, alpha=0.4, adaptive=True, alpha_lr=alpha_lr), data, 2)
+    for i, start in enumerate(Spy.starts[len(data.sites) :]):
+        v, alpha = replay_apfl(fed, i, start, alpha_lr)
+        assert alpha != start["alpha"]
+        assert abs(fed.method.alphas[i] - alpha) < 1e-5
+        for key, value in fed.method.personal[i].items():
+            torch.testing.assert_close(value, v[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def replay_apfl(fed, client: int, start: dict, alpha_lr: float) -> tuple[dict, float]:
+    """One epoch of APFL's local steps by hand (plain SGD): the personal state and alpha."""
+    w, v, mix = fed.build_model(), fed.build_model(), fed.build_model()
+    w.load_state_dict(start["w"])
+    v.load_state_dict(start["v"])
+    w.train()
+    mix.train()
+    alpha = start["alpha"]
+    generator = torch.Generator().manual_seed(0)
+    generator.set_state(start["generator"])
+    names = [n for n, _ in w.named_parameters()]
+    for inputs, targets in fed.clients[client].batches(4, generator):
+        ws, vs = w.state_dict(), v.state_dict()
+        mix.load_state_dict({**vs, **{k: alpha * vs[k] + (1 - alpha) * ws[k] for k in names}})
+        grads = torch.autograd.grad(fed.task.loss(mix(inputs), targets), list(mix.parameters()))
+        slope = sum(((vs[k] - ws[k]) * g).sum().item() for k, g in zip(names, grads))
+        new_v = {k: vs[k] - LR * alpha * g for k, g in zip(names, grads)}
+        v.load_state_dict({**mix.state_dict(), **new_v})  # running statistics: the mixture's
+        alpha = min(1.0, max(0.0, alpha - alpha_lr * slope))
+        w_grads = torch.autograd.grad(fed.task.loss(w(inputs), targets), list(w.parameters()))
+        with torch.no_grad():
+            for p, g in zip(w.parameters(), w_grads):
+                p -= LR * g
+    return clone_state(v.state_dict()), alpha
+
+
+def test_apfl_refuses_bad_settings_by_name():
+    for key, value in (("alpha", 1.5), ("alpha", -0.1), ("adaptive", 1), ("alpha_lr", -1.0)):
+        with pytest.raises(FedbenchError, match=f"method.{key}"):
+            APFL.check_settings(toy_config(1, **{key: value}))
+    APFL.check_settings(toy_config(1, **APFL.defaults))
+
+
+# FedDyn
+
+
+def test_feddyn_with_alpha_zero_is_fedavg_bit_for_bit():
+    data = toy_data(sizes=(8, 8, 8))  # the paper's mean is uniform: FedAvg's with equal sites
+    feddyn = run(FedDyn, toy_config(2, alpha=0.0), data, 2)
+    fedavg = run(FedAvg, toy_config(2), data, 2)
+    assert same(feddyn.global_state, fedavg.global_state)
+    for mine, theirs in zip(feddyn.client_states, fedavg.client_states, strict=True):
+        assert same(mine, theirs)
+    assert all(not g.any() for grads in feddyn.method.grads for g in grads.values())
+
+
+def test_feddyn_server_step_by_hand():
+    # m = 4 clients, 2 took part; alpha = 0.5; previous = [1, 2]; h = [0.5, -1]
+    # drifts: [3, 2] - [1, 2] = [2, 0] and [-1, 6] - [1, 2] = [-2, 4]; their sum: [0, 4]
+    # h <- [0.5, -1] - 0.5/4 * [0, 4] = [0.5, -1.5]
+    # theta = mean [1, 4] - h / 0.5 = [1 - 1, 4 + 3] = [0, 7]
+    h = {"w": torch.tensor([0.5, -1.0], dtype=F64)}
+    previous = {"w": torch.tensor([1.0, 2.0], dtype=F64)}
+    states = [{"w": torch.tensor([3.0, 2.0])}, {"w": torch.tensor([-1.0, 6.0])}]
+    new_h, theta = server_step(h, previous, states, 0.5, 4)
+    torch.testing.assert_close(new_h["w"], torch.tensor([0.5, -1.5], dtype=F64))
+    torch.testing.assert_close(theta["w"], torch.tensor([0.0, 7.0], dtype=F64))
+    new_h, theta = server_step({}, previous, states, 0.5, 4)  # h starts at zero
+    torch.testing.assert_close(new_h["w"], torch.tensor([0.0, -0.5], dtype=F64))
+    torch.testing.assert_close(theta["w"], torch.tensor([1.0, 5.0], dtype=F64))
+
+
+def test_feddyn_client_state_and_penalty_by_hand():
+    # g = [1, -2], theta_i = [3, 1], theta^{t-1} = [1, 1], alpha 0.5: g - 0.5*[2, 0] = [0, -2]
+    g = {"weight": torch.tensor([1.0, -2.0])}
+    new = updated_gradient(g, {"weight": torch.tensor([3.0, 1.0])}, {"weight": torch.ones(2)}, 0.5)
+    torch.testing.assert_close(new["weight"], torch.tensor([0.0, -2.0]))
+    layer = torch.nn.Linear(2, 1, bias=False)
+    layer.weight.data = torch.tensor([[3.0, 1.0]])
+    grads, anchor = {"weight": torch.tensor([[1.0, -2.0]])}, {"weight": torch.ones(1, 2)}
+    term = dynamic_term(layer, grads, anchor, 0.5)
+    # -<g, theta> + alpha/2 ||theta - anchor||^2 = -(3 - 2) + 0.25 * 4 = 0
+    torch.testing.assert_close(term, torch.tensor(0.0))
+    term.backward()  # gradient: -g + alpha (theta - anchor) = [-1 + 1, 2 + 0]
+    torch.testing.assert_close(layer.weight.grad, torch.tensor([[0.0, 2.0]]))
+
+
+@pytest.mark.parametrize("clients", ["all", 2])
+def test_feddyn_run_keeps_g_and_h_as_defined(data, clients):
+    """Two rounds: h = -alpha/m * every drift so far (m: all clients, even when a round samples
+    fewer), g_i = -alpha * client i's drifts, and the global parameters are the uniform mean of
+    the round's clients minus h / alpha (buffers: FedAvg's mean)."""
+    alpha = 0.1
+    method = recording(FedDyn)
+    cfg = sgd_config(2, alpha=alpha)
+    cfg["train"]["clients_per_round"] = clients
+    fed = run(method, cfg, data, 2)
+    assert {len(ups) for _, ups in method.received} == {3 if clients == "all" else clients}
+    params, m = param_names(fed), len(data.sites)
+    drift = [{k: torch.zeros_like(v, dtype=F64) for k, v in fed.method.h.items()} for _ in range(m)]
+    for previous, updates in method.received:
+        for u in updates:
+            for k in params:
+                drift[u.client][k] += u.state[k].double() - previous[k].double()
+    h = {k: -alpha / m * sum(d[k] for d in drift) for k in params}
+    fedavg_mean = FedAvg({}, m).aggregate(updates)
+    for key, value in fed.global_state.items():
+        if key in params:
+            mean = torch.stack([u.state[key].double() for u in updates]).mean(0)
+            expected = (mean - h[key] / alpha).float()
+            torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(value, fedavg_mean[key]), key
+    for key in params:
+        torch.testing.assert_close(fed.method.h[key], h[key])
+        for i in range(m):
+            grads = fed.method.grads[i]
+            g = torch.zeros_like(drift[i][key]) if grads is None else grads[key].double()
+            torch.testing.assert_close(g, -alpha * drift[i][key], rtol=1e-4, atol=1e-7)
+    assert any(not torch.equal(fed.method.h[k], torch.zeros_like(fed.method.h[k])) for k in params)
+    weighted = FedAvg({}, m).aggregate(updates)
+    assert differs(fed.global_state, weighted, params), "the uniform mean, not FedAvg's"
+
+
+def test_feddyn_local_objective_is_the_regularized_loss(data):
+    """Round two of client 0, replayed with the gradient -g + alpha (theta - theta^{t-1})
+    added by hand to the task loss's."""
+    alpha = 0.1
+    method = recording(FedDyn)
+    fed = run(method, sgd_config(1, alpha=alpha), data, 1)
+    grads = clone_state(fed.method.grads[0])
+    fed.run_round()
+    start, (_, updates) = method.starts[len(data.sites)], method.received[-1]
+    model = fed.build_model()
+    model.load_state_dict(start["state"])
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    generator.set_state(start["generator"])
+    names, params = zip(*model.named_parameters(), strict=True)
+    for inputs, targets in fed.clients[0].batches(4, generator):
+        task_grads = torch.autograd.grad(fed.task.loss(model(inputs), targets), params)
+        with torch.no_grad():
+            for name, p, g in zip(names, params, task_grads, strict=True):
+                p -= LR * (g - grads[name] + alpha * (p - start["global"][name]))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(updates[0].state[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_feddyn_resumes_bit_for_bit_and_refuses_a_negative_alpha(data, tmp_path):
+    whole = toy_train(data, data.sites, FedDyn, toy_config(3, alpha=0.1), 0, CPU)
+    path = tmp_path / "feddyn.pt"
+    toy_train(data, data.sites, FedDyn, toy_config(1, alpha=0.1), 0, CPU, checkpoint_path=path)
+    resumed = toy_train(
+        data, data.sites, FedDyn, toy_config(3, alpha=0.1), 0, CPU, checkpoint_path=path
+    )
+    assert same(whole.global_state, resumed.global_state)
+    with pytest.raises(FedbenchError, match="method.alpha"):
+        FedDyn.check_settings(toy_config(1, alpha=-0.01))
+    FedDyn.check_settings(toy_config(1, **FedDyn.defaults))
+
+
+# FedNova
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_fednova_with_equal_steps_is_fedavg_bit_for_bit(momentum):
+    data = toy_data(sizes=(8, 7, 6))  # batches of 4: two steps each, but unequal weights p_i
+    method = recording(FedNova)
+    fednova = run(method, sgd_config(2, momentum), data, 2)
+    fedavg = run(FedAvg, sgd_config(2, momentum), data, 2)
+    assert {u.steps for _, updates in method.received for u in updates} == {2}
+    assert same(fednova.global_state, fedavg.global_state)
+
+
+def momentum_weight(steps: int, rho: float) -> float:
+    """a_i written as the sum of SGD's weights on its gradients, (1 - rho^j) / (1 - rho)."""
+    return float(sum((1 - rho**j) / (1 - rho) for j in range(1, steps + 1)))
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_fednova_with_unequal_steps_normalizes_the_parameters_only(data, momentum):
+    method = recording(FedNova)
+    fednova = run(method, sgd_config(1, momentum), data, 1)
+    fedavg = run(FedAvg, sgd_config(1, momentum), data, 1)
+    for mine, theirs in zip(fednova.client_states, fedavg.client_states, strict=True):
+        assert same(mine, theirs), "clients train as in FedAvg"
+    ((previous, updates),) = method.received
+    assert [u.steps for u in updates] == [2, 3, 2]
+    params, n = param_names(fednova), sum(u.num_samples for u in updates)
+    a = [momentum_weight(u.steps, momentum) for u in updates]
+    tau_eff = sum(u.num_samples * a_i for u, a_i in zip(updates, a)) / n
+    for key, value in fednova.global_state.items():
+        if key in params:  # theta_prev - tau_eff * sum_i p_i (theta_prev - theta_i) / a_i
+            start = previous[key].double()
+            step = sum(
+                u.num_samples / n * (start - u.state[key].double()) / a_i
+                for u, a_i in zip(updates, a)
+            )
+            expected = (start - tau_eff * step).float()
+            torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(value, fedavg.global_state[key]), key
+    assert differs(fednova.global_state, fedavg.global_state, params)
+
+
+class Tiny(torch.nn.Module):
+    """One parameter `w` and one integer buffer `n`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2, dtype=F64))
+        self.register_buffer("n", torch.tensor(0))
+
+
+def test_fednova_two_client_server_step_by_hand():
+    # p = [1/4, 3/4], tau = [1, 3]: tau_eff = 1/4 + 9/4 = 2.5
+    # d_1 = ([0,0] - [2,-2]) / 1 = [-2, 2];  d_2 = ([0,0] - [3,6]) / 3 = [-1, -2]
+    # sum p d = [-0.5 - 0.75, 0.5 - 1.5] = [-1.25, -1];  theta = 0 - 2.5 * that = [3.125, 2.5]
+    # (FedAvg: [2.75, 4]);  n: (1*1 + 3*4) / 4 = 3.25 -> 3, FedAvg's
+    method = FedNova({}, 2)
+    assert method.shared_keys(Tiny()) == ["w", "n"]
+    previous = {"w": torch.zeros(2, dtype=F64), "n": torch.tensor(0)}
+    ups = [
+        ClientUpdate({"w": torch.tensor([2.0, -2.0], dtype=F64), "n": torch.tensor(1)}, 1, steps=1),
+        ClientUpdate({"w": torch.tensor([3.0, 6.0], dtype=F64), "n": torch.tensor(4)}, 3, steps=3),
+    ]
+    new = method.server_update(previous, ups)
+    torch.testing.assert_close(new["w"], torch.tensor([3.125, 2.5], dtype=F64))
+    assert new["n"].dtype == torch.int64 and new["n"].item() == 3
+    # momentum 0.5: a_1 = 1, a_2 = [3 - 0.5 (1 - 0.125) / 0.5] / 0.5 = 4.25; tau_eff = 3.4375
+    # sum p d = [-0.5, 0.5] + 0.75 * [-3, -6] / 4.25
+    ws = [1.0, 4.25]
+    assert [gradient_weight(1, 0.5), gradient_weight(3, 0.5)] == ws
+    step = (
+        torch.tensor([-0.5, 0.5], dtype=F64) + 0.75 * torch.tensor([-3.0, -6.0], dtype=F64) / 4.25
+    )
+    by_hand = nova_step({"w": previous["w"]}, [u.state for u in ups], [1, 3], ws)
+    torch.testing.assert_close(by_hand["w"], -(0.25 * 1.0 + 0.75 * 4.25) * step)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_fednova_momentum_weight_is_what_torch_sgd_puts_on_a_constant_gradient(steps):
+    """With loss <c, p>, tau steps of SGD with momentum rho move p by -lr * a * c."""
+    rho, lr, c = 0.9, 0.1, torch.tensor([1.0, -2.0], dtype=F64)
+    p = torch.zeros(2, dtype=F64, requires_grad=True)
+    optimizer = torch.optim.SGD([p], lr=lr, momentum=rho)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (c * p).sum().backward()
+        optimizer.step()
+    torch.testing.assert_close(p.detach(), -lr * gradient_weight(steps, rho) * c)
+    assert gradient_weight(steps, 0.0) == steps
+
+
+def test_fednova_refuses_adam_naming_the_setting():
+    with pytest.raises(FedbenchError, match="train.optimizer=sgd"):
+        FedNova.check_settings(toy_config(1))
+    FedNova.check_settings(sgd_config(1, momentum=0.9))
