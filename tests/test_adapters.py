@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import toy_builder, toy_config, toy_data, toy_train
 
-from fedbench.adapter import AdaptContext, Adapter
+from fedbench.adapter import AdaptContext, Adapter, predict_batched
 from fedbench.data import UnlabeledImages
 from fedbench.engine.registry import load_registry
 from fedbench.errors import FedbenchError
@@ -46,13 +46,22 @@ def test_every_adapter_predicts_from_images_alone(federations, method, name):
             chosen.check(method_cls, toy_builder(data)(), data.task)
         return
     images = UnlabeledImages(site.all_samples().inputs)
-    assert not hasattr(images, "targets"), "the unseen site's loader carries no labels"
     ctx = AdaptContext(batch_size=4, seed=0, task=data.task)
     outputs = chosen.predict(trained[method], images, ctx)
     assert outputs.shape == (len(images), 2, *images.inputs.shape[2:])
     assert torch.isfinite(outputs).all()
-    scores = data.task.score(outputs, site.all_samples().targets, site.all_samples().cases)
-    assert 0.0 <= scores["dice"] <= 1.0
+
+
+def test_none_is_the_global_model_and_ensemble_the_mean_of_softmax_maps(federations):
+    data, site, trained = federations
+    federation, images = trained["iopfl"], UnlabeledImages(site.all_samples().inputs)
+    ctx = AdaptContext(batch_size=4, seed=0, task=data.task)
+    plain = predict_batched(federation.model(federation.global_state), images.inputs, 4)
+    assert torch.equal(adapter("none").predict(federation, images, ctx), plain)
+    states = [federation.global_state, *federation.personalized]
+    maps = [predict_batched(federation.model(s), images.inputs, 4).softmax(1) for s in states]
+    mean = torch.stack(maps).mean(0)
+    torch.testing.assert_close(adapter("ensemble").predict(federation, images, ctx), mean)
 
 
 def test_adapters_leave_the_federation_untouched(federations):

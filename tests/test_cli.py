@@ -84,13 +84,6 @@ def test_holdout_none_runs_inside_only(tmp_path):
     assert record["cost"]["bytes_up"] == 0
 
 
-def test_val_best_selection_is_recorded(tmp_path):
-    record = run_json(
-        tmp_path, "--method", "fedavg", "--holdout", "none", "--set", "eval.val_best=true"
-    )
-    assert {r["selection"] for r in record["metrics"]} == {"final", "val-best"}
-
-
 def test_plugin_file_method_runs(tmp_path):
     plugin = tmp_path / "my_plugin.py"
     plugin.write_text(

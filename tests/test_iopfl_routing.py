@@ -4,7 +4,6 @@ experts, and the shape and label-freedom of its predictions."""
 from __future__ import annotations
 
 import dataclasses
-import typing
 
 import pytest
 import torch
@@ -222,11 +221,9 @@ def test_losses() -> None:
     assert ir.shape_loss(blob).item() > 0
 
 
-def test_adapter_never_receives_labels() -> None:
+def test_unlabeled_images_hold_inputs_only() -> None:
+    # label-freedom itself is tested behaviourally by the conformance kit (labels shuffled)
     assert [f.name for f in dataclasses.fields(UnlabeledImages)] == ["inputs"]
-    hints = typing.get_type_hints(ir.IOPFLRouting.predict, localns={"torch": torch})
-    assert hints["images"] is UnlabeledImages
-    assert set(hints) == {"federation", "images", "ctx", "return"}
 
 
 def test_hook_registers_the_adapter() -> None:

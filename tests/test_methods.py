@@ -70,6 +70,20 @@ def test_fedprox_with_mu_zero_equals_fedavg_exactly(data):
         assert torch.equal(value, b.global_state[key]), key
 
 
+def test_fedprox_penalty_is_mu_half_the_squared_distance_by_hand():
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        model.bias.fill_(0.5)
+    anchor = {"weight": torch.tensor([[0.0, 4.0]]), "bias": torch.tensor([1.5])}
+    penalty = FedProx({"mu": 0.2}, 1).local_penalty(model, anchor)
+    # ||w - w_g||^2 = 1 + 4 + 1 = 6; mu / 2 * 6 = 0.6
+    assert penalty.item() == pytest.approx(0.6)
+    penalty.backward()
+    torch.testing.assert_close(model.weight.grad, 0.2 * torch.tensor([[1.0, -2.0]]))
+    assert FedProx({"mu": 0.0}, 1).local_penalty(model, anchor) is None
+
+
 def test_fedprox_penalty_pulls_towards_global(data):
     far = toy_train(data, data.sites, FedProx, toy_config(2, mu=0.0), 0, CPU)
     near = toy_train(data, data.sites, FedProx, toy_config(2, mu=10.0), 0, CPU)
