@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from fedbench.engine.config import check_seed
 from fedbench.engine.registry import Registry
 from fedbench.engine.resolve import RunSpec, holdout_sites, resolve
 from fedbench.engine.run import run_identity
@@ -66,20 +67,29 @@ class Backend(Protocol):
     def __call__(self, cells: Sequence[Cell], on_result: OnResult) -> None: ...
 
 
+#: at most this many seeds in one grid (a typo such as 0-99999999 is refused, not expanded)
+MAX_SEEDS = 1000
+
+
 def parse_seeds(text: str) -> list[int]:
-    """'0,1,2' or '0-4' (or a mix) -> sorted distinct seeds; anything else is one clear error."""
+    """'0,1,2' or '0-4' (or a mix) -> sorted distinct seeds, each a valid seed, at most
+    MAX_SEEDS of them; anything else is one clear error, found before anything is expanded."""
     seeds: set[int] = set()
     for part in (p.strip() for p in text.split(",")):
         try:
             if "-" in part.lstrip("-"):
-                low, high = part.split("-", 1)
-                seeds.update(range(int(low), int(high) + 1))
+                low, high = (check_seed(int(x)) for x in part.split("-", 1))
+                if high - low + 1 > MAX_SEEDS - len(seeds):
+                    raise FedbenchError(f"--seeds '{text}' asks for more than {MAX_SEEDS} seeds")
+                seeds.update(range(low, high + 1))
             elif part:
-                seeds.add(int(part))
+                seeds.add(check_seed(int(part)))
         except ValueError:
             raise FedbenchError(f"bad --seeds '{text}': expected e.g. 0,1,2 or 0-4") from None
     if not seeds:
         raise FedbenchError(f"bad --seeds '{text}': expected e.g. 0,1,2 or 0-4")
+    if len(seeds) > MAX_SEEDS:
+        raise FedbenchError(f"--seeds '{text}' asks for more than {MAX_SEEDS} seeds")
     return sorted(seeds)
 
 

@@ -40,7 +40,26 @@ def main() -> None:
     # Idle OpenMP threads sleep instead of spinning: with spinning, a second busy process on a
     # small machine (a grid, a test run) slows every torch step down many times over.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    app(args=hoist_global_options(sys.argv[1:]), prog_name="fedbench")
+    sys.exit(run_app(hoist_global_options(sys.argv[1:])))
+
+
+def run_app(argv: list[str]) -> int:
+    """The app's exit code; a command-line mistake (an unknown option, a value of the wrong
+    type, a missing option) is one line on stderr with exit code 2 instead of Click's box."""
+    import typer
+
+    usage_error = typer.BadParameter.__mro__[1]  # Click's UsageError, as the installed Typer has it
+    try:
+        code = app(args=argv, prog_name="fedbench", standalone_mode=False)
+    except usage_error as exc:
+        if exc.format_message():  # no message: the help was shown for a bare group
+            command = exc.ctx.command_path if exc.ctx is not None else "fedbench"
+            print(f"error: {exc.format_message()} (see: {command} --help)", file=sys.stderr)
+        return exc.exit_code
+    except typer.Abort:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return code if isinstance(code, int) else 0
 
 
 __all__ = ["app", "hoist_global_options", "main"]

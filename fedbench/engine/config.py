@@ -4,6 +4,7 @@ model, method, adapter) add their own sections from their `defaults` and `preset
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from fedbench.errors import FedbenchError
@@ -123,6 +124,17 @@ def known_keys(config: Config) -> str:
     return ", ".join(sorted(flatten(config)))
 
 
+#: seeds seed numpy's and torch's generators alike, so they must fit numpy's 32 bits
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: int) -> int:
+    """A seed every generator accepts, or one clear error."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise FedbenchError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+    return seed
+
+
 def as_number(text: Any) -> Any:
     """'3' -> 3, '0.5' -> 0.5, 'all' -> 'all'; anything else unchanged (a non-number is None)."""
     if not isinstance(text, str):
@@ -157,8 +169,9 @@ def validate(config: Config) -> None:
     flat = flatten(config)
     for key in POSITIVE:
         value = flat.get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise FedbenchError(f"setting {key} must be a positive number, got {value!r}")
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value <= 0:
+            raise FedbenchError(f"setting {key} must be a positive finite number, got {value!r}")
     clients_per_round(flat["train.clients_per_round"], 1)
     momentum = flat["train.momentum"]
     if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 <= momentum < 1:

@@ -14,6 +14,7 @@ from fedbench import __version__
 from fedbench.engine.config import (
     Config,
     apply_overrides,
+    check_seed,
     deep_merge,
     parse_assignment,
     preset_config,
@@ -160,7 +161,10 @@ def resolve(spec: RunSpec, registry: Registry) -> Run:
     config["model"] = {"name": model.name, **deep_merge(model.defaults, model.preset(spec.preset))}
     config["method"] = copy.deepcopy(method.defaults)
     config["adapter"] = deep_merge(adapter.defaults, adapter.preset(spec.preset)) if adapter else {}
+    check_seed(spec.seed)
     if spec.rounds is not None:
+        if any(text.partition("=")[0].strip() == "train.rounds" for text in spec.overrides):
+            raise FedbenchError("--rounds and --set train.rounds both given; use one of them")
         config["train"]["rounds"] = spec.rounds
     config = apply_overrides(config, spec.overrides)
     validate(config)
