@@ -142,7 +142,8 @@ def carries_data(tensor: Any, model_shapes: set[tuple[int, ...]], sample_shapes:
 def server_problems(run: Run, data: Any, rounds: list[dict[str, Any]], cost: dict) -> list[str]:
     """Only model-shaped tensors reach the server, and the bytes match what was sent."""
     problems: list[str] = []
-    model_shapes = {tuple(v.shape) for v in run.build_model(data.task).state_dict().values()}
+    model_state = run.build_model(data.task).state_dict()
+    model_shapes = {tuple(v.shape) for v in model_state.values()}
     sample_shapes = {tuple(s.train.inputs.shape[1:]) for s in data.sites}
     sample_shapes |= {tuple(s.train.targets.shape[1:]) for s in data.sites}
     up = down = 0
@@ -156,6 +157,10 @@ def server_problems(run: Run, data: Any, rounds: list[dict[str, Any]], cost: dic
             down += len(entry["updates"]) * (nbytes(entry["previous"]) + nbytes(entry["payload"]))
     if run.method.pooled:
         return problems
+    updates = [u for entry in rounds for u in entry["updates"]]
+    if run.method.has_global_model and updates:  # unshared keys, sent once for unseen sites
+        own = {k: v for k, v in model_state.items() if k not in updates[0].state}
+        up += len({u.client for u in updates}) * nbytes(own)
     if (cost["bytes_up"], cost["bytes_down"]) != (up, down):
         problems.append(
             f"bytes: counted {cost['bytes_up']} up / {cost['bytes_down']} down, but the "

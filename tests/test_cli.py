@@ -125,22 +125,28 @@ def test_run_table_on_terminal_output(tmp_path):
 
 
 BAD_INPUT = [
-    (["--method", "nope"], "unknown method 'nope'; known: central, "),
+    (["--method", "nope"], "unknown method 'nope'; known: apfl, central, "),
     (["--method", "fedavg", "--adapter", "nope"], "unknown adapter 'nope'; known:"),
     (["--method", "fedavg", "--dataset", "nope"], "unknown dataset 'nope'; known:"),
     (["--method", "fedavg", "--holdout", "MARS"], "unknown site 'MARS'; known: BIDMC, BMC"),
     (["--method", "fedavg", "--set", "train.rounds"], "malformed --set 'train.rounds'"),
     (["--method", "fedavg", "--set", "train.nope=3"], "unknown setting 'train.nope'"),
     (["--method", "fedavg", "--set", "train.lr=fast"], "setting train.lr expects a number"),
-    (["--method", "fedavg", "--rounds", "0"], "setting train.rounds must be a positive number"),
-    (["--method", "fedavg", "--rounds", "-3"], "setting train.rounds must be a positive number"),
+    (
+        ["--method", "fedavg", "--rounds", "0"],
+        "setting train.rounds must be a positive finite number",
+    ),
+    (
+        ["--method", "fedavg", "--rounds", "-3"],
+        "setting train.rounds must be a positive finite number",
+    ),
     (
         ["--method", "fedavg", "--set", "train.batch_size=0"],
-        "setting train.batch_size must be a positive number",
+        "setting train.batch_size must be a positive finite number",
     ),
     (
         ["--method", "fedavg", "--set", "train.lr=-0.1"],
-        "setting train.lr must be a positive number",
+        "setting train.lr must be a positive finite number",
     ),
     (["--method", "fedavg", "--set", "train.rounds=2.5"], "setting train.rounds expects"),
     (["--method", "fedavg", "--preset", "huge"], "unknown preset 'huge'"),
