@@ -75,7 +75,7 @@ def draw_ranking(ax: Any, board: Board, ranking: Ranking) -> None:
     regime = "Inside" if board.regime == "inside" else "Outside (unseen sites)"
     ax.set_title(
         f"{regime}: average rank over {ranking.blocks} (site, seed) blocks; Friedman "
-        f"p = {ranking.friedman_p:.2g}; bars join rows Nemenyi cannot separate (alpha {ALPHA}, "
+        f"p = {ranking.friedman_p:.2g}\nbars join rows Nemenyi cannot separate (alpha {ALPHA}, "
         f"critical difference {ranking.critical_difference:.2f} ranks)",
         fontsize=9,
         loc="left",
@@ -84,7 +84,7 @@ def draw_ranking(ax: Any, board: Board, ranking: Ranking) -> None:
 
 def panel_heights(rankings: list[Ranking]) -> list[float]:
     """Inches per diagram: room for the labels of every row, half on each side."""
-    return [1.2 + 0.16 * len(r.ranks) for r in rankings]
+    return [1.4 + 0.16 * len(r.ranks) for r in rankings]
 
 
 def cd_figure(lb: Leaderboard, path: Path) -> Path:
