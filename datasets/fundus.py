@@ -158,6 +158,7 @@ class Fundus(PreparedDataset):
         "val_fraction": 0.2,
         "test_fraction": 0.25,
         "sites": list(DOMAINS),
+        "loss": "dice_ce",
     }
     prepare_keys = ("size", "sites")
     source_patterns = ("*/*/ROIs/*/*.png",)
@@ -207,7 +208,8 @@ class Fundus(PreparedDataset):
         settings = {k: cfg[k] for k in ("val_fraction", "test_fraction")}
         payload = {"dataset": self.name, "seed": seed, "settings": settings, "sites": record}
         write_split_file(directory, split_label(seed, settings), payload)
-        return FederatedData(self.name, sites, FundusTask())
+        loss = cfg.get("loss", self.defaults["loss"])
+        return FederatedData(self.name, sites, FundusTask(loss_name=loss))
 
 
 @hookimpl

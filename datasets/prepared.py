@@ -210,6 +210,13 @@ class PreparedDataset(Dataset):
     sizes: ClassVar[dict[str, int]] = {"quick": 64, "default": 128, "paper": 384}
 
     def preset(self, preset: str) -> dict[str, Any]:
+        """`data.size` per preset; `paper` adds the IOP-FL release's network, loss and optimizer."""
+        if preset == "paper":
+            return {
+                "data": {"size": self.sizes[preset], "loss": "soft_dice_batch"},
+                "model": {"name": "release-unet"},
+                "train": {"amsgrad": True},
+            }
         return {"data": {"size": self.sizes[preset]}} if preset in self.sizes else {}
 
     def site_names(self, cfg: dict[str, Any]) -> list[str] | None:

@@ -227,6 +227,7 @@ class Prostate(PreparedDataset):
         "val_fraction": 0.2,
         "test_fraction": 0.25,
         "sites": list(SITES),
+        "loss": "dice_ce",
     }
     prepare_keys = ("size", "sites")
     source_patterns = ("*/*.nii*", "*/*/*/*.png")
@@ -290,7 +291,10 @@ class Prostate(PreparedDataset):
         payload = {"dataset": self.name, "seed": seed, "settings": settings, "sites": record}
         write_split_file(directory, split_label(seed, settings), payload)
         spacing = common_spacing(arrays, self.chosen_sites(cfg))
-        task = SegmentationTask(in_channels=3, class_names=["prostate"], spacing=spacing)
+        loss = cfg.get("loss", self.defaults["loss"])
+        task = SegmentationTask(
+            in_channels=3, class_names=["prostate"], spacing=spacing, loss_name=loss
+        )
         return FederatedData(self.name, sites, task)
 
 

@@ -157,14 +157,20 @@ class SynthProstate(Dataset):
         "slices_per_case": 8,
         "num_sites": 6,
         "sites": "",
+        "loss": "dice_ce",
     }
 
     def preset(self, preset: str) -> dict[str, Any]:
-        """Small and coarse for `quick`, the real 384 pixels for `paper`."""
+        """Small and coarse for `quick`; for `paper` the real 384 pixels and the IOP-FL
+        release's network, loss and optimizer."""
         if preset == "quick":
             return {"data": {"size": 32, "cases_per_site": 4}}
         if preset == "paper":
-            return {"data": {"size": 384}}
+            return {
+                "data": {"size": 384, "loss": "soft_dice_batch"},
+                "model": {"name": "release-unet"},
+                "train": {"amsgrad": True},
+            }
         return {}
 
     def site_names(self, cfg: dict[str, Any]) -> list[str]:
@@ -213,7 +219,8 @@ class SynthProstate(Dataset):
             img, mask = arrays[f"image_{i}"], arrays[f"mask_{i}"]
             splits = [_site_split(img[a:b], mask[a:b]) for a, b in zip(bounds, bounds[1:])]
             sites.append(Site(site_name(i), *splits))
-        task = SegmentationTask(in_channels=1, class_names=["prostate"])
+        loss = cfg.get("loss", self.defaults["loss"])
+        task = SegmentationTask(in_channels=1, class_names=["prostate"], loss_name=loss)
         return FederatedData(self.name, sites, task)
 
 

@@ -5,8 +5,11 @@ its own network (FLamby's baselines) returns it from `build_model` (model `datas
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from fedbench.errors import FedbenchError
 
 if TYPE_CHECKING:  # torch loads when a run needs it, not when `fedbench list` reads the classes
     import torch
@@ -22,8 +25,6 @@ class Task:
 
     def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
         """The network this task's dataset defines itself, for model `dataset-baseline`."""
-        from fedbench.errors import FedbenchError
-
         raise FedbenchError(
             f"{type(self).__name__} defines no network of its own; choose one with model.name"
         )
@@ -55,9 +56,41 @@ def predicted_labels(outputs: torch.Tensor) -> torch.Tensor:
     return outputs.max(1).indices
 
 
+#: segmentation losses by `data.loss` name: MONAI's Dice + cross-entropy (Dice per sample), or
+#: the IOP-FL release's soft Dice over the whole batch, per class with background, then averaged
+LOSSES = ("dice_ce", "soft_dice_batch")
+#: the release's smoothing constant, added to the numerator and the denominator
+RELEASE_SMOOTH = 1e-5
+
+
+def check_loss(name: Any) -> str:
+    """A known loss name, or one clear error naming the setting."""
+    if name not in LOSSES:
+        raise FedbenchError(f"setting data.loss must be one of {', '.join(LOSSES)}, got {name!r}")
+    return name
+
+
+def segmentation_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss `name` on (logits [N, C, H, W], labels [N, 1, H, W]), softmax taken inside.
+    soft_dice_batch: 1 - mean_c (2 sum p_c y_c + eps) / (sum p_c + sum y_c + eps), every sum
+    over the batch and the pixels."""
+    from monai.losses import DiceCELoss, DiceLoss
+
+    if check_loss(name) == "soft_dice_batch":
+        return DiceLoss(
+            include_background=True,
+            to_onehot_y=True,
+            softmax=True,
+            batch=True,
+            smooth_nr=RELEASE_SMOOTH,
+            smooth_dr=RELEASE_SMOOTH,
+        )
+    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
 @dataclass
 class SegmentationTask(Task):
-    """2D segmentation: Dice + cross-entropy loss, Dice/HD95 scores; `in_channels` and
+    """2D segmentation: a Dice loss (`loss_name`, see LOSSES), Dice/HD95 scores; `in_channels` and
     `num_classes` (background included) size the network. `spacing` is the voxel size in mm
     (slice thickness, row, column) of every case as the network sees it, when the dataset
     knows it: HD95 is then in mm, else in voxels (`hd95_unit`)."""
@@ -68,10 +101,11 @@ class SegmentationTask(Task):
     dense_prediction: bool = True
     spacing: tuple[float, float, float] | None = None
 
-    def __post_init__(self) -> None:
-        from monai.losses import DiceCELoss
+    #: the training loss, one of LOSSES (a segmentation dataset's `data.loss`)
+    loss_name: str = "dice_ce"
 
-        self._loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    def __post_init__(self) -> None:
+        self._loss = segmentation_loss(self.loss_name)
 
     @property
     def num_classes(self) -> int:

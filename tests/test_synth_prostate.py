@@ -126,6 +126,6 @@ def test_settings_are_validated() -> None:
     with pytest.raises(FedbenchError, match="cases_per_site"):
         ds.site_names({"cases_per_site": 2})
     assert ds.preset("quick")["data"]["size"] == 32
-    assert ds.preset("paper") == {"data": {"size": 384}}
+    assert ds.preset("paper")["data"] == {"size": 384, "loss": "soft_dice_batch"}
     assert ds.preset("default") == {}
     assert sp.fedbench_datasets() == [sp.SynthProstate]

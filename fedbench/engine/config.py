@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 from fedbench.errors import FedbenchError
+from fedbench.task import check_loss
 
 Config = dict[str, Any]
 
@@ -19,6 +20,7 @@ BASE: Config = {
         "lr": 2e-3,
         "optimizer": "adam",
         "momentum": 0.9,  # SGD only
+        "amsgrad": False,  # Adam only; the IOP-FL release's Adam uses it
         # "all", a count (an integer >= 1) or a fraction in (0, 1] of the clients per round
         "clients_per_round": "all",
     },
@@ -30,7 +32,8 @@ PRESETS: dict[str, Config] = {
     "quick": {"train": {"rounds": 2, "batch_size": 8}},
     "default": {},
     # The IOP-FL scale: Adam 1e-3, batch 5, 100 rounds (meant for a GPU); the model's widths
-    # come from the model plugin's own preset.
+    # come from the model plugin's own preset, and the IOP-FL datasets' own presets add the
+    # release's network, loss and amsgrad.
     "paper": {
         "train": {"rounds": 100, "batch_size": 5, "lr": 1e-3, "optimizer": "adam"},
         "eval": {"batch_size": 16},
@@ -176,6 +179,12 @@ def validate(config: Config) -> None:
     momentum = flat["train.momentum"]
     if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 <= momentum < 1:
         raise FedbenchError(f"setting train.momentum must be in [0, 1), got {momentum!r}")
+    if not isinstance(flat["train.amsgrad"], bool):
+        raise FedbenchError(
+            f"setting train.amsgrad must be true or false, got {flat['train.amsgrad']!r}"
+        )
+    if "data.loss" in flat:  # segmentation datasets declare it (fedbench.task.LOSSES)
+        check_loss(flat["data.loss"])
     if flat["train.optimizer"] not in OPTIMIZERS:
         raise FedbenchError(
             f"setting train.optimizer must be one of {', '.join(OPTIMIZERS)}, "

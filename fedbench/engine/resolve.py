@@ -135,14 +135,20 @@ def pick_device(name: str) -> torch.device:
 
 
 def chosen_model(overrides: list[str], default: str) -> str:
-    """The `model.name` the last `--set model.name=...` names, else the dataset's default: it
-    must be known before the model's own settings are merged in."""
+    """The `model.name` the last `--set model.name=...` names, else the dataset's default (see
+    `dataset_model`): it must be known before the model's own settings are merged in."""
     name = default
     for text in overrides:
         path, value = parse_assignment(text)
         if path == ["model", "name"]:
             name = value
     return name
+
+
+def dataset_model(dataset: Dataset, wanted: Config) -> str:
+    """The network a dataset's runs use: the `model.name` its preset `wanted` names (the IOP-FL
+    datasets' `paper` preset names the release's U-Net), else its `model`."""
+    return wanted.get("model", {}).get("name", dataset.model)
 
 
 def resolve(spec: RunSpec, registry: Registry) -> Run:
@@ -154,10 +160,11 @@ def resolve(spec: RunSpec, registry: Registry) -> Run:
         adapter = None
     elif adapter is None:
         adapter = registry.get("adapters", method.default_adapter)
-    model = registry.get("models", chosen_model(spec.overrides, dataset.model))
+    wanted = dataset.preset(spec.preset)
+    model = registry.get("models", chosen_model(spec.overrides, dataset_model(dataset, wanted)))
     config = preset_config(spec.preset)
     config["data"] = copy.deepcopy(dataset.defaults)
-    config = deep_merge(config, dataset.preset(spec.preset))
+    config = deep_merge(config, wanted)
     config["model"] = {"name": model.name, **deep_merge(model.defaults, model.preset(spec.preset))}
     config["method"] = copy.deepcopy(method.defaults)
     config["adapter"] = deep_merge(adapter.defaults, adapter.preset(spec.preset)) if adapter else {}

@@ -39,7 +39,8 @@ def optimizer_factory(train_cfg: Config) -> Callable[[Any], torch.optim.Optimize
     if train_cfg["optimizer"] == "sgd":
         momentum = train_cfg["momentum"]
         return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum)
-    return lambda params: torch.optim.Adam(params, lr=lr)
+    amsgrad = train_cfg["amsgrad"]
+    return lambda params: torch.optim.Adam(params, lr=lr, amsgrad=amsgrad)
 
 
 def validation_score(model: nn.Module, split: Split, task: Task, batch_size: int) -> float:
