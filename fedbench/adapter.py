@@ -46,7 +46,9 @@ class TrainedFederation:
             return self
         if self.val_best is None:
             raise FedbenchError("no validation-best models: the run needs eval.val_best=true")
-        best_global = self.val_best_global if self.global_state is not None else None
+        best_global = self.val_best_global
+        if best_global is None:  # no round's validation ever scored: the last round's
+            best_global = self.global_state
         return replace(self, global_state=best_global, personalized=list(self.val_best))
 
     def model(self, state: State) -> nn.Module:

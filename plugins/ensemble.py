@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 
 
 class Ensemble(Adapter):
-    """Averages in output space what IOP-FL's routing mixes in parameter space; the fallback for
-    methods without a global model (`local`)."""
+    """Averages in output space what IOP-FL's routing mixes in parameter space; also the one adapter
+    for methods without a global model (`local`)."""
 
     name = "ensemble"
     description = "Ensemble: mean prediction of the global and all personalized models"

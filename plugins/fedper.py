@@ -7,7 +7,7 @@ included, is the shared base. Base and head train jointly in every local update,
 paper (not alternately, as FedRep does). Each client is scored with the global base plus its own
 head. An unseen site receives the global base with the sample-weighted mean of the clients'
 heads (each sent once after the last round, counted in the bytes up); by default it uses the
-ensemble of the personalized models."""
+ensemble of that model and the personalized ones."""
 
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ frozen body's BatchNorm layers still normalise with batch statistics in phase 1,
 but their running statistics are restored after it, so phase 1 changes nothing but the head.
 Clients are scored with the global body and their own head. An unseen site receives the global
 body with the sample-weighted mean of the clients' heads (each sent once after the last round,
-counted in the bytes up); by default it uses the ensemble of the personalized models. Default:
-one head epoch (the paper trains the head for several epochs per round, e.g. 10; raise
+counted in the bytes up); by default the ensemble of that model and the personalized ones.
+Default: one head epoch (the paper trains the head for several epochs per round, e.g. 10; raise
 `method.head_epochs` for that)."""
 
 from __future__ import annotations

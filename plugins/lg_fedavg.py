@@ -6,7 +6,8 @@ Variant: the global part is the network's output layer (`output_layer_keys`: the
 convolution or linear layer); everything below it, normalization included, is local; all layers
 train jointly in each local update. An unseen site receives the global output layer with the
 sample-weighted mean of the clients' representation layers (each sent once after the last
-round, counted in the bytes up); by default it uses the ensemble of the personalized models."""
+round, counted in the bytes up); by default it uses the ensemble of that model and the
+personalized ones."""
 
 from __future__ import annotations
 

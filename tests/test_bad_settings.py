@@ -54,7 +54,7 @@ def test_seed_lists_within_the_bounds_parse():
     assert parse_seeds("0-2,5") == [0, 1, 2, 5]
     assert len(parse_seeds(f"0-{MAX_SEEDS - 1}")) == MAX_SEEDS
     assert parse_seeds(str(MAX_SEED)) == [MAX_SEED]
-    for bad in (f"0-{MAX_SEEDS}", "-1", f"{MAX_SEED + 1}", "a", ""):
+    for bad in (f"0-{MAX_SEEDS}", "-1", f"{MAX_SEED + 1}", "a", "", "0,5-3"):
         with pytest.raises(FedbenchError):
             parse_seeds(bad)
 

@@ -85,3 +85,35 @@ def test_unseen_sites_are_scored_with_the_validation_best_experts(tmp_path):
     assert set(chosen) == {"inside", "BIDMC"}
     assert "BIDMC" not in chosen["BIDMC"] and "global" in chosen["BIDMC"]
     assert all(1 <= r <= 2 for r in chosen["BIDMC"].values())
+
+
+def test_fine_tuning_methods_fine_tune_their_validation_best_models_too():
+    from fedbench.models import output_layer_keys
+    from fedbench_plugins.fedbabu import FedBABU
+
+    data = toy_data()
+    config = toy_config(2, finetune_epochs=1)
+    config["eval"]["val_best"] = True
+    result = toy_train(data, data.sites, FedBABU, config, 0, CPU)
+    head = output_layer_keys(result.model(result.global_state))
+    for state in result.val_best:  # the head trains only in the fine-tuning
+        assert all(not torch.equal(state[k], result.global_state[k]) for k in head)
+
+
+def test_a_site_whose_validation_never_scores_keeps_its_last_model(monkeypatch):
+    data = toy_data()
+    monkeypatch.setattr(type(data.task), "validation_score", lambda *a: float("nan"))
+    config = toy_config(2)
+    config["eval"]["val_best"] = True
+    result = toy_train(data, data.sites, FedAvg, config, 0, CPU, history=False)
+    for best, last in zip(result.val_best, result.personalized, strict=True):
+        assert same(best, last)
+    assert "global" not in result.val_best_rounds and result.val_best_global is None
+
+
+def test_the_inside_federation_sends_no_unseen_site_model():
+    data = toy_data()
+    inside = toy_train(data, data.sites, FedBN, toy_config(1), 0, CPU, for_unseen_site=False)
+    outside = toy_train(data, data.sites, FedBN, toy_config(1), 0, CPU)
+    assert "bytes_up_final" not in inside.cost and outside.cost["bytes_up_final"] > 0
+    assert inside.cost["bytes_up"] + outside.cost["bytes_up_final"] == outside.cost["bytes_up"]

@@ -79,6 +79,8 @@ def parse_seeds(text: str) -> list[int]:
         try:
             if "-" in part.lstrip("-"):
                 low, high = (check_seed(int(x)) for x in part.split("-", 1))
+                if low > high:
+                    raise FedbenchError(f"bad --seeds '{text}': range {part} runs backwards")
                 if high - low + 1 > MAX_SEEDS - len(seeds):
                     raise FedbenchError(f"--seeds '{text}' asks for more than {MAX_SEEDS} seeds")
                 seeds.update(range(low, high + 1))

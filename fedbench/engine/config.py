@@ -153,14 +153,15 @@ def as_number(text: Any) -> Any:
 
 def clients_per_round(setting: Any, num_clients: int) -> int:
     """How many of `num_clients` take part in a round under `train.clients_per_round`: all, a
-    count (at most all) or a fraction (rounded, at least one); one clear error otherwise."""
+    count (at most all) or a fraction (rounded half up, at least one); one clear error
+    otherwise."""
     value = as_number(setting)
     if value == "all":
         return num_clients
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return min(value, num_clients)
     if isinstance(value, float) and 0 < value <= 1:
-        return max(1, min(num_clients, round(value * num_clients)))
+        return max(1, min(num_clients, math.floor(value * num_clients + 0.5)))
     raise FedbenchError(
         "setting train.clients_per_round must be 'all', a count >= 1 or a fraction in (0, 1], "
         f"got {setting!r}"

@@ -97,6 +97,7 @@ def load_or_train(
             checkpoint_path=checkpoint,
             checkpoint_every=run.spec.checkpoint_every,
             history=holdout is None,  # nobody reads a leave-one-site-out federation's curve
+            for_unseen_site=holdout is not None,
         )
     check_finite(federation, run.method.name)
     cache.save(path, federation)

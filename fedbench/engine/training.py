@@ -149,20 +149,29 @@ class Training:
             return self.finished[client]
         return self.method.personalized_state(client, self.client_view(client))
 
+    def has_final_update(self) -> bool:
+        return type(self.method).final_update is not Method.final_update
+
     def finish(self) -> None:
         """Each client's `Method.final_update` (e.g. fine-tuning) on its personalized model,
         once after the last round, for methods that define one."""
-        if type(self.method).final_update is Method.final_update or self.finished is not None:
-            return
+        if self.has_final_update() and self.finished is None:
+            clients = range(len(self.clients))
+            self.finished = self.finished_states([self.personalized(i) for i in clients])
+
+    def finished_states(self, states: list[State]) -> list[State]:
+        """`Method.final_update` applied to each client's given state (its steps counted);
+        the validation-best models get it too, so they are the method's models as well."""
+        shared = {k: self.global_state[k] for k in self.shared}
         finished = []
-        for i, split in enumerate(self.clients):
+        for i, (split, state) in enumerate(zip(self.clients, states, strict=True)):
             with PROFILE.phase("local training"):
-                self.model.load_state_dict(self.personalized(i))
-                ctx = self.local_context(i, split, {}, {})
+                self.model.load_state_dict(state)
+                ctx = self.local_context(i, split, shared, {})
                 self.method.final_update(self.model, ctx)
                 self.cost["client_steps"] += ctx.steps
                 finished.append(clone_state(self.model.state_dict()))
-        self.finished = finished
+        return finished
 
     def unseen_site_model(self) -> tuple[State, int]:
         """The global model an unseen site receives, and the bytes it took: the shared state,
@@ -216,30 +225,38 @@ class Training:
         self.participation = snapshot["participation"]
 
     def result(
-        self, history: list[dict[str, Any]], best: dict[str, Any] | None = None
+        self,
+        history: list[dict[str, Any]],
+        best: dict[str, Any] | None = None,
+        for_unseen_site: bool = True,
     ) -> TrainedFederation:
         """The models handed to unseen sites (independent copies) with cost and history, and
-        the validation-best ones when `best` (what `_update_best` kept) is given."""
+        the validation-best ones when `best` (what `_update_best` kept) is given. The one-time
+        upload of unshared keys happens (and is counted) only `for_unseen_site`."""
         cost: dict[str, Any] = dict(self.cost)
         per = max(1, sum(len(chosen) for chosen in self.participation))  # client-rounds
         cost["bytes_up_per_client_round"] = cost["bytes_up"] // per
         cost["bytes_down_per_client_round"] = cost["bytes_down"] // per
         cost["participation"] = [list(chosen) for chosen in self.participation]
         global_state = None
-        if self.method.has_global_model:
+        if self.method.has_global_model and for_unseen_site:
             global_state, sent = self.unseen_site_model()
             cost["bytes_up"] += sent
             cost["bytes_up_final"] = sent
+        elif self.method.has_global_model:
+            global_state = clone_state(self.global_state)
+        final = [clone_state(self.personalized(i)) for i in range(len(self.sites))]
+        best_states = list(best["states"]) if best else None
         return TrainedFederation(
             build_model=self.build_model,
             global_state=global_state,
-            personalized=[clone_state(self.personalized(i)) for i in range(len(self.sites))],
+            personalized=final,
             site_names=[s.name for s in self.sites],
             device=self.device,
             shared_keys=list(self.shared),
             cost=cost,
             history=history,
-            val_best=best["states"] if best else None,
+            val_best=best_states,
             val_best_global=best.get("global") if best else None,
             val_best_rounds=dict(best["rounds"]) if best else {},
         )
@@ -257,11 +274,13 @@ def train_federation(
     checkpoint_path: Path | None = None,
     checkpoint_every: int = 1,
     history: bool = True,
+    for_unseen_site: bool = True,
 ) -> TrainedFederation:
     """Train a federation over `sites` for the configured rounds, resuming from
     `checkpoint_path` when one exists and saving one every `checkpoint_every` rounds.
     `history=False` skips the per-round validation nobody reads (leave-one-site-out
-    federations); validation still runs when `eval.val_best` needs it."""
+    federations); validation still runs when `eval.val_best` needs it. `for_unseen_site`:
+    the federation's global model goes to an unseen site (see `Training.result`)."""
     fed = Training(data, sites, method_cls, build_model, config, seed, device)
     progress: dict[str, Any] = {"history": [], "best": {}}
     start = 1
@@ -287,25 +306,33 @@ def train_federation(
                 checkpoint.save(checkpoint_path, payload)
         if on_round is not None:
             on_round(round_index, scores)
+    best = progress["best"] if val_best else None
+    if best:  # a site whose validation never scored keeps its last model
+        states = [b or clone_state(fed.personalized(i)) for i, b in enumerate(best["states"])]
+        best = {**best, "states": states}
     fed.finish()
-    return fed.result(progress["history"], progress["best"] if val_best else None)
+    if best and fed.has_final_update() and not fed.method.pooled:
+        best = {**best, "states": fed.finished_states(best["states"])}
+    return fed.result(progress["history"], best, for_unseen_site)
 
 
 def _update_best(
     best: dict[str, Any], fed: Training, scores: dict[str, float], round_index: int
 ) -> None:
     """Keep, per site, the personalized state of its best validation round and, for unseen
-    sites, the global model of the round with the best mean validation score (the release's
-    validation-selected snapshots). Reads validation scores only."""
+    sites, the global model of the round where the clients' models had the best mean
+    validation score (the release's validation-selected snapshots). Reads validation scores
+    only; a NaN score never wins."""
     if not best:
         sites = len(fed.sites)
         best.update(scores=[-float("inf")] * sites, states=[{}] * sites, rounds={}, mean=None)
     for i, site in enumerate(fed.sites):
-        if scores[site.name] > best["scores"][i]:
+        if scores[site.name] > best["scores"][i]:  # a NaN score is never the best
             best["scores"][i] = scores[site.name]
             best["states"][i] = clone_state(fed.personalized(i))
             best["rounds"][site.name] = round_index
     mean = sum(scores.values()) / len(scores)
-    if fed.method.has_global_model and (best["mean"] is None or mean > best["mean"]):
+    better = mean == mean and (best["mean"] is None or mean > best["mean"])  # NaN never wins
+    if fed.method.has_global_model and better:
         best["mean"], best["global"] = mean, fed.unseen_site_model()[0]
         best["rounds"]["global"] = round_index
