@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # torch loads when a run needs it, not when `fedbench list` reads the classes
+    import torch
     from torch import nn
 
     from fedbench.task import Task
@@ -69,6 +70,18 @@ def normalization_state_keys(model: nn.Module) -> set[str]:
         for key in module.state_dict():
             keys.add(f"{prefix}.{key}" if prefix else key)
     return keys
+
+
+def affine_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """Freeze the model but its normalization layers' affine weights, and return those (what
+    TENT-style adapters train)."""
+    model.requires_grad_(False)
+    affine = []
+    for _, module in normalization_modules(model):
+        for param in module.parameters(recurse=False):
+            param.requires_grad_(True)
+            affine.append(param)
+    return affine
 
 
 def use_batch_statistics(model: nn.Module) -> nn.Module:

@@ -12,36 +12,28 @@ it. Default: one fine-tuning epoch (the paper uses a few; raise it for that)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fedbench.hookspecs import hookimpl
-from fedbench.method import LocalContext, Method, State
+from fedbench.method import LocalContext, State
 from fedbench.models import output_layer_keys
-from fedbench_plugins.fedavg_ft import check_epochs
+from fedbench_plugins.fedavg_ft import FedAvgFT
 
 if TYPE_CHECKING:
     from torch import nn
 
 
-class FedBABU(Method):
-    """Trains the body with the head frozen; fine-tunes everything once before scoring."""
+class FedBABU(FedAvgFT):
+    """FedAvg-FT whose federated rounds train the body only, the head frozen at its init."""
 
     name = "fedbabu"
     description = "FedBABU: body federated, head frozen at init, then local fine-tuning"
-    defaults = {"finetune_epochs": 1}
-
-    @classmethod
-    def check_settings(cls, config: dict[str, Any]) -> None:
-        check_epochs(config, cls.defaults["finetune_epochs"])
 
     def local_update(self, model: nn.Module, ctx: LocalContext) -> State:
         head = output_layer_keys(model)
         body = [p for name, p in model.named_parameters() if name not in head]
         self.train_steps(model, ctx, int(ctx.train["local_epochs"]), params=body)
         return {}
-
-    def final_update(self, model: nn.Module, ctx: LocalContext) -> None:
-        self.train_steps(model, ctx, int(self.params["finetune_epochs"]))
 
 
 @hookimpl

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from fedbench.adapter import AdaptContext, Adapter, TrainedFederation, online_batches
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
-from fedbench.models import normalization_modules, use_batch_statistics
+from fedbench.models import affine_parameters, use_batch_statistics
 
 if TYPE_CHECKING:
     import torch
@@ -111,17 +111,6 @@ def sar_step(
     restore(params, saved)
     optimizer.step()
     return float(second.item()) / log_c
-
-
-def affine_parameters(model: nn.Module) -> list[torch.Tensor]:
-    """Freeze the model but the normalization layers' affine weights, and return those."""
-    model.requires_grad_(False)
-    affine = []
-    for _, module in normalization_modules(model):
-        for param in module.parameters(recurse=False):
-            param.requires_grad_(True)
-            affine.append(param)
-    return affine
 
 
 class SAR(Adapter):

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from fedbench.adapter import AdaptContext, Adapter, TrainedFederation, online_batches
 from fedbench.hookspecs import hookimpl
-from fedbench.models import normalization_modules, use_batch_statistics
+from fedbench.models import affine_parameters, use_batch_statistics
 
 if TYPE_CHECKING:
     import torch
@@ -38,12 +38,7 @@ class Tent(Adapter):
 
         torch.manual_seed(ctx.seed)
         model = use_batch_statistics(federation.model(federation.global_state)).train()
-        model.requires_grad_(False)
-        affine = []
-        for _, module in normalization_modules(model):
-            for param in module.parameters(recurse=False):
-                param.requires_grad_(True)
-                affine.append(param)
+        affine = affine_parameters(model)
         optimizer = torch.optim.Adam(affine, lr=float(self.params["lr"]))
         epochs = int(self.params["epochs"])
         for epoch in range(max(epochs, 1)):

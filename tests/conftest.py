@@ -76,6 +76,29 @@ def toy_config(rounds: int = 2, **method: object) -> dict:
     return copy.deepcopy(config)
 
 
+LR = 0.05
+
+
+def sgd_config(rounds: int, momentum: float = 0.0, **method: object) -> dict:
+    """The toy config with plain SGD at lr 0.05 (what SCAFFOLD and FedNova's checks need)."""
+    config = toy_config(rounds, **method)
+    config["train"].update(optimizer="sgd", momentum=momentum, lr=LR)
+    return config
+
+
+def toy_rounds(method_cls, config: dict, data: FederatedData, rounds: int) -> Training:
+    """A toy Training of `method_cls` on all sites after `rounds` rounds (seed 0, CPU)."""
+    fed = toy_training(data, data.sites, method_cls, config, 0, torch.device("cpu"))
+    for _ in range(rounds):
+        fed.run_round()
+    return fed
+
+
+def same_states(a: dict, b: dict) -> bool:
+    """Two state dicts with the same keys and bit-identical tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.fixture
 def data() -> FederatedData:
     return toy_data()

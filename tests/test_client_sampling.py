@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import toy_config, toy_data, toy_train, toy_training
+from conftest import same_states, toy_config, toy_data, toy_train, toy_training
 from typer.testing import CliRunner
 
 from fedbench.cli import app
@@ -24,16 +24,12 @@ def sampled(count: object, rounds: int = 3, seed: int = 0):
     return data, toy_train(data, data.sites, FedAvg, config, seed, CPU)
 
 
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 @pytest.mark.parametrize("everyone", ["all", 4, "4", 1.0, "1.0", 9])
 def test_all_clients_is_bit_identical_to_full_participation(everyone):
     _, full = sampled("all")
     _, also = sampled(everyone)
-    assert same(also.global_state, full.global_state)
-    assert all(same(a, b) for a, b in zip(also.personalized, full.personalized, strict=True))
+    assert same_states(also.global_state, full.global_state)
+    assert all(same_states(a, b) for a, b in zip(also.personalized, full.personalized, strict=True))
     assert also.cost == full.cost
     assert also.cost["participation"] == [[0, 1, 2, 3]] * 3
 
@@ -44,7 +40,9 @@ def test_sampling_is_seeded_recorded_and_varies_with_the_seed():
     _, other = sampled(2, rounds=6, seed=1)
     chosen = first.cost["participation"]
     assert len(chosen) == 6 and all(len(c) == 2 and c == sorted(set(c)) for c in chosen)
-    assert chosen == again.cost["participation"] and same(first.global_state, again.global_state)
+    assert chosen == again.cost["participation"] and same_states(
+        first.global_state, again.global_state
+    )
     assert chosen != other.cost["participation"]
     assert len({tuple(c) for c in chosen}) > 1, "different clients in different rounds"
 
@@ -76,7 +74,7 @@ def test_only_the_chosen_clients_train_and_reach_the_server():
     (chosen,) = fed.participation
     assert received == [chosen]
     for i in range(4):
-        assert same(fed.client_states[i], before[i]) == (i not in chosen), i
+        assert same_states(fed.client_states[i], before[i]) == (i not in chosen), i
     sizes = [len(fed.clients[i]) for i in chosen]
     steps = sum(-(-n // config["train"]["batch_size"]) for n in sizes)
     assert fed.cost["client_steps"] == steps
@@ -94,7 +92,7 @@ def test_a_sampled_run_resumes_bit_for_bit(tmp_path):
     toy_train(data, data.sites, FedAvg, half, 0, CPU, checkpoint_path=path)
     resumed = toy_train(data, data.sites, FedAvg, config, 0, CPU, checkpoint_path=path)
     assert resumed.cost == whole.cost
-    assert same(resumed.global_state, whole.global_state)
+    assert same_states(resumed.global_state, whole.global_state)
 
 
 def test_a_bad_count_is_one_line(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import toy_config, toy_train, toy_training
+from conftest import LR, same_states, sgd_config, toy_config, toy_rounds, toy_train
 
 from fedbench.errors import FedbenchError
 from fedbench.method import ClientUpdate, Method, clone_state
@@ -14,29 +14,10 @@ from fedbench_plugins.local import Local
 
 CPU = torch.device("cpu")
 F64 = torch.float64
-LR = 0.05
-
-
-def sgd_config(rounds: int, momentum: float = 0.0, **params: object) -> dict:
-    """The toy config with SGD at lr 0.05."""
-    cfg = toy_config(rounds, **params)
-    cfg["train"].update(optimizer="sgd", momentum=momentum, lr=LR)
-    return cfg
 
 
 def differs(a: dict, b: dict, keys) -> bool:
     return any(not torch.equal(a[k], b[k]) for k in keys)
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and not differs(a, b, a)
-
-
-def run(method_cls: type[Method], cfg: dict, data, rounds: int):
-    fed = toy_training(data, data.sites, method_cls, cfg, seed=0, device=CPU)
-    for _ in range(rounds):
-        fed.run_round()
-    return fed
 
 
 def recording(method_cls: type[Method]) -> type[Method]:
@@ -76,7 +57,7 @@ def param_names(fed) -> set[str]:
 def test_apfl_sends_exactly_the_fedavg_update_from_the_same_start(data):
     cfg = toy_config(2, alpha=0.5, adaptive=True, alpha_lr=0.1)
     method = recording(APFL)
-    fed = run(method, cfg, data, 2)
+    fed = toy_rounds(method, cfg, data, 2)
     sent = [u for _, updates in method.received for u in updates]
     assert len(sent) == len(method.starts) == 2 * len(data.sites)
     for start, update in zip(method.starts, sent, strict=True):
@@ -89,8 +70,8 @@ def test_apfl_sends_exactly_the_fedavg_update_from_the_same_start(data):
         for key, value in model.state_dict().items():
             assert torch.equal(value, update.state[key]), key
         assert update.steps == 2 * ctx.steps, "the steps of w_i and of v_i both count"
-    fedavg = run(FedAvg, toy_config(2), data, 2)
-    assert same(fed.global_state, fedavg.global_state)
+    fedavg = toy_rounds(FedAvg, toy_config(2), data, 2)
+    assert same_states(fed.global_state, fedavg.global_state)
     assert fed.cost["bytes_up"] == fedavg.cost["bytes_up"]
     assert fed.cost["bytes_down"] == fedavg.cost["bytes_down"]
     for i in range(len(data.sites)):
@@ -100,20 +81,20 @@ def test_apfl_sends_exactly_the_fedavg_update_from_the_same_start(data):
 def test_apfl_with_alpha_zero_scores_the_global_model_exactly(data):
     result = toy_train(data, data.sites, APFL, toy_config(2, alpha=0.0), 0, CPU)
     fedavg = toy_train(data, data.sites, FedAvg, toy_config(2), 0, CPU)
-    assert same(result.global_state, fedavg.global_state)
+    assert same_states(result.global_state, fedavg.global_state)
     for personal, theirs in zip(result.personalized, fedavg.personalized, strict=True):
-        assert same(personal, result.global_state) and same(personal, theirs)
+        assert same_states(personal, result.global_state) and same_states(personal, theirs)
 
 
 def test_apfl_with_alpha_one_scores_local_training_exactly(data):
     """alpha = 1: the mixture is v_i alone, trained on its own loss from the same start and on
     the same batches as the `local` method's model; w is still FedAvg's."""
-    apfl = run(APFL, toy_config(2, alpha=1.0), data, 2)
-    local = run(Local, toy_config(2), data, 2)
-    fedavg = run(FedAvg, toy_config(2), data, 2)
-    assert same(apfl.global_state, fedavg.global_state)
+    apfl = toy_rounds(APFL, toy_config(2, alpha=1.0), data, 2)
+    local = toy_rounds(Local, toy_config(2), data, 2)
+    fedavg = toy_rounds(FedAvg, toy_config(2), data, 2)
+    assert same_states(apfl.global_state, fedavg.global_state)
     for i in range(len(data.sites)):
-        assert same(apfl.personalized(i), local.personalized(i)), i
+        assert same_states(apfl.personalized(i), local.personalized(i)), i
         assert differs(apfl.personalized(i), apfl.global_state, param_names(apfl))
 
 
@@ -154,8 +135,8 @@ def test_apfl_scores_the_mixture_of_every_key():
     mixed = mix_states(personal, shared, 0.25)
     torch.testing.assert_close(mixed["w"], torch.tensor([0.5, 2.0]))
     assert mixed["n"].dtype == torch.int64 and mixed["n"].item() == 6  # 2.5 + 3 = 5.5 -> 6
-    assert same(mix_states(personal, shared, 0.0), shared)
-    assert same(mix_states(personal, shared, 1.0), personal)
+    assert same_states(mix_states(personal, shared, 0.0), shared)
+    assert same_states(mix_states(personal, shared, 1.0), personal)
 
 
 def test_apfl_adaptive_alpha_follows_its_gradient_and_resumes(data, tmp_path):
@@ -168,7 +149,7 @@ def test_apfl_adaptive_alpha_follows_its_gradient_and_resumes(data, tmp_path):
             Spy.log.append((client, before, grad, self.alphas[client]))
 
     cfg = toy_config(2, alpha=0.5, adaptive=True, alpha_lr=0.5)
-    fed = run(Spy, cfg, data, 2)
+    fed = toy_rounds(Spy, cfg, data, 2)
     for _, before, grad, after in Spy.log:
         assert after == min(1.0, max(0.0, before - 0.5 * grad))
     assert len({a for _, _, _, a in Spy.log}) > len(data.sites), "alpha moves every step"
@@ -176,7 +157,7 @@ def test_apfl_adaptive_alpha_follows_its_gradient_and_resumes(data, tmp_path):
     for i, alpha in enumerate(fed.method.alphas):
         assert alpha == [a for c, _, _, a in Spy.log if c == i][-1]
         stored = fed.method.personal[i]
-        assert same(fed.personalized(i), mix_states(stored, fed.client_view(i), alpha))
+        assert same_states(fed.personalized(i), mix_states(stored, fed.client_view(i), alpha))
     whole = toy_train(data, data.sites, APFL, toy_config(3, **cfg["method"]), 0, CPU)
     path = tmp_path / "apfl.pt"
     toy_train(data, data.sites, APFL, cfg, 0, CPU, checkpoint_path=path)
@@ -185,7 +166,7 @@ def test_apfl_adaptive_alpha_follows_its_gradient_and_resumes(data, tmp_path):
         data, data.sites, APFL, toy_config(3, **cfg["method"]), 0, CPU, checkpoint_path=path
     )
     for a, b in zip(whole.personalized, resumed.personalized, strict=True):
-        assert same(a, b)
+        assert same_states(a, b)
 
 
 def test_apfl_local_update_replayed_by_hand(data):
@@ -207,7 +188,7 @@ def test_apfl_local_update_replayed_by_hand(data):
             )
             return super().local_update(model, ctx)
 
-    fed = run(Spy, sgd_config(2, alpha=0.4, adaptive=True, alpha_lr=alpha_lr), data, 2)
+    fed = toy_rounds(Spy, sgd_config(2, alpha=0.4, adaptive=True, alpha_lr=alpha_lr), data, 2)
     for i, start in enumerate(Spy.starts[len(data.sites) :]):
         v, alpha = replay_apfl(fed, i, start, alpha_lr)
         assert alpha != start["alpha"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import toy_config, toy_data, toy_train
-from test_methods_apfl import CPU, F64, LR, differs, param_names, recording, run, same, sgd_config
+from conftest import LR, same_states, sgd_config, toy_config, toy_data, toy_rounds, toy_train
+from test_methods_apfl import CPU, F64, differs, param_names, recording
 
 from fedbench.errors import FedbenchError
 from fedbench.method import ClientUpdate, clone_state
@@ -18,11 +18,11 @@ from fedbench_plugins.fednova import FedNova, gradient_weight, nova_step
 
 def test_feddyn_with_alpha_zero_is_fedavg_bit_for_bit():
     data = toy_data(sizes=(8, 8, 8))  # the paper's mean is uniform: FedAvg's with equal sites
-    feddyn = run(FedDyn, toy_config(2, alpha=0.0), data, 2)
-    fedavg = run(FedAvg, toy_config(2), data, 2)
-    assert same(feddyn.global_state, fedavg.global_state)
+    feddyn = toy_rounds(FedDyn, toy_config(2, alpha=0.0), data, 2)
+    fedavg = toy_rounds(FedAvg, toy_config(2), data, 2)
+    assert same_states(feddyn.global_state, fedavg.global_state)
     for mine, theirs in zip(feddyn.client_states, fedavg.client_states, strict=True):
-        assert same(mine, theirs)
+        assert same_states(mine, theirs)
     assert all(not g.any() for grads in feddyn.method.grads for g in grads.values())
 
 
@@ -66,7 +66,7 @@ def test_feddyn_run_keeps_g_and_h_as_defined(data, clients):
     method = recording(FedDyn)
     cfg = sgd_config(2, alpha=alpha)
     cfg["train"]["clients_per_round"] = clients
-    fed = run(method, cfg, data, 2)
+    fed = toy_rounds(method, cfg, data, 2)
     assert {len(ups) for _, ups in method.received} == {3 if clients == "all" else clients}
     params, m = param_names(fed), len(data.sites)
     drift = [{k: torch.zeros_like(v, dtype=F64) for k, v in fed.method.h.items()} for _ in range(m)]
@@ -99,7 +99,7 @@ def test_feddyn_local_objective_is_the_regularized_loss(data):
     added by hand to the task loss's."""
     alpha = 0.1
     method = recording(FedDyn)
-    fed = run(method, sgd_config(1, alpha=alpha), data, 1)
+    fed = toy_rounds(method, sgd_config(1, alpha=alpha), data, 1)
     grads = clone_state(fed.method.grads[0])
     fed.run_round()
     start, (_, updates) = method.starts[len(data.sites)], method.received[-1]
@@ -125,7 +125,7 @@ def test_feddyn_resumes_bit_for_bit_and_refuses_a_negative_alpha(data, tmp_path)
     resumed = toy_train(
         data, data.sites, FedDyn, toy_config(3, alpha=0.1), 0, CPU, checkpoint_path=path
     )
-    assert same(whole.global_state, resumed.global_state)
+    assert same_states(whole.global_state, resumed.global_state)
     with pytest.raises(FedbenchError, match="method.alpha"):
         FedDyn.check_settings(toy_config(1, alpha=-0.01))
     FedDyn.check_settings(toy_config(1, **FedDyn.defaults))
@@ -138,10 +138,10 @@ def test_feddyn_resumes_bit_for_bit_and_refuses_a_negative_alpha(data, tmp_path)
 def test_fednova_with_equal_steps_is_fedavg_bit_for_bit(momentum):
     data = toy_data(sizes=(8, 7, 6))  # batches of 4: two steps each, but unequal weights p_i
     method = recording(FedNova)
-    fednova = run(method, sgd_config(2, momentum), data, 2)
-    fedavg = run(FedAvg, sgd_config(2, momentum), data, 2)
+    fednova = toy_rounds(method, sgd_config(2, momentum), data, 2)
+    fedavg = toy_rounds(FedAvg, sgd_config(2, momentum), data, 2)
     assert {u.steps for _, updates in method.received for u in updates} == {2}
-    assert same(fednova.global_state, fedavg.global_state)
+    assert same_states(fednova.global_state, fedavg.global_state)
 
 
 def momentum_weight(steps: int, rho: float) -> float:
@@ -152,10 +152,10 @@ def momentum_weight(steps: int, rho: float) -> float:
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_fednova_with_unequal_steps_normalizes_the_parameters_only(data, momentum):
     method = recording(FedNova)
-    fednova = run(method, sgd_config(1, momentum), data, 1)
-    fedavg = run(FedAvg, sgd_config(1, momentum), data, 1)
+    fednova = toy_rounds(method, sgd_config(1, momentum), data, 1)
+    fedavg = toy_rounds(FedAvg, sgd_config(1, momentum), data, 1)
     for mine, theirs in zip(fednova.client_states, fedavg.client_states, strict=True):
-        assert same(mine, theirs), "clients train as in FedAvg"
+        assert same_states(mine, theirs), "clients train as in FedAvg"
     ((previous, updates),) = method.received
     assert [u.steps for u in updates] == [2, 3, 2]
     params, n = param_names(fednova), sum(u.num_samples for u in updates)

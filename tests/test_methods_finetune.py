@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import toy_config, toy_data, toy_train, toy_training
+from conftest import same_states, toy_config, toy_data, toy_train, toy_training
 
 from fedbench.errors import FedbenchError
 from fedbench.method import clone_state
@@ -15,10 +15,6 @@ from fedbench_plugins.fedavg_ft import FedAvgFT
 from fedbench_plugins.fedbabu import FedBABU
 
 CPU = torch.device("cpu")
-
-
-def same_states(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_finetuning_for_zero_epochs_is_fedavg_bit_for_bit():

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import toy_config, toy_training
+from conftest import LR, same_states, sgd_config, toy_config, toy_rounds, toy_training
 
 from fedbench.errors import FedbenchError
 from fedbench.method import clone_state
@@ -16,24 +16,6 @@ from fedbench_plugins.fedavg import FedAvg
 from fedbench_plugins.harmofl import HarmoFL, normalize_amplitude, perturbed_gradients
 
 CPU = torch.device("cpu")
-LR = 0.05
-
-
-def sgd_config(rounds: int, **params: object) -> dict:
-    cfg = toy_config(rounds, **params)
-    cfg["train"].update(optimizer="sgd", momentum=0.0, lr=LR)
-    return cfg
-
-
-def run(method_cls, cfg: dict, data, rounds: int):
-    fed = toy_training(data, data.sites, method_cls, cfg, seed=0, device=CPU)
-    for _ in range(rounds):
-        fed.run_round()
-    return fed
-
-
-def same_states(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # the limiting case
@@ -41,7 +23,7 @@ def same_states(a: dict, b: dict) -> bool:
 
 def test_without_perturbation_or_amplitude_harmofl_is_fedavg_bit_for_bit(data):
     cfg = toy_config(2, rho=0.0, amplitude=False)
-    mine, fedavg = run(HarmoFL, cfg, data, 2), run(FedAvg, toy_config(2), data, 2)
+    mine, fedavg = toy_rounds(HarmoFL, cfg, data, 2), toy_rounds(FedAvg, toy_config(2), data, 2)
     assert same_states(mine.global_state, fedavg.global_state)
     for a, b in zip(mine.client_states, fedavg.client_states, strict=True):
         assert same_states(a, b)
@@ -50,8 +32,8 @@ def test_without_perturbation_or_amplitude_harmofl_is_fedavg_bit_for_bit(data):
 
 @pytest.mark.parametrize("params", [{"amplitude": False}, {"rho": 0.0}])
 def test_each_part_alone_changes_the_training(data, params):
-    fedavg = run(FedAvg, toy_config(1), data, 1)
-    mine = run(HarmoFL, toy_config(1, **params), data, 1)
+    fedavg = toy_rounds(FedAvg, toy_config(1), data, 1)
+    mine = toy_rounds(HarmoFL, toy_config(1, **params), data, 1)
     assert not same_states(mine.global_state, fedavg.global_state)
 
 
@@ -191,7 +173,7 @@ def test_the_amplitude_buffer_never_reaches_the_server_and_survives_a_state_dict
             received.extend(updates)
             return super().server_update(previous, updates)
 
-    fed = run(Spy, toy_config(2), data, 2)
+    fed = toy_rounds(Spy, toy_config(2), data, 2)
     buffers = [a.clone() for a in fed.method.amplitudes]
     assert all(a.shape == data.sites[0].train.inputs.shape[1:] for a in buffers)
     assert not torch.equal(buffers[0], buffers[1]), "one buffer per client"
@@ -201,7 +183,7 @@ def test_the_amplitude_buffer_never_reaches_the_server_and_survives_a_state_dict
         assert update.extras == {} and set(update.state) == keys
         assert all(t.shape != buffers[0].shape for t in update.state.values())
     assert fed.method.server_payload() == {}
-    assert fed.cost["bytes_up"] == run(FedAvg, toy_config(2), data, 2).cost["bytes_up"]
+    assert fed.cost["bytes_up"] == toy_rounds(FedAvg, toy_config(2), data, 2).cost["bytes_up"]
     saved = fed.method.state_dict()
     restored = HarmoFL(toy_config(2)["method"], len(data.sites))
     restored.load_state_dict(saved)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import toy_builder, toy_config, toy_training
+from conftest import LR, same_states, sgd_config, toy_builder, toy_config, toy_rounds, toy_training
 
 from fedbench.errors import FedbenchError
 from fedbench.method import ClientUpdate, clone_state
@@ -18,25 +18,7 @@ from fedbench_plugins.fedrod import FedRoD, balanced_logits, class_prior
 from fedbench_plugins.moon import Moon, captured, contrastive_loss, find_bottleneck
 
 CPU = torch.device("cpu")
-LR = 0.05
 BOTTOM = "model.1.submodule"  # the toy U-Net's bottom block, written out by hand
-
-
-def sgd_config(rounds: int, **params: object) -> dict:
-    cfg = toy_config(rounds, **params)
-    cfg["train"].update(optimizer="sgd", momentum=0.0, lr=LR)
-    return cfg
-
-
-def run(method_cls, cfg: dict, data, rounds: int):
-    fed = toy_training(data, data.sites, method_cls, cfg, seed=0, device=CPU)
-    for _ in range(rounds):
-        fed.run_round()
-    return fed
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def spying(method_cls):
@@ -58,17 +40,17 @@ def spying(method_cls):
 
 
 def test_moon_with_mu_zero_is_fedavg_bit_for_bit(data):
-    moon = run(Moon, toy_config(3, mu=0.0), data, 3)
-    fedavg = run(FedAvg, toy_config(3), data, 3)
+    moon = toy_rounds(Moon, toy_config(3, mu=0.0), data, 3)
+    fedavg = toy_rounds(FedAvg, toy_config(3), data, 3)
     assert all(p is not None for p in moon.method.previous), "rounds 2-3 had a previous model"
-    assert same(moon.global_state, fedavg.global_state)
+    assert same_states(moon.global_state, fedavg.global_state)
     for mine, theirs in zip(moon.client_states, fedavg.client_states, strict=True):
-        assert same(mine, theirs)
+        assert same_states(mine, theirs)
     assert moon.cost == fedavg.cost
-    active = run(Moon, toy_config(2, mu=1.0), data, 2)
-    assert not same(active.global_state, fedavg.global_state), "mu > 0 changes round 2"
-    first = run(Moon, toy_config(1, mu=1.0), data, 1)
-    assert same(first.global_state, run(FedAvg, toy_config(1), data, 1).global_state)
+    active = toy_rounds(Moon, toy_config(2, mu=1.0), data, 2)
+    assert not same_states(active.global_state, fedavg.global_state), "mu > 0 changes round 2"
+    first = toy_rounds(Moon, toy_config(1, mu=1.0), data, 1)
+    assert same_states(first.global_state, toy_rounds(FedAvg, toy_config(1), data, 1).global_state)
 
 
 def test_moon_contrastive_loss_by_hand():
@@ -125,10 +107,10 @@ def test_moon_penalty_is_mu_times_lcon_against_global_and_previous(data):
             finally:
                 handle.remove()
 
-    fed = run(Spy, toy_config(2, mu=mu, tau=tau), data, 2)
+    fed = toy_rounds(Spy, toy_config(2, mu=mu, tau=tau), data, 2)
     assert len(calls) == len(data.sites), "round 2 only"
     for call, state in zip(calls, fed.method.previous, strict=True):
-        assert not same(call["global"], call["prev"])
+        assert not same_states(call["global"], call["prev"])
         for value, inputs, local in call["terms"]:
             z = bottom_features(local, None, inputs)
             z_glob = bottom_features(fed.build_model(), call["global"], inputs)
@@ -151,21 +133,21 @@ def bottom_features(model, state, inputs) -> torch.Tensor:
 
 
 def test_moon_previous_models_survive_a_state_dict_round_trip(data):
-    fed = run(Moon, toy_config(2), data, 2)
+    fed = toy_rounds(Moon, toy_config(2), data, 2)
     for mine, state in zip(fed.method.previous, fed.client_states, strict=True):
-        assert same(mine, state), "the previous model is the client's trained model"
+        assert same_states(mine, state), "the previous model is the client's trained model"
     saved = fed.method.state_dict()
     restored = Moon({}, len(data.sites))
     restored.load_state_dict(saved)
     first = next(iter(saved["previous"][0]))
     saved["previous"][0][first].add_(1.0)
     for mine, theirs in zip(restored.previous, fed.client_states, strict=True):
-        assert same(mine, theirs), "restored as copies"
-    whole = run(Moon, toy_config(3), data, 3)
+        assert same_states(mine, theirs), "restored as copies"
+    whole = toy_rounds(Moon, toy_config(3), data, 3)
     resumed = toy_training(data, data.sites, Moon, toy_config(3), seed=0, device=CPU)
-    resumed.restore(copy.deepcopy(run(Moon, toy_config(3), data, 2).snapshot()))
+    resumed.restore(copy.deepcopy(toy_rounds(Moon, toy_config(3), data, 2).snapshot()))
     resumed.run_round()
-    assert same(resumed.global_state, whole.global_state)
+    assert same_states(resumed.global_state, whole.global_state)
 
 
 def test_moon_checks_its_settings():
@@ -184,17 +166,21 @@ class UniformPrior(FedRoD):
 
 
 def test_fedrod_without_personal_head_scores_the_generic_model(data):
-    fed = run(FedRoD, sgd_config(2, personal_head=False), data, 2)
+    fed = toy_rounds(FedRoD, sgd_config(2, personal_head=False), data, 2)
     assert fed.method.personal == [None] * len(data.sites)
     for i in range(len(data.sites)):
-        assert same(fed.personalized(i), fed.global_state)
-    fedavg = run(FedAvg, sgd_config(2), data, 2)
-    assert not same(fed.global_state, fedavg.global_state), "the balanced risk is not FedAvg's"
-    uniform = run(UniformPrior, sgd_config(2, personal_head=False), data, 2)
+        assert same_states(fed.personalized(i), fed.global_state)
+    fedavg = toy_rounds(FedAvg, sgd_config(2), data, 2)
+    assert not same_states(fed.global_state, fedavg.global_state), (
+        "the balanced risk is not FedAvg's"
+    )
+    uniform = toy_rounds(UniformPrior, sgd_config(2, personal_head=False), data, 2)
     for key, value in fedavg.global_state.items():  # a constant shift leaves softmax unchanged
         torch.testing.assert_close(uniform.global_state[key], value, rtol=1e-4, atol=1e-5)
-    joint = run(FedRoD, sgd_config(2, personal_head=True), data, 2)
-    assert same(joint.global_state, fed.global_state), "the personal head trains nothing shared"
+    joint = toy_rounds(FedRoD, sgd_config(2, personal_head=True), data, 2)
+    assert same_states(joint.global_state, fed.global_state), (
+        "the personal head trains nothing shared"
+    )
 
 
 def test_fedrod_balanced_softmax_by_hand():
@@ -218,13 +204,13 @@ def test_fedrod_balanced_softmax_by_hand():
 
 def test_fedrod_server_never_receives_the_personal_head(data):
     spy = spying(FedRoD)
-    fed = run(spy, toy_config(2), data, 2)
+    fed = toy_rounds(spy, toy_config(2), data, 2)
     head = output_layer_keys(fed.model)
     every = set(fed.model.state_dict())
     for updates in spy.received:
         for update in updates:
             assert set(update.state) == every and update.extras == {}
-    fedavg = run(FedAvg, toy_config(2), data, 2)
+    fedavg = toy_rounds(FedAvg, toy_config(2), data, 2)
     assert (fed.cost["bytes_up"], fed.cost["bytes_down"]) == (
         fedavg.cost["bytes_up"],
         fedavg.cost["bytes_down"],
@@ -303,12 +289,12 @@ def test_fedrod_one_step_by_hand_balanced_network_plain_summed_head(data):
 
 
 def test_fedrod_personal_heads_survive_a_resume(data):
-    whole = run(FedRoD, toy_config(3), data, 3)
+    whole = toy_rounds(FedRoD, toy_config(3), data, 3)
     resumed = toy_training(data, data.sites, FedRoD, toy_config(3), seed=0, device=CPU)
-    resumed.restore(copy.deepcopy(run(FedRoD, toy_config(3), data, 2).snapshot()))
+    resumed.restore(copy.deepcopy(toy_rounds(FedRoD, toy_config(3), data, 2).snapshot()))
     resumed.run_round()
     for i in range(len(data.sites)):
-        assert same(resumed.personalized(i), whole.personalized(i))
+        assert same_states(resumed.personalized(i), whole.personalized(i))
 
 
 def test_fedrod_checks_its_settings():

@@ -6,7 +6,15 @@ import json
 
 import pytest
 import torch
-from conftest import toy_config, toy_data, toy_train, toy_training
+from conftest import (
+    LR,
+    sgd_config,
+    toy_config,
+    toy_data,
+    toy_rounds,
+    toy_train,
+    toy_training,
+)
 from typer.testing import CliRunner
 
 from fedbench.cli import app
@@ -20,14 +28,6 @@ from fedbench_plugins.fedrep import FedRep
 from fedbench_plugins.scaffold import Scaffold
 
 CPU = torch.device("cpu")
-LR = 0.05
-
-
-def sgd_config(rounds: int, **params: object) -> dict:
-    """The toy config with plain SGD (SCAFFOLD's requirement), lr 0.05."""
-    cfg = toy_config(rounds, **params)
-    cfg["train"].update(optimizer="sgd", momentum=0.0, lr=LR)
-    return cfg
 
 
 def floats(state: dict) -> list[str]:
@@ -65,20 +65,13 @@ def recording(method_cls: type[Method]) -> type[Method]:
     return Recorder
 
 
-def run(method_cls: type[Method], cfg: dict, data, rounds: int):
-    fed = toy_training(data, data.sites, method_cls, cfg, seed=0, device=CPU)
-    for _ in range(rounds):
-        fed.run_round()
-    return fed
-
-
 # Ditto
 
 
 def test_ditto_sends_exactly_the_fedavg_update_from_the_same_start(data):
     cfg = sgd_config(2, lam=0.5)
     method = recording(Ditto)
-    fed = run(method, cfg, data, 2)
+    fed = toy_rounds(method, cfg, data, 2)
     sent = [u for updates in method.received for u in updates]
     assert len(sent) == len(method.starts) == 2 * len(data.sites)
     for start, update in zip(method.starts, sent, strict=True):
@@ -90,7 +83,7 @@ def test_ditto_sends_exactly_the_fedavg_update_from_the_same_start(data):
         for key, value in model.state_dict().items():
             assert torch.equal(value, update.state[key]), key
         assert update.steps == 2 * ctx.steps, "global and personal steps both count"
-    fedavg = run(FedAvg, sgd_config(2), data, 2)
+    fedavg = toy_rounds(FedAvg, sgd_config(2), data, 2)
     assert fed.cost["bytes_up"] == fedavg.cost["bytes_up"]
     assert fed.cost["bytes_down"] == fedavg.cost["bytes_down"]
     assert fed.cost["client_steps"] == 2 * fedavg.cost["client_steps"]
@@ -118,7 +111,7 @@ def test_ditto_personal_model_is_sgd_on_loss_plus_lam_times_the_gap(data):
             )
             super().train_personal(personal, ctx)
 
-    fed = run(Spy, cfg, data, 2)
+    fed = toy_rounds(Spy, cfg, data, 2)
     last = Spy.personal_starts[-len(data.sites) :]
     assert Spy.personal_starts[0]["state"].keys() == last[0]["state"].keys()
     for start in last:
@@ -172,8 +165,8 @@ def param_names(fed) -> list[str]:
 
 
 def test_scaffold_round_one_takes_the_same_steps_as_fedavg_with_sgd(data):
-    scaffold = run(Scaffold, sgd_config(1), data, 1)
-    fedavg = run(FedAvg, sgd_config(1), data, 1)
+    scaffold = toy_rounds(Scaffold, sgd_config(1), data, 1)
+    fedavg = toy_rounds(FedAvg, sgd_config(1), data, 1)
     assert scaffold.cost["client_steps"] == fedavg.cost["client_steps"]
     for mine, theirs in zip(scaffold.client_states, fedavg.client_states, strict=True):
         for key, value in theirs.items():
@@ -210,7 +203,7 @@ class ControlSpy(Scaffold):
 
 def test_scaffold_control_variates_follow_option_two(data):
     ControlSpy.log = []
-    fed = run(ControlSpy, sgd_config(2), data, 2)
+    fed = toy_rounds(ControlSpy, sgd_config(2), data, 2)
     assert len(ControlSpy.log) == 2 * len(data.sites)
     for entry in ControlSpy.log:
         own = entry["own"] or {k: torch.zeros_like(v) for k, v in entry["c"].items()}
@@ -238,7 +231,7 @@ def test_scaffold_control_variates_follow_option_two(data):
 
 def test_scaffold_server_averages_parameters_uniformly_and_buffers_as_fedavg(data):
     method = recording(Scaffold)
-    fed = run(method, sgd_config(1), data, 1)
+    fed = toy_rounds(method, sgd_config(1), data, 1)
     (updates,) = method.received
     params = set(param_names(fed))
     fedavg_mean = FedAvg({}, 3).aggregate(updates)
@@ -252,8 +245,8 @@ def test_scaffold_server_averages_parameters_uniformly_and_buffers_as_fedavg(dat
 
 
 def test_scaffold_bytes_count_the_controls_each_way(data):
-    scaffold = run(Scaffold, sgd_config(2), data, 2)
-    fedavg = run(FedAvg, sgd_config(2), data, 2)
+    scaffold = toy_rounds(Scaffold, sgd_config(2), data, 2)
+    fedavg = toy_rounds(FedAvg, sgd_config(2), data, 2)
     control = sum(p.numel() * p.element_size() for p in scaffold.model.parameters())
     transfers = 2 * len(data.sites)
     assert scaffold.cost["bytes_up"] - fedavg.cost["bytes_up"] == transfers * control
@@ -296,7 +289,7 @@ class PhaseSpy(FedRep):
 
 def test_fedrep_trains_the_head_then_the_body_never_both(data):
     PhaseSpy.log = []
-    fed = run(PhaseSpy, toy_config(1), data, 1)
+    fed = toy_rounds(PhaseSpy, toy_config(1), data, 1)
     head = output_layer_keys(fed.model)
     params = set(param_names(fed))
     for entry in PhaseSpy.log:
@@ -312,7 +305,7 @@ def test_fedrep_trains_the_head_then_the_body_never_both(data):
 
 def test_fedrep_shares_the_body_and_personalizes_only_the_head(data):
     method = recording(FedRep)
-    fed = run(method, toy_config(1), data, 1)
+    fed = toy_rounds(method, toy_config(1), data, 1)
     head = output_layer_keys(fed.model)
     assert set(fed.shared) == set(fed.model.state_dict()) - head and head
     (updates,) = method.received

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import torch
-from conftest import toy_config, toy_data, toy_train, toy_training
+from conftest import same_states, toy_config, toy_data, toy_train, toy_training
 from typer.testing import CliRunner
 
 from fedbench.cli import app
@@ -20,10 +20,6 @@ CPU = torch.device("cpu")
 
 # constructed validation scores per round (1, 2, 3) for sites 0, 1, 2
 SCORES = [[0.1, 0.8, 0.3], [0.9, 0.2, 0.35], [0.5, 0.3, 0.6]]  # means 0.4, 0.483, 0.467
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_best_round_of_each_site_and_of_the_mean_on_a_constructed_history():
@@ -39,13 +35,14 @@ def test_the_best_round_of_each_site_and_of_the_mean_on_a_constructed_history():
         _update_best(best, fed, scores, round_index)
     assert best["rounds"] == {"site0": 2, "site1": 1, "site2": 3, "global": 2}
     for i, chosen in enumerate((2, 1, 3)):
-        assert same(best["states"][i], personal[chosen - 1][i]), i
-    assert same(best["global"], unseen[1]), "FedBN's completed global model of round 2"
+        assert same_states(best["states"][i], personal[chosen - 1][i]), i
+    assert same_states(best["global"], unseen[1]), "FedBN's completed global model of round 2"
     result = fed.result([], best)
     picked = result.selected("val-best")
-    assert same(picked.global_state, unseen[1])
+    assert same_states(picked.global_state, unseen[1])
     assert all(
-        same(p, personal[c - 1][i]) for i, (p, c) in enumerate(zip(picked.personalized, (2, 1, 3)))
+        same_states(p, personal[c - 1][i])
+        for i, (p, c) in enumerate(zip(picked.personalized, (2, 1, 3)))
     )
     assert result.selected("final") is result
 
@@ -107,7 +104,7 @@ def test_a_site_whose_validation_never_scores_keeps_its_last_model(monkeypatch):
     config["eval"]["val_best"] = True
     result = toy_train(data, data.sites, FedAvg, config, 0, CPU, history=False)
     for best, last in zip(result.val_best, result.personalized, strict=True):
-        assert same(best, last)
+        assert same_states(best, last)
     assert "global" not in result.val_best_rounds and result.val_best_global is None
 
 
