@@ -91,6 +91,7 @@ class SurvivalTask(Task):
 
     primary_metric = "c_index"
     dense_prediction = False
+    pooled_test = True  # FLamby reports the C-index on all centres' test sets pooled
 
     def __init__(self, num_features: int = NUM_FEATURES) -> None:
         self.num_features = num_features
@@ -112,18 +113,14 @@ class SurvivalTask(Task):
 
 def read_table(path: Path) -> Any:
     """brca.csv joined with FLamby's split; adds `centre` (int) and `part` (train/test)."""
-    import pandas as pd
-
     for name in FILES:
         if not (path / name).is_file():
             raise FedbenchError(f"{path / name}: missing (fed-tcga-brca needs {', '.join(FILES)})")
-    try:
-        brca = pd.read_csv(path / "brca.csv")
-        split = pd.read_csv(path / "train_test_split.csv")
-    except (OSError, ValueError) as exc:
-        raise FedbenchError(f"{path}: unreadable CSV ({exc})") from None
+    brca, split = read_csv(path / "brca.csv"), read_csv(path / "train_test_split.csv")
     if brca.shape[1] != NUM_FEATURES + 3 or list(brca.columns[-2:]) != ["E", "T"]:
         raise FedbenchError(f"{path / 'brca.csv'}: expected pid, {NUM_FEATURES} features, E, T")
+    check_brca(path / "brca.csv", brca)
+    check_split(path / "train_test_split.csv", split)
     table = brca.merge(split, on="pid", how="inner")
     parts = table["fold2"].str.extract(r"^(train|test)_(\d+)$")
     if parts.isna().any().any():
@@ -135,15 +132,109 @@ def read_table(path: Path) -> Any:
 
 def check_regions(path: Path, table: Any) -> None:
     """Warn when centers.csv does not map centre k's patients to FLamby's k-th region."""
-    import pandas as pd
-
-    centers = pd.read_csv(path / "centers.csv")
+    centers = read_csv(path / "centers.csv")
+    require_columns(path / "centers.csv", centers, ["TSS Code", "Region"])
     region = dict(zip(centers["TSS Code"], centers["Region"], strict=True))
     found = table["pid"].str.split("-").str[1].map(region)
     for k, name in enumerate(CENTRES):
         seen = set(found[table["centre"] == k].dropna())
         if seen != {name}:
             warn(f"{path / 'centers.csv'}: centre {k} holds regions {sorted(seen)}, not {name}")
+
+
+def read_csv(file: Path) -> Any:
+    """One CSV file as a table, or one error line naming it (pandas' own messages may end in a
+    newline, which would split the error over two lines)."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(file)
+    except (OSError, ValueError) as exc:
+        raise FedbenchError(f"{file}: unreadable CSV ({' '.join(str(exc).split())})") from None
+
+
+def require_columns(file: Path, table: Any, names: list[str]) -> None:
+    """One error naming the first column of `names` the table lacks, and those it has."""
+    for name in names:
+        if name not in table.columns:
+            found = ", ".join(map(str, table.columns))
+            raise FedbenchError(f"{file}: no column '{name}' (columns: {found})")
+
+
+def check_patients(file: Path, table: Any) -> None:
+    """Every row names a patient by a text id (its tissue-source code picks the region), and none
+    twice: a repeated patient would be trained and scored twice."""
+    import pandas as pd
+
+    pids = table["pid"]
+    named = pids.map(lambda pid: isinstance(pid, str) and pid.strip() != "").to_numpy(bool)
+    if not named.all():
+        row = int(np.flatnonzero(~named)[0])
+        pid = pids.iloc[row]
+        what = "blank" if pd.isna(pid) else f"{pid} is not a patient id (TCGA-SS-PPPP)"
+        raise FedbenchError(f"{file}: column 'pid', row {row + 1}: {what}")
+    repeated = np.flatnonzero(pids.duplicated().to_numpy())
+    if len(repeated):
+        row = int(repeated[0])
+        first = int(np.flatnonzero((pids == pids.iloc[row]).to_numpy())[0])
+        raise FedbenchError(
+            f"{file}: column 'pid', row {row + 1}: patient {pids.iloc[row]} appears again "
+            f"(first at row {first + 1})"
+        )
+
+
+def cell_error(file: Path, table: Any, column: str, row: int, what: str) -> FedbenchError:
+    """The error for one bad value: the file, the column, the row (1 = first after the header)
+    and its patient."""
+    where = f"column '{column}', row {row + 1} (patient {table['pid'].iloc[row]})"
+    return FedbenchError(f"{file}: {where}: {what}")
+
+
+def finite_column(file: Path, table: Any, column: str) -> np.ndarray:
+    """A column as finite floats, or one error at its first blank, non-numeric or infinite
+    value (a NaN feature would otherwise look like the method diverging)."""
+    import pandas as pd
+
+    raw = table[column]
+    values = pd.to_numeric(raw, errors="coerce").to_numpy(np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    if not len(bad):
+        return values
+    row, value = int(bad[0]), values[bad[0]]
+    if pd.isna(raw.iloc[row]):
+        what = "blank or NaN"
+    elif np.isnan(value):
+        what = f"{raw.iloc[row]!r} is not a number"
+    else:
+        what = f"{value:g} is not finite"
+    raise cell_error(file, table, column, row, what)
+
+
+def check_brca(file: Path, brca: Any) -> None:
+    """brca.csv holds what a Cox model can use: one row per patient, finite numeric features,
+    events 0 or 1 and times >= 0; else one error naming the first bad value."""
+    require_columns(file, brca, ["pid"])
+    check_patients(file, brca)
+    for column in brca.columns[1:-2]:
+        finite_column(file, brca, column)
+    events, times = finite_column(file, brca, "E"), finite_column(file, brca, "T")
+    first_breaking(file, brca, "E", events, ~np.isin(events, (0, 1)), "event must be 0 or 1")
+    first_breaking(file, brca, "T", times, times < 0, "time must be >= 0")
+
+
+def first_breaking(
+    file: Path, table: Any, column: str, values: np.ndarray, bad: np.ndarray, rule: str
+) -> None:
+    """One error at the first value of `column` flagged `bad`, saying the rule it breaks."""
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise cell_error(file, table, column, row, f"{rule}, got {values[row]:g}")
+
+
+def check_split(file: Path, split: Any) -> None:
+    """train_test_split.csv names each patient once, with its fold."""
+    require_columns(file, split, ["pid", "fold2"])
+    check_patients(file, split)
 
 
 def carve_val(events: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:

@@ -10,7 +10,8 @@ Targets are labels 0 background, 1 rim (disc without cup), 2 cup. The disc and t
 with MONAI's Dice and HD95 per case (fedbench.metrics), reported as dice_disc, dice_cup and their
 mean dice (likewise hd95_*). The IOP-FL release has no fundus code, so no `dice_release` here.
 
-Preparation resizes to `data.size` (images bilinear, masks nearest) and keeps 8-bit images;
+Preparation resizes to `data.size` (images bilinear, masks nearest) and keeps 8-bit images
+(16-bit files are read by their real range, then stored at 8 bits);
 loading normalises each image per channel to zero mean and unit variance. A case is a patient:
 RIM-ONE's two eyes `G-N-L` and `G-N-R` are one case. Given train/test folders are used as
 given; `data.val_fraction` of the training cases (at least one) become val.
@@ -28,6 +29,7 @@ import numpy as np
 from fedbench.data import FederatedData
 from fedbench.hookspecs import hookimpl
 from fedbench.task import SegmentationTask, predicted_labels
+from fedbench_datasets.image_files import read_image_and_mask
 from fedbench_datasets.prepared import (
     PreparedDataset,
     Scan,
@@ -78,24 +80,12 @@ class FundusTask(SegmentationTask):
 
 
 def read_pair(image_path: Path, mask_path: Path, problems: list[str]) -> tuple | None:
-    """An RGB crop [H, W, 3] and its labels [H, W], or None with the problem noted."""
-    from PIL import Image
-
-    try:
-        with Image.open(image_path) as im:
-            image = np.asarray(im.convert("RGB"))
-        with Image.open(mask_path) as im:
-            mask = np.asarray(im.convert("RGB"))
-    except OSError as exc:
-        problems.append(f"{image_path}: unreadable image or mask ({exc})")
+    """An RGB crop [H, W, 3] of any bit depth read by its real range onto the 8-bit scale
+    (0..255) and its labels [H, W], or None with the problem noted."""
+    pair = read_image_and_mask(image_path, mask_path, 3, problems)
+    if pair is None:
         return None
-    if image.shape != mask.shape:
-        problems.append(f"{mask_path}: mask {mask.shape} and image {image.shape} differ in size")
-        return None
-    if not ((mask[..., 0] == mask[..., 1]).all() and (mask[..., 1] == mask[..., 2]).all()):
-        problems.append(f"{mask_path}: mask channels differ (expected R = G = B)")
-        return None
-    gray = mask[..., 0]
+    image, gray = pair
     extra = sorted(set(np.unique(gray).tolist()) - set(MASK_LABELS))
     if extra:
         problems.append(f"{mask_path}: mask holds values {extra[:5]} besides 0/128/255")
@@ -103,7 +93,7 @@ def read_pair(image_path: Path, mask_path: Path, problems: list[str]) -> tuple |
     labels = np.zeros(gray.shape, dtype=np.uint8)
     for value, label in MASK_LABELS.items():
         labels[gray == value] = label
-    return image, labels
+    return image * 255, labels
 
 
 def scan_domain(folder: Path, size: int, scan: Scan) -> dict[str, np.ndarray] | None:

@@ -20,6 +20,7 @@ from fedbench.data import Dataset, FederatedData, Site, Split
 from fedbench.errors import FedbenchError
 from fedbench.storage import stable_hash, write_text_atomic
 from fedbench_datasets.prepared_folder import (
+    AGAIN,
     FORMAT_VERSION,
     MANIFEST,
     read_prepared,
@@ -208,6 +209,8 @@ class PreparedDataset(Dataset):
     site_word: ClassVar[str] = "site"
     #: `data.size` per preset
     sizes: ClassVar[dict[str, int]] = {"quick": 64, "default": 128, "paper": 384}
+    #: the arrays every prepared site file holds (`build` reads them)
+    site_arrays: ClassVar[tuple[str, ...]] = ("image", "mask", "case", "case_names", "case_parts")
 
     def preset(self, preset: str) -> dict[str, Any]:
         """`data.size` per preset; `paper` adds the IOP-FL release's network, loss and optimizer."""
@@ -296,15 +299,22 @@ class PreparedDataset(Dataset):
         return out
 
     def verify(self, directory: Path) -> list[str]:
-        return verify_prepared(directory, self.name, self.mask_values)
+        return verify_prepared(directory, self.name, self.mask_values, self.site_arrays)
 
     def load(self, cfg: dict[str, Any], seed: int, cache_dir: Path) -> FederatedData:
+        """The sites of the prepared folder; a folder that is not whole (manifest, site files,
+        the chosen sites) is one error naming the file and saying to prepare it again."""
         directory = self.prepared_dir(cfg, cache_dir)
-        manifest, arrays = read_prepared(directory)
+        manifest, arrays = read_prepared(directory, self.site_arrays)
         if manifest.get("settings") != self.settings(cfg):
             raise FedbenchError(
                 f"{directory} was prepared with {manifest.get('settings')}, but the run asks for "
                 f"{self.settings(cfg)}; prepare it again with those settings"
+            )
+        absent = [site for site in self.chosen_sites(cfg) if site not in arrays]
+        if absent:
+            raise FedbenchError(
+                f"{directory / MANIFEST}: holds no site {', '.join(absent)}; {AGAIN}"
             )
         for line in manifest.get("orphans", []):
             warn(f"left out: {line}")

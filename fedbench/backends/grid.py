@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from fedbench.backends.study import Variant
 from fedbench.engine.config import check_seed
 from fedbench.engine.registry import Registry
 from fedbench.engine.resolve import RunSpec, holdout_sites, resolve
@@ -32,7 +33,8 @@ class Cell:
     @property
     def label(self) -> str:
         adapter = f" + {self.spec.adapter}" if self.spec.adapter else ""
-        return f"{self.spec.method}{adapter}, seed {self.spec.seed}"
+        variant = f" [{self.spec.variant}]" if self.spec.variant else ""
+        return f"{self.spec.method}{adapter}{variant}, seed {self.spec.seed}"
 
 
 @dataclass
@@ -107,13 +109,28 @@ def expand_names(names: Sequence[str], kind: str, registry: Registry) -> list[st
     return out
 
 
-def cell_specs(base: RunSpec, methods: list[str], adapters: list[str], seeds: list[int]) -> list:
-    """The cross product as RunSpecs; no adapters given means each method's default adapter."""
+def cell_specs(
+    base: RunSpec,
+    methods: list[str],
+    adapters: list[str],
+    seeds: list[int],
+    variants: Sequence[Variant] = (Variant(""),),
+) -> list[RunSpec]:
+    """The cross product methods x adapters x variants x seeds as RunSpecs; no adapters given
+    means each method's default adapter; a variant adds its settings and names its cells."""
     choices: list[str | None] = list(adapters) if adapters and base.holdout != "none" else [None]
     return [
-        replace(base, method=m, adapter=a, seed=s, overrides=list(base.overrides))
+        replace(
+            base,
+            method=m,
+            adapter=a,
+            seed=s,
+            overrides=[*base.overrides, *v.overrides],
+            variant=v.label or base.variant,
+        )
         for m in methods
         for a in choices
+        for v in variants
         for s in seeds
     ]
 
@@ -158,6 +175,7 @@ def plan_grid(specs: list[RunSpec], registry: Registry, retry_failed: bool = Fal
     leave out impossible combinations."""
     plan = GridPlan()
     done = records_by_hash(specs[0].results_dir) if specs else {}
+    seen: set[tuple[str, tuple[str, ...]]] = set()
     for spec in specs:
         try:
             run = resolve(spec, registry)
@@ -175,6 +193,9 @@ def plan_grid(specs: list[RunSpec], registry: Registry, retry_failed: bool = Fal
             continue
         wanted = holdout_sites(spec.holdout, run.dataset.site_names(run.config["data"]))
         cell = Cell(concrete, run.config_hash, tuple(wanted or ()))
+        if (cell.config_hash, cell.holdouts) in seen:
+            continue  # the same run asked for twice (a swept value equal to another part's)
+        seen.add((cell.config_hash, cell.holdouts))
         records = [r for r in done.get(cell.config_hash, []) if same_holdouts(r, wanted)]
         place(plan, cell, records, retry_failed)
     if plan.failed and not (plan.pending or plan.done or plan.earlier):
@@ -217,5 +238,6 @@ def result_of(cell: Cell, record: dict[str, Any], wall_s: float) -> CellResult:
 
 
 def failures(results: list[CellResult]) -> list[CellResult]:
-    """The cells that did not end ok (failed or diverged)."""
-    return [r for r in results if r.status not in ("ok", "skipped")]
+    """The cells that did not end ok (failed or diverged); a cell another grid is running
+    ("busy") is that grid's to finish."""
+    return [r for r in results if r.status not in ("ok", "skipped", "busy")]

@@ -15,11 +15,13 @@ from fedbench.backends.grid import (
     failed_record,
     result_of,
 )
+from fedbench.backends.lock import CellLock, busy_result, finished_elsewhere, skipped_result
 from fedbench.engine.registry import Registry
 from fedbench.engine.reporter import Reporter
 from fedbench.engine.resolve import resolve
 from fedbench.engine.run import Outcome, execute, save_outcome
 from fedbench.results.record import now_iso
+from fedbench.storage import StorageError
 
 
 def run_cell(cell: Cell, registry: Registry, reporter: Reporter, debug: bool = False) -> CellResult:
@@ -27,8 +29,8 @@ def run_cell(cell: Cell, registry: Registry, reporter: Reporter, debug: bool = F
     started, clock = now_iso(), time.perf_counter()
     try:
         record = execute(resolve(cell.spec, registry), registry, reporter)
-    except KeyboardInterrupt:
-        raise
+    except (KeyboardInterrupt, StorageError):
+        raise  # a full disk or an unwritable folder stops the grid: every next cell would fail
     except Exception as exc:
         if debug:
             raise
@@ -38,6 +40,27 @@ def run_cell(cell: Cell, registry: Registry, reporter: Reporter, debug: bool = F
     return result_of(cell, record, time.perf_counter() - clock)
 
 
+def claimed_run(
+    cell: Cell, registry: Registry, make_reporter: Callable[[], Reporter], debug: bool
+) -> CellResult:
+    """Run a cell unless another grid on the same results folder holds it or finished it."""
+    results_dir = cell.spec.results_dir
+    claim = CellLock(results_dir, cell)
+    if not claim.acquire():
+        return busy_result(cell)
+    try:
+        done = finished_elsewhere(results_dir, cell)
+        if done is not None:
+            return skipped_result(cell, done)
+        reporter = make_reporter()
+        try:
+            return run_cell(cell, registry, reporter, debug)
+        finally:
+            reporter.close()
+    finally:
+        claim.release()
+
+
 def local_backend(
     registry: Registry, make_reporter: Callable[[], Reporter], debug: bool = False
 ) -> Backend:
@@ -45,11 +68,6 @@ def local_backend(
 
     def run(cells: Sequence[Cell], on_result: OnResult) -> None:
         for cell in cells:
-            reporter = make_reporter()
-            try:
-                result = run_cell(cell, registry, reporter, debug)
-            finally:
-                reporter.close()
-            on_result(result)
+            on_result(claimed_run(cell, registry, make_reporter, debug))
 
     return run

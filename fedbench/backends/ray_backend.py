@@ -25,6 +25,7 @@ from fedbench.backends.grid import (
     failed_record,
     result_of,
 )
+from fedbench.backends.lock import CellLock, busy_result, finished_elsewhere, skipped_result
 from fedbench.engine.registry import Registry, load_registry
 from fedbench.engine.reporter import Reporter
 from fedbench.engine.resolve import RunSpec, resolve
@@ -195,18 +196,31 @@ def submit_and_collect(
     plugins = tuple(str(Path(p).resolve()) for p in options.plugins)
     threads = max(1, int(options.cpus_per_run))
     pending: dict[Any, tuple[Cell, str, float]] = {}
-    for cell in cells:
-        ref = task.remote(worker_spec(cell.spec, options.gpus_per_run), plugins, threads)
-        pending[ref] = (cell, now_iso(), time.perf_counter())
+    claims: dict[int, CellLock] = {}  # by id(cell): a Cell holds lists, so it is unhashable
     try:
+        for cell in cells:  # claimed by this driver until its result is in (fedbench.backends.lock)
+            claim = CellLock(cell.spec.results_dir, cell)
+            if not claim.acquire():
+                on_result(busy_result(cell))
+                continue
+            claims[id(cell)] = claim
+            done = finished_elsewhere(cell.spec.results_dir, cell)
+            if done is not None:
+                on_result(skipped_result(cell, done))
+                continue
+            ref = task.remote(worker_spec(cell.spec, options.gpus_per_run), plugins, threads)
+            pending[ref] = (cell, now_iso(), time.perf_counter())
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 cell, started, clock = pending.pop(ref)
                 on_result(collect(ray, ref, cell, registry, started, clock))
+                claims.pop(id(cell)).release()
     finally:
         for ref in pending:
             ray.cancel(ref, force=True)
+        for claim in claims.values():
+            claim.release()
 
 
 def ray_backend(registry: Registry, options: RayOptions) -> Backend:

@@ -4,7 +4,9 @@ setting fixed (preset, component defaults, `--set`), the device chosen."""
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,9 @@ class RunSpec:
     results_dir: Path = Path("results")
     checkpoint_every: int = 1
     keep_checkpoints: bool = False
+    #: the study file's name and this cell's variant label, kept in the record (not hashed)
+    study: str | None = None
+    variant: str | None = None
 
 
 @dataclass
@@ -176,9 +181,63 @@ def resolve(spec: RunSpec, registry: Registry) -> Run:
     config = apply_overrides(config, spec.overrides)
     validate(config)
     model.check(config["model"])
+    check_image_size(model, config)
     method.check_settings(config)
     code = code_versions(method=method, dataset=type(dataset), model=model, adapter=adapter)
     return Run(spec, method, adapter, dataset, model, config, pick_device(spec.device), code)
+
+
+#: image sizes that agree modulo this take the same path through up to six stride-2 layers
+SIZE_PERIOD = 64
+
+
+def probe_size(size: int) -> int:
+    """A size at most 2 * SIZE_PERIOD that a network of stride-2 layers treats as `size` (a
+    large image is never pushed through a wide network just to check it)."""
+    return size if size <= 2 * SIZE_PERIOD else SIZE_PERIOD + size % SIZE_PERIOD
+
+
+@functools.lru_cache(maxsize=64)
+def takes_size(model: type[Model], model_json: str, size: int) -> bool | None:
+    """Whether the network of these settings maps a size x size image to a same-sized output
+    (None: it cannot be built for a stand-in one-channel task, so it is not checked). Built
+    once per settings, without touching the global RNG."""
+    import torch
+
+    from fedbench.task import SegmentationTask
+
+    with torch.random.fork_rng(devices=[]):
+        try:
+            network = model().build(SegmentationTask(1, ["x"]), json.loads(model_json)).eval()
+        except Exception:
+            return None
+        try:
+            with torch.no_grad():
+                output = network(torch.zeros(1, 1, size, size))
+        except Exception:
+            return False
+    return isinstance(output, torch.Tensor) and tuple(output.shape[-2:]) == (size, size)
+
+
+def check_image_size(model: type[Model], config: Config) -> None:
+    """Refuse, naming `data.size`, an image size the configured network cannot take (a U-Net
+    whose levels halve the image needs a multiple of 2 ** levels), before any training."""
+    size = config.get("data", {}).get("size")
+    if size is None:
+        return
+    settings = json.dumps(config["model"], sort_keys=True)
+    if takes_size(model, settings, probe_size(size)) is not False:
+        return
+    powers = [2**k for k in range(1, 7)]
+    multiple = next((m for m in powers if takes_size(model, settings, SIZE_PERIOD + m)), None)
+    problem = f"setting data.size={size} does not fit model '{model.name}'"
+    if multiple is None:
+        raise FedbenchError(f"{problem}: it fails on {size}x{size} images")
+    below = max(multiple, size // multiple * multiple)
+    raise FedbenchError(
+        f"{problem}: it takes sizes that are a multiple of {multiple} "
+        f"(e.g. {below} or {below + multiple})"
+    )
 
 
 def holdout_sites(text: str, site_names: list[str] | None) -> list[str] | None:

@@ -3,11 +3,14 @@ its ground truth and the run's prediction. Stored beside the records, in RESULTS
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fedbench.errors import FedbenchError
 from fedbench.results.record import safe_token
 from fedbench.storage import write_atomic
 from fedbench.task import predicted_labels
@@ -64,13 +67,48 @@ def save(results_dir: Path, run_id: str, examples: Kept) -> None:
 
 
 def load(results_dir: Path, run_id: str) -> Kept | None:
-    """The kept examples of a run by (regime, site), or None when the run kept none."""
+    """The kept examples of a run by (regime, site), or None when the run kept none; a file
+    that is not what `save` writes is one clear error naming it."""
     path = examples_path(results_dir, run_id)
     if not path.is_file():
         return None
+    try:
+        return unpack(read_archive(path))
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise FedbenchError(
+            f"kept predictions {path} are unreadable ({type(exc).__name__}); "
+            "delete the file or run again"
+        ) from None
+
+
+def read_archive(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an .npz (never a pickle); ValueError for a lone .npy array."""
+    loaded = np.load(path)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError("a single array, not an .npz archive")
+    with loaded as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def unpack(flat: dict[str, np.ndarray]) -> Kept:
+    """'regime|site|key' arrays -> examples by (regime, site); ValueError for anything `save`
+    does not write."""
     out: Kept = {}
-    with np.load(path) as archive:
-        for name in archive.files:
-            regime, site, key = name.split("|")
-            out.setdefault((regime, site), {})[key] = archive[name]
+    for name, value in flat.items():
+        regime, site, key = name.split("|")
+        out.setdefault((regime, site), {})[key] = value
+    for arrays in out.values():
+        check_site(arrays)
     return out
+
+
+def check_site(arrays: dict[str, np.ndarray]) -> None:
+    """One site's examples as `keep` makes them: N images ([H, W] or [H, W, 3]) and N truth
+    and N predicted label maps ([H, W]), all numeric; else ValueError."""
+    if sorted(arrays) != ["image", "pred", "truth"]:
+        raise ValueError(f"image, truth and pred expected, found {', '.join(sorted(arrays))}")
+    count = len(arrays["image"]) if arrays["image"].ndim else -1
+    for key, value in arrays.items():
+        dims = (3, 4) if key == "image" else (3,)
+        if value.ndim not in dims or len(value) != count or value.dtype.kind not in "biuf":
+            raise ValueError(f"{key} has shape {value.shape} and type {value.dtype}")

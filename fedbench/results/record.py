@@ -15,26 +15,9 @@ from typing import Any
 
 from fedbench import __version__
 from fedbench.errors import FedbenchError
+from fedbench.results.schema import SCHEMA_VERSION, record_problem
 from fedbench.storage import write_json_atomic
 
-SCHEMA_VERSION = 1
-REQUIRED_FIELDS = (
-    "schema_version",
-    "run_id",
-    "status",
-    "method",
-    "adapter",
-    "dataset",
-    "seed",
-    "config",
-    "config_hash",
-    "environment",
-    "started_at",
-    "finished_at",
-    "wall_s",
-    "cost",
-    "metrics",
-)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -164,6 +147,9 @@ def build_record(
         record["val_best_rounds"] = val_best_rounds
     if identity.get("hd95_unit"):
         record["hd95_unit"] = identity["hd95_unit"]
+    for key in ("study", "variant"):  # a grid cell of a study file or of a --sweep
+        if identity.get(key):
+            record[key] = identity[key]
     if profile is not None:
         record["profile"] = profile
     if error:
@@ -172,19 +158,9 @@ def build_record(
 
 
 def validate_record(payload: Any) -> str | None:
-    """Why `payload` is not a valid run record, or None when it is."""
-    if not isinstance(payload, dict):
-        return "not a JSON object"
-    missing = [f for f in REQUIRED_FIELDS if f not in payload]
-    if missing:
-        return f"missing field(s): {', '.join(missing)}"
-    if payload["schema_version"] != SCHEMA_VERSION:
-        return f"unsupported schema_version {payload['schema_version']!r}"
-    if payload["status"] not in ("ok", "failed", "diverged"):
-        return f"bad status {payload['status']!r}"
-    if not isinstance(payload["metrics"], list):
-        return "metrics is not a list"
-    return None
+    """Why `payload` is not a valid run record (one line naming the field), or None when it is:
+    the fields and their types of DESIGN.md section 5, as fedbench/results/schema.py states them."""
+    return record_problem(payload)
 
 
 def read_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -193,7 +169,7 @@ def read_records(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
     for path in sorted((Path(results_dir) / "runs").glob("*.json")):
         try:
             payload = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             warnings.append(f"skipped {path}: not valid JSON ({exc.__class__.__name__})")
             continue
         problem = validate_record(payload)
@@ -218,7 +194,7 @@ def find_record(results_dir: Path, run_id: str) -> dict[str, Any]:
         path = matches[0]
     try:
         payload = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise FedbenchError(f"{path} is not a valid record: {type(exc).__name__}") from None
     problem = validate_record(payload)
     if problem:
