@@ -80,7 +80,11 @@ def fedbench_process(*args: str) -> subprocess.CompletedProcess:
             "error: Invalid value for '--checkpoint-every': Input should be greater than or "
             "equal to 1 (see: fedbench run --help)",
         ),
-        (["grid"], "error: Missing option '--method'. (see: fedbench grid --help)"),
+        (
+            ["grid"],
+            "error: give --method NAME (repeat for more) or --study FILE "
+            "(see: fedbench grid --help)",
+        ),
     ],
 )
 def test_command_line_mistakes_are_one_line_not_a_box(args, expected):

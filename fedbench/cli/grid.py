@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 
 def grid_command(
     method: Annotated[
-        list[str], typer.Option("--method", help="Method to run (repeat; 'all' for every one).")
-    ],
+        list[str] | None,
+        typer.Option("--method", help="Method to run (repeat; 'all' for every one)."),
+    ] = None,
     adapter: Annotated[
         list[str] | None,
         typer.Option("--adapter", help="Adapter (repeat; 'all'); default: each method's own."),
@@ -50,14 +51,33 @@ def grid_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List the cells and what is done; run nothing.")
     ] = False,
+    study: Annotated[
+        Path | None,
+        typer.Option(help="A study file (TOML): dataset, methods, adapters, seeds, sweeps."),
+    ] = None,
+    sweep: Annotated[
+        list[str] | None,
+        typer.Option(help="Sweep a setting: KEY=V1,V2,... (repeat for a product)."),
+    ] = None,
+    track: Annotated[
+        list[str] | None,
+        typer.Option("--track", help="Experiment tracker: mlflow or tensorboard (repeat)."),
+    ] = None,
 ) -> None:
-    """Run the cross product methods x adapters x seeds; finished cells are skipped, failed ones
-    too unless --retry-failed."""
+    """Run the cross product methods x adapters x seeds (x sweeps, or a --study file); finished
+    cells are skipped, failed ones too unless --retry-failed."""
     from fedbench.backends import grid
     from fedbench.backends.ray_backend import RayOptions
+    from fedbench.backends.study import parse_sweep, sweep_variants
+    from fedbench.cli.studies import study_specs
+    from fedbench.cli.tracking import enable_trackers
     from fedbench.engine.resolve import RunSpec
     from fedbench.results.record import runs_dir
 
+    if study is not None:
+        _refuse_beside_study(method=method, adapter=adapter, sweep=sweep, set_=set_, rounds=rounds)
+    elif not method:
+        fail("give --method NAME (repeat for more) or --study FILE (see: fedbench grid --help)")
     reg = registry()
     ray_options = RayOptions(ray_address, cpus_per_run, gpus_per_run, tuple(STATE["plugins"]))
     run_cells = _backend(backend, reg, ray_options)
@@ -71,12 +91,18 @@ def grid_command(
         overrides=list(set_ or []),
         results_dir=results_dir,
     )
-    methods = grid.expand_names(method, "methods", reg)
-    adapters = grid.expand_names(adapter or [], "adapters", reg)
-    if adapters and holdout == "none":
-        say("note: --holdout none runs no adapter, so --adapter is ignored")
+    if study is not None:
+        specs = study_specs(study, base, reg)
+    else:
+        methods = grid.expand_names(method or [], "methods", reg)
+        adapters = grid.expand_names(adapter or [], "adapters", reg)
+        if adapters and holdout == "none":
+            say("note: --holdout none runs no adapter, so --adapter is ignored")
+        variants = sweep_variants(parse_sweep(sweep or []))
+        specs = grid.cell_specs(base, methods, adapters, grid.parse_seeds(seeds), variants)
+    for line in enable_trackers(track or [], results_dir):
+        say(line)
     runs_dir(results_dir)
-    specs = grid.cell_specs(base, methods, adapters, grid.parse_seeds(seeds))
     plan = grid.plan_grid(specs, reg, retry_failed=retry_failed)
     _announce(plan)
     if dry_run:
@@ -95,6 +121,14 @@ def grid_command(
 
     run_cells(plan.pending, on_result)
     _summary(results + ran, results_dir)
+
+
+def _refuse_beside_study(**options: Any) -> None:
+    """A study names its own cells: options that would change them make its board differ from
+    its file, so they are refused."""
+    given = [f"--{name.rstrip('_')}" for name, value in options.items() if value]
+    if given:
+        fail(f"--study names its own cells; drop {', '.join(given)} (or put it in the study)")
 
 
 def _backend(name: str, reg: Any, ray_options: Any) -> Any:

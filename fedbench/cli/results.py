@@ -4,14 +4,33 @@ runs and the figures. Heavy libraries load inside the commands, never at import.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from fedbench.cli.app import app, fail, out, say, user_errors
+from fedbench.cli.app import app, fail, out, registry, say, user_errors
+from fedbench.errors import FedbenchError
 
 FORMAT_BY_SUFFIX = {".md": "md", ".csv": "csv", ".html": "html", ".htm": "html", ".json": "json"}
+
+
+def _study_board(path: Path, dataset: str | None, records: list) -> tuple[str, Any, list[str]]:
+    """The study's dataset, its row labels per record, and a note on cells without a record."""
+    from fedbench.cli.studies import study_variants
+
+    study_dataset, variants, cells = study_variants(path, registry())
+    if dataset is not None and dataset != study_dataset:
+        fail(f"--dataset {dataset} differs from the study's dataset {study_dataset}")
+    found = {
+        r["config_hash"]
+        for r in records
+        if r["status"] == "ok" and any(variants(r, regime) for regime in ("inside", "outside"))
+    }
+    notes = [f"study {path.name}: {len(found)} of {cells} cell(s) have an ok record"]
+    return study_dataset, variants, notes
 
 
 def leaderboard_command(
@@ -35,6 +54,16 @@ def leaderboard_command(
     ] = None,
     metric: Annotated[str, typer.Option(help="Metric to rank by (hd* ranks ascending).")] = "dice",
     selection: Annotated[str, typer.Option(help="final or val-best.")] = "final",
+    study: Annotated[
+        Path | None, typer.Option(help="The board of exactly this study file's cells.")
+    ] = None,
+    group_by: Annotated[
+        str | None, typer.Option(help="A row per value of this setting, e.g. method.mu.")
+    ] = None,
+    rank_by: Annotated[
+        str,
+        typer.Option(help="mean (over sites) or pooled (all sites' test sets at once)."),
+    ] = "mean",
 ) -> None:
     """Rank methods inside and outside the federation from the run records."""
     from fedbench.cli.tables import to_text_table
@@ -54,10 +83,19 @@ def leaderboard_command(
     records, warnings = lbm.load_records(results_dir)
     for line in warnings:
         say(f"warning: {line}")
-    board = lbm.build_leaderboard(records, dataset, metric, selection)
+    variants, study_notes = None, []
+    if study is not None and group_by is not None:
+        fail("--study and --group-by both given; a study's board has a row per variant already")
+    if study is not None:
+        dataset, variants, study_notes = _study_board(study, dataset, records)
+    elif group_by is not None:
+        variants = lbm.setting_variants(group_by)
+    board = lbm.build_leaderboard(records, dataset, metric, selection, variants, rank_by)
+    board.notes += study_notes
     if out is not None:
         text = to_text_table(board) if fmt == "table" else formats.render(board, fmt)
-        formats.write_board(out, text)
+        with writing(out):
+            formats.write_board(out, text)
         say(f"wrote {out}")
     elif fmt == "table":
         _print_tables(board)
@@ -66,13 +104,27 @@ def leaderboard_command(
     if plot is not None:
         from fedbench.results.heatmap import heatmap_figure
 
-        heatmap_figure(board, plot)
+        with writing(plot):
+            heatmap_figure(board, plot)
         say(f"wrote {plot}")
     if cd is not None:
         from fedbench.results.ranking import cd_figure
 
-        cd_figure(board, cd)
+        with writing(cd):
+            cd_figure(board, cd)
         say(f"wrote {cd}")
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """The system refusing to write `path` (read-only, full, not a folder) is one line naming
+    it; the write itself is atomic, so whatever was at `path` is still there."""
+    try:
+        yield
+    except FedbenchError:
+        raise
+    except OSError as exc:
+        raise FedbenchError(f"cannot write {path}: {exc.strerror or type(exc).__name__}") from None
 
 
 def _print_tables(board: Any) -> None:
@@ -110,7 +162,8 @@ def curves_command(
 
     check_figure_path(out)
     records = [find_record(results_dir, run_id) for run_id in run_ids]
-    curves_figure(records, out)
+    with writing(out):
+        curves_figure(records, out)
     say(f"wrote {out}")
 
 
@@ -120,7 +173,6 @@ def show_command(
     results_dir: Annotated[Path, typer.Option(help="Folder holding runs/.")] = Path("results"),
 ) -> None:
     """For each site: an image, its ground truth and the run's prediction overlaid."""
-    from fedbench.errors import FedbenchError
     from fedbench.results import predictions
     from fedbench.results.plots import check_figure_path, examples_figure
     from fedbench.results.record import find_record
@@ -130,7 +182,8 @@ def show_command(
     kept = predictions.load(results_dir, record["run_id"])
     if not kept:
         raise FedbenchError(f"run '{record['run_id']}' kept no predictions to show")
-    examples_figure(record, kept, out)
+    with writing(out):
+        examples_figure(record, kept, out)
     say(f"wrote {out}")
 
 

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedbench.cli.app import app, err, fail, out, registry, user_errors
+from fedbench.cli.app import app, err, fail, out, registry, say, user_errors
 from fedbench.errors import FedbenchError
 
 
@@ -35,12 +35,17 @@ def run_command(
     profile: Annotated[bool, typer.Option(help="Show where the time went.")] = False,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N rounds.", min=1)] = 1,
     keep_checkpoints: Annotated[bool, typer.Option(help="Keep checkpoints after the run.")] = False,
+    track: Annotated[
+        list[str] | None,
+        typer.Option("--track", help="Experiment tracker: mlflow or tensorboard (repeat)."),
+    ] = None,
 ) -> None:
     """Train a federation, score each site inside it, and adapt to each held-out site.
 
     Run the same command again after an interruption: finished federations come from the cache
     and the one in training resumes from its last checkpoint."""
     from fedbench.cli.progress import make_reporter
+    from fedbench.cli.tracking import enable_trackers
     from fedbench.engine.resolve import RunSpec, resolve
     from fedbench.engine.run import execute
 
@@ -60,6 +65,8 @@ def run_command(
     )
     reg = registry()
     resolved = resolve(spec, reg)
+    for line in enable_trackers(track or [], results_dir):
+        say(line)
     reporter = make_reporter(err, quiet=json_)
     try:
         record = execute(resolved, reg, reporter)

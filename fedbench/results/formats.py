@@ -12,7 +12,14 @@ import numpy as np
 import pandas as pd
 
 from fedbench.errors import FedbenchError
-from fedbench.results.leaderboard import ALPHA, TITLES, Board, Leaderboard, lower_is_better
+from fedbench.results.leaderboard import (
+    ALPHA,
+    POOLED,
+    TITLES,
+    Board,
+    Leaderboard,
+    lower_is_better,
+)
 from fedbench.storage import write_text_atomic
 
 FORMATS = ("md", "csv", "html", "json")  # the terminal table is the CLI's (rich)
@@ -37,6 +44,8 @@ def display_frame(board: Board, metric: str) -> pd.DataFrame:
         label = "worst site" if column == "worst" else str(column)
         out[label] = [_fmt(m, s, digits) for m, s in zip(f[column], f[f"{column} std"])]
     out["spread"] = [_fmt(v, None, digits) for v in f["spread"]]
+    if POOLED in f:
+        out[POOLED] = [_fmt(m, s, digits) for m, s in zip(f[POOLED], f[f"{POOLED} std"])]
     out["MB sent"] = [_fmt(v / 1e6, None, 1) for v in f["bytes"]]
     out["seeds"] = f["seeds"].astype(str)
     out["p vs best (Holm)"] = [
@@ -56,8 +65,26 @@ def legend_lines(lb: Leaderboard) -> list[str]:
         "* = differs from the best row: two-sided Wilcoxon signed-rank test over (site, seed) "
         "pairs, p corrected with Holm's method for the comparisons of every row with the best, "
         f"p < {ALPHA}; p is '-' when there are no pairs to compare",
+        *pooled_lines(lb),
         *lb.notes,
     ]
+
+
+def pooled_lines(lb: Leaderboard) -> list[str]:
+    """What the pooled column means and, when the rows are ranked by it, how they compare."""
+    if not any(POOLED in b.frame for b in lb.boards):
+        return []
+    lines = [
+        "pooled = the metric on every site's test set pooled (each site's samples predicted by "
+        "its own model), mean ± std over seeds; not a site, so not in mean, worst site, site "
+        "sd or spread"
+    ]
+    if any(b.rank_by == POOLED for b in lb.boards):
+        lines.append(
+            "ranked by pooled: rank and p of a board that has it compare the rows' pooled values "
+            "over seeds (the Wilcoxon test's pairs are seeds, not (site, seed) pairs)"
+        )
+    return lines
 
 
 def to_markdown(lb: Leaderboard) -> str:
@@ -67,7 +94,7 @@ def to_markdown(lb: Leaderboard) -> str:
         shown = display_frame(board, lb.metric)
         cells = [[str(c).replace("|", "\\|") for c in row] for row in shown.to_numpy()]
         header = [str(c) for c in shown.columns]
-        align = [":---" if c in ("method", "adapter") else "---:" for c in header]
+        align = [":---" if c in ("method", "adapter", "variant") else "---:" for c in header]
         lines = [header, align, *cells]
         parts += [f"## {TITLES[board.regime]}", ""]
         parts += ["| " + " | ".join(line) + " |" for line in lines]
@@ -115,6 +142,8 @@ def to_json(lb: Leaderboard) -> str:
             row["sites"] = {
                 s: {"mean": _clean(rec[s]), "std": _clean(rec[f"{s} std"])} for s in b.sites
             }
+            if POOLED in rec:
+                row[POOLED] = {"mean": _clean(rec[POOLED]), "std": _clean(rec[f"{POOLED} std"])}
             row.update({k.replace(" ", "_"): _clean(rec[k]) for k in STAT_COLUMNS.split("|")})
             rows.append(row)
         boards[b.regime] = {"sites": [str(s) for s in b.sites], "rows": rows}
@@ -123,6 +152,7 @@ def to_json(lb: Leaderboard) -> str:
         "metric": lb.metric,
         "selection": lb.selection,
         "lower_is_better": lb.lower_is_better,
+        "rank_by": lb.rank_by,
         "alpha": ALPHA,
         "notes": lb.notes,
         "boards": boards,
@@ -131,26 +161,10 @@ def to_json(lb: Leaderboard) -> str:
 
 
 def to_html(lb: Leaderboard) -> str:
-    """A standalone HTML page with both tables (values escaped)."""
-    from html import escape
+    """A standalone HTML page with both tables, sortable in the browser (values escaped)."""
+    from fedbench.results.html import page
 
-    body = [
-        f"<h1>Leaderboard: {escape(lb.dataset)}, {escape(lb.metric)} ({escape(lb.selection)})</h1>"
-    ]
-    for board in lb.boards:
-        body.append(f"<h2>{escape(TITLES[board.regime])}</h2>")
-        body.append(display_frame(board, lb.metric).to_html(index=False, border=0, escape=True))
-    body.append("<ul>" + "".join(f"<li>{escape(line)}</li>" for line in legend_lines(lb)) + "</ul>")
-    style = (
-        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-        "th,td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}"
-        "th{background:#f3f3f3}"
-    )
-    return (
-        '<!doctype html>\n<html><head><meta charset="utf-8">'
-        f"<title>fedbench leaderboard: {escape(lb.dataset)}</title><style>{style}</style></head>"
-        "<body>\n" + "\n".join(body) + "\n</body></html>\n"
-    )
+    return page(lb, [display_frame(b, lb.metric) for b in lb.boards], legend_lines(lb))
 
 
 RENDERERS = dict(md=to_markdown, csv=to_csv, html=to_html, json=to_json)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,14 @@ from fedbench.storage import stable_hash
 ALPHA = 0.05
 REGIMES = {"inside": ["method"], "outside": ["method", "adapter"]}
 TITLES = {"inside": "Inside the federation", "outside": "Outside the federation (unseen sites)"}
+#: the site name of the rows that score every site's test set pooled (fedbench.engine.run.POOLED,
+#: not imported here to keep torch out): a column of its own, never a site
+POOLED = "pooled"
+#: what a board can be ranked by: the mean over sites, or the pooled-test value
+RANK_BY = ("mean", POOLED)
+#: the rows a record stands for on a board of variants (a study's parts, a swept setting), per
+#: regime: a variant that changes only the adapter has no row of its own inside
+Variants = Callable[[dict[str, Any], str], list[str]]
 
 
 @dataclass
@@ -35,6 +44,8 @@ class Board:
     sites: list[str]
     frame: pd.DataFrame
     blocks: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: the column the rows are ranked (and compared with the best) by: "mean" or "pooled"
+    rank_by: str = "mean"
 
     def label(self, row: Any) -> str:
         """'fedavg' or 'fedavg + tent': how a row is named in pictures."""
@@ -50,6 +61,7 @@ class Leaderboard:
     selection: str
     boards: list[Board]
     notes: list[str] = field(default_factory=list)
+    rank_by: str = "mean"
 
     @property
     def lower_is_better(self) -> bool:
@@ -91,17 +103,23 @@ def regime_bytes(record: dict[str, Any], regime: str) -> float:
     return float(cost.get("bytes_up", 0) + cost.get("bytes_down", 0))
 
 
-FRAME_COLUMNS = "run_id finished_at method adapter seed bytes regime site metric selection value"
+FRAME_COLUMNS = (
+    "run_id finished_at config_hash method adapter variant seed bytes regime site metric "
+    "selection value"
+)
 
 
-def metric_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per metric row of every record, with the record's identity next to it."""
+def metric_frame(records: list[dict[str, Any]], variants: Variants | None = None) -> pd.DataFrame:
+    """One row per metric row of every record, with the record's identity next to it; with
+    `variants`, once per variant label of the record in that regime (none: left out)."""
     rows = [
         {
             "run_id": rec["run_id"],
             "finished_at": str(rec.get("finished_at") or ""),
+            "config_hash": str(rec.get("config_hash") or ""),
             "method": rec["method"],
             "adapter": rec.get("adapter"),
+            "variant": label,
             "seed": rec["seed"],
             "bytes": regime_bytes(rec, m.get("regime", "")),
             **{k: m.get(k) for k in ("regime", "site", "metric", "selection")},
@@ -110,6 +128,7 @@ def metric_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         for rec in records
         for m in rec["metrics"]
         if isinstance(m, dict)
+        for label in (variants(rec, str(m.get("regime"))) if variants else [None])
     ]
     frame = pd.DataFrame(rows, columns=FRAME_COLUMNS.split())
     frame["value"] = pd.to_numeric(frame["value"], errors="coerce")
@@ -118,9 +137,14 @@ def metric_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 def latest_runs(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """The rows of one run per (keys, seed): the latest finished."""
-    runs = frame[[*keys, "seed", "run_id", "finished_at"]].drop_duplicates("run_id")
+    runs = frame[[*keys, "seed", "run_id", "finished_at"]].drop_duplicates([*keys, "run_id"])
     latest = runs.sort_values("finished_at").groupby([*keys, "seed"], dropna=False).tail(1)
-    return frame[frame["run_id"].isin(latest["run_id"])]
+    return frame[row_keys(frame, [*keys, "run_id"]).isin(set(row_keys(latest, [*keys, "run_id"])))]
+
+
+def row_keys(frame: pd.DataFrame, columns: list[str]) -> pd.Series:
+    """One string per row naming its values in `columns` (None and NaN included)."""
+    return frame[columns].apply(lambda row: "|".join(map(str, row)), axis=1)
 
 
 def repeated_runs(records: list[dict[str, Any]]) -> int:
@@ -161,13 +185,22 @@ def holm(p_values: pd.Series) -> pd.Series:
     return adjusted
 
 
-def build_board(frame: pd.DataFrame, regime: str, metric: str) -> Board:
-    """The ranked board of one regime from the metric rows of that regime (one metric)."""
-    keys = REGIMES[regime]
+def build_board(
+    frame: pd.DataFrame,
+    regime: str,
+    metric: str,
+    keys: list[str] | None = None,
+    rank_by: str = "mean",
+) -> Board:
+    """The ranked board of one regime from the metric rows of that regime (one metric); a row
+    per `keys` (the regime's own, with "variant" added on a board of variants), ranked by
+    `rank_by`. The pooled-test rows make a column of their own and are no site."""
+    keys = keys or REGIMES[regime]
     frame = frame.assign(adapter=frame["adapter"].fillna("-"))
     # only the (row, seed) pairs that ran; a site a run lacks stays NaN
     values = frame.groupby([*keys, "seed", "site"])["value"].mean().unstack("site")
-    sites = list(dict.fromkeys(frame["site"]))
+    sites = [site for site in dict.fromkeys(frame["site"]) if site != POOLED]
+    pooled = values[POOLED] if POOLED in values.columns else None
     values = values[sites]
     worst = values.max(axis=1) if lower_is_better(metric) else values.min(axis=1)
     per_seed = pd.DataFrame(
@@ -182,22 +215,27 @@ def build_board(frame: pd.DataFrame, regime: str, metric: str) -> Board:
         out[column] = seed_stats[column].mean()
         out[f"{column} std"] = seed_stats[column].std()
     out["spread"] = site_mean.max(axis=1) - site_mean.min(axis=1)
-    runs = frame.drop_duplicates("run_id").groupby(keys)
+    if pooled is not None:
+        per_row = pooled.groupby(level=keys)
+        out[POOLED], out[f"{POOLED} std"] = per_row.mean(), per_row.std()
+    runs = frame.drop_duplicates([*keys, "run_id"]).groupby(keys)
     out["bytes"] = runs["bytes"].mean()
     out["seeds"] = runs["seed"].nunique()
-    out = out.sort_values("mean", ascending=lower_is_better(metric), na_position="last")
+    out = out.sort_values(rank_by, ascending=lower_is_better(metric), na_position="last")
     out.insert(0, "rank", range(1, len(out) + 1))
     long = values.stack().rename("value")
+    # the best row is compared over (site, seed) pairs, or over seeds for the pooled value
+    compared = pooled.dropna() if rank_by == POOLED and pooled is not None else long
     best = out.index[0]
     out["p"] = [
-        math.nan if key == best else paired_p(_pairs(long, key), _pairs(long, best))
+        math.nan if key == best else paired_p(_pairs(compared, key), _pairs(compared, best))
         for key in out.index
     ]
     out["p holm"] = holm(out["p"])
     out["significant"] = [
         (bool(p < ALPHA) if key != best else None) for key, p in out["p holm"].items()
     ]
-    board = Board(regime, keys, sites, out.reset_index())
+    board = Board(regime, keys, sites, out.reset_index(), rank_by=rank_by)
     blocks = long.unstack(["site", "seed"]).reindex(out.index)
     blocks.index = [board.label(row) for row in board.frame.to_dict("records")]
     board.blocks = blocks
@@ -205,7 +243,8 @@ def build_board(frame: pd.DataFrame, regime: str, metric: str) -> Board:
 
 
 def _pairs(long: pd.Series, key: Any) -> pd.Series:
-    """The (site, seed) -> value series of one row of a board."""
+    """The (site, seed) -> value series of one row of a board (seed -> value for the pooled
+    values)."""
     key = key if isinstance(key, tuple) else (key,)
     part = long.loc[key]
     return part.reorder_levels(["site", "seed"]) if part.index.nlevels == 2 else part
@@ -216,14 +255,22 @@ def build_leaderboard(
     dataset: str | None = None,
     metric: str = "dice",
     selection: str = "final",
+    variants: Variants | None = None,
+    rank_by: str = "mean",
 ) -> Leaderboard:
-    """Both boards for a dataset from valid records (only status ok counts)."""
+    """Both boards for a dataset from valid records (only status ok counts); with `variants`,
+    a row per method (+ adapter) and variant, and only the records that have a variant; the
+    rows ranked by `rank_by` (RANK_BY)."""
+    if rank_by not in RANK_BY:
+        raise FedbenchError(f"unknown --rank-by '{rank_by}'; known: {', '.join(RANK_BY)}")
     name = pick_dataset(records, dataset)
     mine = [r for r in records if r["dataset"] == name]
+    if variants:  # a study's or a sweep's board: only the records it has a row for
+        mine = [r for r in mine if variants(r, "inside") or variants(r, "outside")]
     ok = [r for r in mine if r["status"] == "ok"]
     notes = other_datasets(records, name) if dataset is None else []
     notes += status_notes(mine)
-    frame = metric_frame(ok)
+    frame = metric_frame(ok, variants)
     if frame.empty:
         raise FedbenchError(f"no successful runs with metrics for dataset '{name}'")
     chosen = frame[(frame["metric"] == metric) & (frame["selection"] == selection)]
@@ -235,19 +282,45 @@ def build_leaderboard(
         )
     boards, kept = [], set()
     for regime, keys in REGIMES.items():
+        keys = [*keys, "variant"] if variants else keys
         part = chosen[chosen["regime"] == regime]
         if part.empty:
             notes.append(f"no {regime} results for {name}")
             continue
-        part = latest_runs(part, keys)
+        # a row of variants may hold several settings per seed (other swept keys): the latest
+        # run of each is kept, and the row averages them
+        part = latest_runs(part, [*keys, "config_hash"] if variants else keys)
+        if variants and part.groupby([*keys, "seed"])["config_hash"].nunique().max() > 1:
+            notes.append(
+                f"{regime}: a row averages the runs that differ in settings it is not named by"
+            )
         kept |= set(part["run_id"])
-        boards.append(build_board(part, regime, metric))
-    if repeated_runs(ok):
+        order = board_rank_by(part, regime, rank_by, name, notes)
+        boards.append(build_board(part, regime, metric, keys, order))
+    if not variants and repeated_runs(ok):
         notes.append(
             f"{repeated_runs(ok)} older run(s) of a repeated cell set aside (latest counts)"
         )
-    notes += settings_notes([r for r in ok if r["run_id"] in kept])
-    return Leaderboard(name, metric, selection, boards, notes)
+    if not variants:  # variants differ in their settings by design
+        notes += settings_notes([r for r in ok if r["run_id"] in kept])
+    return Leaderboard(name, metric, selection, boards, notes, rank_by)
+
+
+def board_rank_by(
+    part: pd.DataFrame, regime: str, rank_by: str, dataset: str, notes: list[str]
+) -> str:
+    """What one board is ranked by: `rank_by`, unless it asks for pooled values the board has
+    none of; then the outside board (each unseen site is scored alone) ranks by mean, with a
+    note, and the inside board is an error."""
+    if rank_by != POOLED or (part["site"] == POOLED).any():
+        return rank_by
+    if regime == "inside":
+        raise FedbenchError(
+            f"--rank-by pooled: no pooled-test values on the inside board of {dataset} (only "
+            "datasets whose task scores the pooled test, such as fed-tcga-brca, have them)"
+        )
+    notes.append(f"the {regime} board has no pooled test (each unseen site alone): by mean")
+    return "mean"
 
 
 def other_datasets(records: list[dict[str, Any]], chosen: str) -> list[str]:
@@ -282,3 +355,19 @@ def settings_notes(records: list[dict[str, Any]]) -> list[str]:
         f"the counted runs use {len(shared)} different settings (train/model/data/eval); "
         "use one --results-dir per preset to compare like with like"
     ]
+
+
+def setting_variants(key: str) -> Variants:
+    """Rows by the value of one setting (`--group-by method.mu`): an ablation table. Inside,
+    an adapter setting does not change the federation, so it makes no rows there."""
+    path = key.split(".")
+
+    def variants(record: dict[str, Any], regime: str) -> list[str]:
+        if regime == "inside" and path[0] == "adapter":
+            return ["-"]
+        node: Any = record.get("config") or {}
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        return [f"{key}={'-' if node is None else node}"]
+
+    return variants

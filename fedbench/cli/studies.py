@@ -1,0 +1,82 @@
+"""Study files on the command line: the cells `fedbench grid --study` runs, and which records
+(and under which row labels) `fedbench leaderboard --study` puts on the study's board."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fedbench.backends.study import Variant
+
+
+def study_specs(path: Path, base: Any, reg: Any) -> list[Any]:
+    """Every cell of a study file as RunSpecs carrying the study's name and their variant; the
+    study's dataset, preset, seeds, holdout and rounds replace the command line's."""
+    return [spec for spec, _ in labelled_specs(path, base, reg)]
+
+
+def labelled_specs(path: Path, base: Any, reg: Any) -> list[tuple[Any, Variant]]:
+    """(RunSpec, Variant) for every cell of a study file, parts in order."""
+    from dataclasses import replace
+
+    from fedbench.backends import grid
+    from fedbench.backends.study import load_study, part_variants
+
+    found = load_study(path)
+    base = replace(
+        base,
+        dataset=found.dataset,
+        preset=found.preset,
+        holdout=found.holdout,
+        rounds=found.rounds,
+        study=found.name,
+    )
+    seeds = grid.parse_seeds(found.seeds)
+    out: list[tuple[Any, Variant]] = []
+    for part in found.parts:
+        methods = grid.expand_names(part.methods, "methods", reg)
+        adapters = grid.expand_names(part.adapters, "adapters", reg)
+        for variant in part_variants(part):
+            specs = grid.cell_specs(base, methods, adapters, seeds, [variant])
+            out += [(spec, variant) for spec in specs]
+    return out
+
+
+def changes_federation(variant: Variant) -> bool:
+    """Whether a variant's settings reach the trained federation (anything but adapter.*)."""
+    return any(not text.startswith("adapter.") for text in variant.overrides)
+
+
+def study_variants(path: Path, reg: Any) -> tuple[str, Callable[[dict, str], list[str]], int]:
+    """The study's dataset, the labels each record stands for on its board (by config hash and
+    held-out sites), and how many distinct cells the study has. Inside, a variant that changes
+    only the adapter shares the default federation, so it has no row of its own there."""
+    from fedbench.backends.grid import same_holdouts
+    from fedbench.engine.resolve import RunSpec, holdout_sites, resolve
+
+    labels: dict[str, list[tuple[str, bool]]] = {}
+    wanted: dict[str, list[str] | None] = {}
+    dataset = ""
+    for spec, variant in labelled_specs(path, RunSpec(method=""), reg):
+        run = resolve(spec, reg)
+        dataset = run.dataset.name
+        entry = (variant.label, changes_federation(variant))
+        if entry not in labels.setdefault(run.config_hash, []):
+            labels[run.config_hash].append(entry)
+        wanted[run.config_hash] = holdout_sites(
+            spec.holdout, run.dataset.site_names(run.config["data"])
+        )
+    any_inside = any(inside for entries in labels.values() for _, inside in entries)
+
+    def variants(record: dict, regime: str) -> list[str]:
+        entries = labels.get(str(record.get("config_hash")), [])
+        if not entries or not same_holdouts(record, wanted[record["config_hash"]]):
+            return []
+        if regime != "inside":
+            return [label for label, _ in entries]
+        if not any_inside:
+            return ["-"]
+        return [label for label, inside in entries if inside]
+
+    return dataset, variants, len(labels)
