@@ -22,6 +22,9 @@ class Task:
     primary_metric: str = "dice"
     #: whether unlabeled test-time adapters (entropy, routing, ...) make sense for this task
     dense_prediction: bool = False
+    #: whether records also score all sites' test sets pooled (site "pooled"), FLamby's
+    #: headline figure; each site's samples are predicted by that site's own model
+    pooled_test: bool = False
 
     def build_model(self, model_cfg: dict[str, Any]) -> nn.Module:
         """The network this task's dataset defines itself, for model `dataset-baseline`."""

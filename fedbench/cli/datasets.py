@@ -1,4 +1,5 @@
-"""`fedbench datasets list|prepare|verify|show`: look at, convert and check datasets.
+"""`fedbench datasets list|prepare|verify|show|accept-licence`: look at, convert and check datasets,
+and record acceptance of a FLamby dataset's data terms.
 
 `prepare` converts a dataset's raw files once into its prepared form (per-site files and a
 manifest of sha256 checksums, written atomically) in the place `fedbench run` looks for it, or
@@ -95,6 +96,18 @@ def list_command(
         prepare = "yes" if row["prepare"] else "-"
         table.add_row(row["name"], row["description"], prepare, ", ".join(row["settings"]))
     out.print(table)
+
+
+@datasets_app.command("accept-licence")
+@user_errors
+def accept_licence_command(name: Annotated[str, typer.Argument(help="Dataset name.")]) -> None:
+    """Record that you have read and accept a dataset's data terms (what FLamby asks on stdin
+    on first use), so runs without a terminal can load it."""
+    dataset = get_dataset(name)
+    accept = getattr(dataset, "accept_licence", None)
+    if not callable(accept):
+        raise FedbenchError(f"dataset '{dataset.name}' asks for no licence acceptance")
+    echo(accept())
 
 
 @datasets_app.command("prepare")

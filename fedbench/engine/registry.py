@@ -40,11 +40,14 @@ class Registry:
         return sorted(self.components[kind])
 
     def get(self, kind: str, name: str) -> type:
-        """The class registered under `name`, or one clear error listing the known names."""
-        try:
-            return self.components[kind][name]
-        except KeyError:
-            raise unknown_name(kind[:-1], name, self.names(kind)) from None
+        """The class registered under `name` or one of its `aliases`, or one clear error
+        listing the known names."""
+        found = self.components[kind].get(name) or next(
+            (c for c in self.components[kind].values() if name in getattr(c, "aliases", ())), None
+        )
+        if found is None:
+            raise unknown_name(kind[:-1], name, self.names(kind))
+        return found
 
     def notify_round_end(self, **kwargs: object) -> None:
         """Call every `fedbench_round_end` observer (see `notify`)."""

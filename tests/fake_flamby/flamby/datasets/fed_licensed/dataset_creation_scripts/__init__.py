@@ -1,0 +1,1 @@
+"""Where FLamby keeps a dataset's licence marker and download script."""

@@ -1,0 +1,1 @@
+"""Where FLamby keeps a dataset's download script."""
