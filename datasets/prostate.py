@@ -5,16 +5,18 @@ Sites RUNMC, BMC, I2CVB, UCL, BIDMC, HK (folder aliases ISBI, ISBI_1.5, HCRUDB a
 
 - volumes (the SAML release): `CaseNN.nii.gz` with `CaseNN_segmentation.nii.gz` (or
   `_Segmentation`), read with nibabel; axial slices along the last axis; labels > 0 are prostate;
-- slices: `SITE/{train,test}/{image,mask}/CASE_SLICE.png`, 8-bit, masks inverted (0 = prostate,
-  255 = background). Image and mask are paired by file name; an unpaired file (such as the
-  I2CVB/train mispairing of the MiDSS samples) is reported as a warning, listed in the manifest
-  as an orphan and never used.
+- slices: `SITE/{train,test}/{image,mask}/CASE_SLICE.png`, 8- or 16-bit (read by their range),
+  masks inverted (0 = prostate, 255 = background). Image and mask are paired by file name; an
+  unpaired file (such as the I2CVB/train mispairing of the MiDSS samples) is reported as a
+  warning, listed in the manifest as an orphan and never used.
 
 Preparation resizes every slice to `data.size` (images bilinear, masks nearest) and normalises
 each case to zero mean and unit variance over all its slices. Loading builds the IOP-FL 2.5D input
 (a slice with its previous and next slice of the same case as 3 channels, edges replicated) from
 the full case, then keeps only slices with prostate when `data.foreground_only` (IOP-FL drops
-empty slices in every split).
+empty slices in every split). A held-out site's adapter sees every slice of the site all the
+same (`data.unseen_slices = "all"`): choosing its slices with its labels would leak them;
+`"foreground"` keeps the release's selection there too, recorded in the config.
 
 HD95 is in mm when every case of the chosen sites has the same voxel size as the network sees it
 (NIfTI header zooms, in-plane scaled by the resize; units "mm" and "unknown" read as mm), else
@@ -31,14 +33,17 @@ without given folders: `data.test_fraction` of the cases become test first.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from fedbench.data import FederatedData
+from fedbench.data import FederatedData, Split
+from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
 from fedbench.task import SegmentationTask
+from fedbench_datasets.image_files import read_image_and_mask
 from fedbench_datasets.prepared import (
     PreparedDataset,
     Scan,
@@ -69,25 +74,18 @@ def site_folder(source: Path, site: str) -> Path | None:
 
 
 def read_slice_pair(image_path: Path, mask_path: Path, problems: list[str]) -> tuple | None:
-    """An 8-bit slice and its inverted mask (0 = prostate), or None with the problem noted."""
-    from PIL import Image
-
-    try:
-        with Image.open(image_path) as im:
-            image = np.asarray(im.convert("L"), dtype=np.float32)
-        with Image.open(mask_path) as im:
-            mask = np.asarray(im.convert("L"))
-    except OSError as exc:
-        problems.append(f"{image_path}: unreadable image or mask ({exc})")
+    """A slice of any bit depth read by its real range onto the 8-bit scale (0..255, as 8-bit
+    slices always were) and its prostate mask (stored 0 = prostate), or None with the problem
+    noted."""
+    pair = read_image_and_mask(image_path, mask_path, 1, problems)
+    if pair is None:
         return None
-    if image.shape != mask.shape:
-        problems.append(f"{mask_path}: mask {mask.shape} and image {image.shape} differ in size")
-        return None
+    image, mask = pair
     extra = sorted(set(np.unique(mask).tolist()) - {0, 255})
     if extra:
         problems.append(f"{mask_path}: mask is not binary (values {extra[:5]} besides 0/255)")
         return None
-    return image, mask == 0
+    return image * 255, mask == 0
 
 
 def scan_slices(site_dir: Path, scan: Scan) -> tuple[Slices, dict[str, str], Spacings]:
@@ -224,6 +222,7 @@ class Prostate(PreparedDataset):
         "path": None,
         "size": 128,
         "foreground_only": True,
+        "unseen_slices": "all",
         "val_fraction": 0.2,
         "test_fraction": 0.25,
         "sites": list(SITES),
@@ -270,6 +269,7 @@ class Prostate(PreparedDataset):
             image = a["image"][order].astype(np.float32)
             mask, case = a["mask"][order].astype(np.int64), a["case"][order]
             inputs = neighbours_25d(image, case)
+            every = unseen_split(inputs, mask, case, cfg)
             if cfg["foreground_only"]:
                 keep = mask.reshape(len(mask), -1).any(1)
                 inputs, mask, case = inputs[keep], mask[keep], case[keep]
@@ -286,7 +286,7 @@ class Prostate(PreparedDataset):
                 cfg,
                 rng,
             )
-            sites.append(site)
+            sites.append(replace(site, unseen=every))
         settings = {k: cfg[k] for k in ("foreground_only", "val_fraction", "test_fraction")}
         payload = {"dataset": self.name, "seed": seed, "settings": settings, "sites": record}
         write_split_file(directory, split_label(seed, settings), payload)
@@ -296,6 +296,23 @@ class Prostate(PreparedDataset):
             in_channels=3, class_names=["prostate"], spacing=spacing, loss_name=loss
         )
         return FederatedData(self.name, sites, task)
+
+
+def unseen_split(
+    inputs: np.ndarray, mask: np.ndarray, case: np.ndarray, cfg: dict[str, Any]
+) -> Split | None:
+    """Every slice of the site for when it is held out (`data.unseen_slices = "all"`): the
+    adapter must not see a selection made with the unseen site's labels. `"foreground"` keeps
+    the release's selection (the site's splits, prostate slices only)."""
+    import torch
+
+    if cfg["unseen_slices"] not in ("all", "foreground"):
+        raise FedbenchError(
+            f"data.unseen_slices must be all or foreground, not '{cfg['unseen_slices']}'"
+        )
+    if cfg["unseen_slices"] == "foreground" or not cfg["foreground_only"]:
+        return None
+    return Split(torch.from_numpy(inputs), torch.from_numpy(mask), torch.from_numpy(case))
 
 
 @hookimpl

@@ -85,9 +85,15 @@ class Site:
     train: Split
     val: Split
     test: Split
+    #: what the site offers when it is held out, where that is more than its three splits (a
+    #: dataset whose splits keep only labelled-foreground samples gives every sample here)
+    unseen: Split | None = None
 
     def all_samples(self) -> Split:
-        """Every sample of the site (train, val and test), as an unseen site uses them."""
+        """Every sample of the site, as an unseen site uses them: `unseen` when set, else its
+        train, val and test splits together."""
+        if self.unseen is not None:
+            return self.unseen
         return Split.concat([self.train, self.val, self.test])
 
 

@@ -9,6 +9,7 @@ optional `final_update` such as fine-tuning), the method's own state across roun
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -38,8 +39,9 @@ class ClientUpdate:
 @dataclass
 class LocalContext:
     """What a client's local update may use. `batches()` yields one epoch of shuffled
-    (inputs, targets) batches of the client's train split; add every optimizer step to
-    `steps` (the engine reports it as the client's cost)."""
+    (inputs, targets) batches of the client's train split (exactly `train.local_steps` batches
+    when that is set); add every optimizer step to `steps` (the engine reports it as the
+    client's cost)."""
 
     client: int
     split: Split
@@ -53,6 +55,8 @@ class LocalContext:
     make_optimizer: Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer]
     batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
     steps: int = 0
+    #: the context the forward pass and loss run in (`train.precision`: bf16 autocast or none)
+    autocast: Callable[[], AbstractContextManager] = nullcontext
 
 
 def weighted_mean(states: list[State], weights: list[float]) -> State:
@@ -111,7 +115,8 @@ class Method:
     def local_update(self, model: nn.Module, ctx: LocalContext) -> State:
         """Client side: train `model` (holding the client's view: its own state with the
         global shared state merged in) and return the extra tensors to send; FedAvg sends
-        none. Default: `train.local_epochs` epochs of `train_steps` on every parameter."""
+        none. Default: `train.local_epochs` passes of `train_steps` on every parameter (each
+        pass `train.local_steps` batches when that is set)."""
         self.train_steps(model, ctx, int(ctx.train["local_epochs"]))
         return {}
 
@@ -136,10 +141,11 @@ class Method:
         for _ in range(epochs):
             for inputs, targets in ctx.batches():
                 optimizer.zero_grad(set_to_none=True)
-                loss = ctx.task.loss(model(inputs), targets)
-                term = extra(model)
-                if term is not None:
-                    loss = loss + term
+                with ctx.autocast():
+                    loss = ctx.task.loss(model(inputs), targets)
+                    term = extra(model)
+                    if term is not None:
+                        loss = loss + term
                 if not torch.isfinite(loss):
                     raise Diverged(f"loss became {loss.item()} in local training")
                 loss.backward()

@@ -63,3 +63,22 @@ def test_iopfl_runs_on_cuda_and_a_second_adapter_reuses_its_federations(tmp_path
     monkeypatch.setattr(engine_run, "train_federation", no_training)
     second = run_json(tmp_path, "--method", "iopfl", "--holdout", "HK", "--adapter", "tent")
     assert second["status"] == "ok" and second["adapter"] == "tent"
+
+
+def test_the_deterministic_mode_makes_two_cuda_trainings_bit_identical():
+    from conftest import same_states, toy_config, toy_data, toy_train
+
+    from fedbench.engine.precision import deterministic_mode
+    from fedbench.method import Method
+
+    class FedAvg(Method):
+        name = "fedavg-cuda-determinism"
+
+    config = toy_config(rounds=2)
+    config["train"].update(deterministic=True, channels_last=True, precision="bf16")
+    data = toy_data()
+    device = torch.device("cuda")
+    with deterministic_mode(config["train"]):
+        first = toy_train(data, data.sites, FedAvg, config, 0, device)
+        second = toy_train(data, data.sites, FedAvg, config, 0, device)
+    assert same_states(first.global_state, second.global_state)

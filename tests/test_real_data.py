@@ -221,8 +221,28 @@ def test_25d_input_foreground_only_and_case_normalisation(tmp_path):
             1, abs=0.05
         )
     fg_only = Prostate().load({**cfg, "foreground_only": True}, 0, tmp_path / "cache").sites[0]
-    assert len(fg_only.all_samples()) == 3 * 4  # the empty first and last slices are gone
-    assert fg_only.all_samples().targets.flatten(1).any(1).all()
+    splits = [fg_only.train, fg_only.val, fg_only.test]
+    assert sum(len(s) for s in splits) == 3 * 4  # the empty first and last slices are gone
+    assert all(s.targets.flatten(1).any(1).all() for s in splits if len(s))
+
+
+def test_a_held_out_site_offers_every_slice_unless_the_release_selection_is_asked(tmp_path):
+    """Choosing the unseen site's slices by its labels would hand the adapter its labels."""
+    source = make_volume_source(tmp_path / "raw", cases=3)
+    cfg = prostate_cfg(source, sites=["RUNMC"])  # foreground_only, as IOP-FL trains
+    site = Prostate().load(cfg, 0, tmp_path / "cache").sites[0]
+    every = Prostate().load({**cfg, "foreground_only": False}, 0, tmp_path / "cache").sites[0]
+    unseen, complete = site.all_samples(), every.all_samples()
+    order, full_order = (
+        torch.argsort(unseen.cases, stable=True),
+        torch.argsort(complete.cases, stable=True),
+    )
+    assert len(unseen) == 3 * 6 and not unseen.targets.flatten(1).any(1).all()
+    torch.testing.assert_close(unseen.inputs[order], complete.inputs[full_order])
+    release = Prostate().load({**cfg, "unseen_slices": "foreground"}, 0, tmp_path / "cache")
+    assert len(release.sites[0].all_samples()) == 3 * 4
+    with pytest.raises(FedbenchError, match="data.unseen_slices"):
+        Prostate().load({**cfg, "unseen_slices": "some"}, 0, tmp_path / "cache")
 
 
 def test_prepare_verify_round_trip_and_tampering_reported_by_path(tmp_path):

@@ -23,6 +23,9 @@ BASE: Config = {
         "amsgrad": False,  # Adam only; the IOP-FL release's Adam uses it
         # "all", a count (an integer >= 1) or a fraction in (0, 1] of the clients per round
         "clients_per_round": "all",
+        "precision": "fp32",  # or bf16: autocast of the local forward pass and loss
+        "channels_last": False,  # the channels-last memory layout for images and convolutions
+        "deterministic": False,  # PyTorch's deterministic algorithms (reproducible CUDA runs)
     },
     "eval": {"batch_size": 64, "val_best": False, "history": True},
 }
@@ -42,6 +45,11 @@ PRESETS: dict[str, Config] = {
 
 POSITIVE = ("train.rounds", "train.local_epochs", "train.batch_size", "train.lr", "eval.batch_size")
 OPTIMIZERS = ("adam", "sgd")
+PRECISIONS = ("fp32", "bf16")  # fedbench.engine.precision applies them
+#: settings a config holds only once `--set` gives them, each with the value its type is read
+#: from, so that adding one changes no existing run's settings (nor their hash). Local steps:
+#: each local pass is that many batches, through reshuffled passes (FLamby's num_updates).
+OPTIONAL: dict[str, Any] = {"train.local_steps": 0}
 
 
 def deep_merge(base: Config, override: Config) -> Config:
@@ -106,6 +114,8 @@ def apply_overrides(config: Config, assignments: list[str]) -> Config:
             if not isinstance(node.get(part), dict):
                 raise FedbenchError(f"unknown setting '{'.'.join(path)}'; known: {known_keys(out)}")
             node = node[part]
+        if ".".join(path) in OPTIONAL:  # an optional setting joins the config once set
+            node.setdefault(path[-1], OPTIONAL[".".join(path)])
         if path[-1] not in node or isinstance(node[path[-1]], dict):
             raise FedbenchError(f"unknown setting '{'.'.join(path)}'; known: {known_keys(out)}")
         node[path[-1]] = coerce(raw, node[path[-1]], ".".join(path))
@@ -124,7 +134,9 @@ def flatten(config: Config, prefix: str = "") -> dict[str, Any]:
 
 
 def known_keys(config: Config) -> str:
-    return ", ".join(sorted(flatten(config)))
+    """Every setting `config` has, and the optional ones of its sections."""
+    optional = {key for key in OPTIONAL if key.split(".")[0] in config}
+    return ", ".join(sorted(set(flatten(config)) | optional))
 
 
 #: seeds seed numpy's and torch's generators alike, so they must fit numpy's 32 bits
@@ -168,6 +180,23 @@ def clients_per_round(setting: Any, num_clients: int) -> int:
     )
 
 
+def check_size(size: Any) -> int:
+    """An image size (pixels per side) of at least 1, or one clear error."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise FedbenchError(f"setting data.size must be an integer of at least 1, got {size!r}")
+    return size
+
+
+def check_local_steps(steps: Any) -> int:
+    """A local-step budget: 0 (a pass over the client's data) or more batches."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise FedbenchError(
+            "setting train.local_steps must be an integer of at least 0 (0: a pass over the "
+            f"client's data), got {steps!r}"
+        )
+    return steps
+
+
 def validate(config: Config) -> None:
     """Reject settings no run can use, naming the setting."""
     flat = flatten(config)
@@ -186,6 +215,15 @@ def validate(config: Config) -> None:
         )
     if "data.loss" in flat:  # segmentation datasets declare it (fedbench.task.LOSSES)
         check_loss(flat["data.loss"])
+    if "data.size" in flat:  # image datasets declare it; resolve checks it fits the model
+        check_size(flat["data.size"])
+    if "train.local_steps" in flat:  # OPTIONAL: only once set
+        check_local_steps(flat["train.local_steps"])
+    if flat["train.precision"] not in PRECISIONS:
+        raise FedbenchError(
+            f"setting train.precision must be one of {', '.join(PRECISIONS)}, "
+            f"not '{flat['train.precision']}'"
+        )
     if flat["train.optimizer"] not in OPTIMIZERS:
         raise FedbenchError(
             f"setting train.optimizer must be one of {', '.join(OPTIMIZERS)}, "

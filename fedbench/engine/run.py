@@ -16,6 +16,7 @@ import torch
 from fedbench.adapter import AdaptContext, TrainedFederation, predict_batched
 from fedbench.data import FederatedData, Split, UnlabeledImages
 from fedbench.engine import cache
+from fedbench.engine.precision import deterministic_mode
 from fedbench.engine.profiling import PROFILE
 from fedbench.engine.registry import Registry
 from fedbench.engine.reporter import Reporter
@@ -24,7 +25,11 @@ from fedbench.engine.training import RoundCallback, train_federation
 from fedbench.errors import Diverged, FedbenchError, PluginFailure
 from fedbench.results import predictions
 from fedbench.results.record import build_record, new_run_id, now_iso, runs_dir, write_record
+from fedbench.storage import check_writable
 from fedbench.task import Task
+
+#: the folders of RESULTS a run writes in (data, federation and checkpoint caches)
+CACHE_FOLDERS = ("cache", "cache/federations", "cache/checkpoints")
 
 
 @contextmanager
@@ -79,12 +84,15 @@ def load_or_train(
     def build_model() -> torch.nn.Module:
         return run.build_model(data.task)
 
-    cached = cache.load(path, run.device, build_model)
+    sites = [s for s in data.sites if s.name != holdout]
+    cached = cache.load(path, run.device, build_model, [s.name for s in sites])
     if cached is not None:
         return cached
     checkpoint = cache.cache_path(results_dir, identity, "checkpoints")
-    sites = [s for s in data.sites if s.name != holdout]
-    with blamed_on(f"method '{run.method.name}' failed in training"):
+    with (
+        blamed_on(f"method '{run.method.name}' failed in training"),
+        deterministic_mode(run.config["train"]),
+    ):
         federation = train_federation(
             data,
             sites,
@@ -120,6 +128,25 @@ def metric_rows(
         }
         for metric, value in scores.items()
     ]
+
+
+#: the site name of the metric rows that score every site's test set pooled
+POOLED = "pooled"
+
+
+def pooled_scores(task: Task, parts: list[tuple[torch.Tensor, Split]]) -> dict[str, float]:
+    """The task's metrics on all sites' test sets at once (each site's outputs from its own
+    model); case ids are offset per site so that no two sites' cases merge."""
+    cases, offset = [], 0
+    for _, split in parts:
+        cases.append(split.cases + offset)
+        offset += int(split.cases.max()) + 1 if len(split.cases) else 0
+    with PROFILE.phase("evaluation"):
+        return task.score(
+            torch.cat([outputs for outputs, _ in parts]),
+            torch.cat([split.targets for _, split in parts]),
+            torch.cat(cases),
+        )
 
 
 class Scoring:
@@ -163,6 +190,7 @@ class Scoring:
         if federation.val_best is not None:
             selections.append(("val-best", federation.val_best))
         for selection, states in selections:
+            pooled: list[tuple[torch.Tensor, Split]] = []
             for site, state in zip(data.sites, states, strict=True):
                 with PROFILE.phase("evaluation"):
                     model = federation.model(state)
@@ -173,8 +201,13 @@ class Scoring:
                 with PROFILE.phase("evaluation"):
                     scores = data.task.score(outputs, site.test.targets, site.test.cases)
                 self.rows += metric_rows("inside", site.name, None, scores, selection)
+                pooled.append((outputs, site.test))
                 if selection == "final":
                     self.keep("inside", site.name, site.test, outputs, data)
+            if data.task.pooled_test:
+                self.rows += metric_rows(
+                    "inside", POOLED, None, pooled_scores(data.task, pooled), selection
+                )
 
     def outside(self, data: FederatedData, holdout: str) -> None:
         """Adapt and score the held-out site with the last round's models and, under
@@ -240,6 +273,8 @@ def run_identity(run: Run) -> dict[str, Any]:
         "seed": spec.seed,
         "preset": spec.preset,
         "code": run.code,
+        **({"study": spec.study} if spec.study else {}),
+        **({"variant": spec.variant} if spec.variant else {}),
     }
 
 
@@ -249,10 +284,18 @@ def run_id_for(run: Run) -> str:
     )
 
 
+def check_folders(results_dir: Path, folders: tuple[str, ...]) -> None:
+    """Each folder of the results folder that the run will write, checked before any work: a
+    read-only or misplaced one is one line naming it, never a failed record blaming the method."""
+    for folder in folders:
+        check_writable(Path(results_dir) / folder)
+
+
 def compute(run: Run, registry: Registry, reporter: Reporter) -> Outcome:
     """Run everything and return the outcome, writing nothing to the records (a Ray worker
     sends it back to the driver, which writes it)."""
     started, clock = now_iso(), time.perf_counter()
+    check_folders(run.spec.results_dir, CACHE_FOLDERS)
     PROFILE.reset()
     with PROFILE.phase("data loading"):
         data = run.dataset.load(
@@ -310,6 +353,7 @@ def execute(run: Run, registry: Registry, reporter: Reporter) -> dict[str, Any]:
     """Run everything, then write the kept predictions and the record (status ok, failed or
     diverged), which it returns."""
     runs_dir(run.spec.results_dir)
+    check_folders(run.spec.results_dir, ("predictions",))
     outcome = compute(run, registry, reporter)
     save_outcome(run.spec.results_dir, outcome, registry)
     return outcome.record

@@ -4,7 +4,7 @@ shared, how the server aggregates and what each client keeps; the engine does ev
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from fedbench.adapter import TrainedFederation, predict_batched
 from fedbench.data import FederatedData, Site, Split
-from fedbench.engine import checkpoint
+from fedbench.engine import checkpoint, precision
 from fedbench.engine.config import Config, clients_per_round
 from fedbench.engine.profiling import PROFILE
 from fedbench.method import (
@@ -44,8 +44,29 @@ def optimizer_factory(train_cfg: Config) -> Callable[[Any], torch.optim.Optimize
 
 
 def validation_score(model: nn.Module, split: Split, task: Task, batch_size: int) -> float:
+    if len(split) == 0:  # no validation split (e.g. data.val_fraction=0): a NaN score
+        return float("nan")
     outputs = predict_batched(model, split.inputs, batch_size)
     return task.validation_score(outputs, split.targets, split.cases)
+
+
+def budgeted(one_pass: Callable[[], Iterator], steps: int) -> Callable[[], Iterator]:
+    """`train.local_steps`: every local pass becomes exactly `steps` batches, taken from as
+    many reshuffled passes over the client's data as that needs (FLamby's num_updates)."""
+
+    def batches() -> Iterator:
+        taken = 0
+        while taken < steps:
+            before = taken
+            for batch in one_pass():
+                yield batch
+                taken += 1
+                if taken == steps:
+                    return
+            if taken == before:  # a pass without batches would never fill the budget
+                return
+
+    return batches
 
 
 class Training:
@@ -64,7 +85,7 @@ class Training:
         self.task, self.sites, self.config, self.device = data.task, sites, config, device
         self.build_model = build_model
         torch.manual_seed(seed)
-        self.model = build_model().to(device)
+        self.model = precision.laid_out(build_model().to(device), config["train"])
         self.method = method_cls(config["method"], len(sites))
         pooled = [Split.concat([s.train for s in sites])] if method_cls.pooled else None
         self.clients = [c.to(device) for c in (pooled or [s.train for s in sites])]
@@ -93,8 +114,10 @@ class Training:
         train = self.config["train"]
 
         def batches() -> Any:
-            return PROFILE.timed("data loading", split.batches(train["batch_size"], self.generator))
+            ordered = split.batches(train["batch_size"], self.generator)
+            return PROFILE.timed("data loading", precision.laid_out_batches(ordered, train))
 
+        steps = int(train.get("local_steps") or 0)
         return LocalContext(
             client=i,
             split=split,
@@ -104,7 +127,8 @@ class Training:
             received=payload,
             generator=self.generator,
             make_optimizer=optimizer_factory(train),
-            batches=batches,
+            batches=budgeted(batches, steps) if steps else batches,
+            autocast=precision.autocast(train, self.device),
         )
 
     def participants(self) -> list[int]:
@@ -262,6 +286,21 @@ class Training:
         )
 
 
+FROM_SCRATCH = "training from round 1"
+
+
+def resumable(path: Path, fed: Training) -> dict[str, Any] | None:
+    """The checkpoint at `path` when it can resume `fed`; None when there is none or (named in
+    one warning) when it does not fit its model, clients or rounds."""
+    shapes = {key: value.shape for key, value in fed.global_state.items()}
+    rounds, clients = fed.config["train"]["rounds"], len(fed.clients)
+
+    def problem(saved: dict[str, Any]) -> str | None:
+        return checkpoint.snapshot_problem(saved, shapes, clients, rounds)
+
+    return checkpoint.load_fitting(path, fed.device, problem, "checkpoint", FROM_SCRATCH)
+
+
 def train_federation(
     data: FederatedData,
     sites: list[Site],
@@ -284,12 +323,14 @@ def train_federation(
     fed = Training(data, sites, method_cls, build_model, config, seed, device)
     progress: dict[str, Any] = {"history": [], "best": {}}
     start = 1
-    saved = checkpoint.load(checkpoint_path, device) if checkpoint_path else None
+    saved = resumable(checkpoint_path, fed) if checkpoint_path else None
     if saved is not None:
         try:
             fed.restore(saved["training"])
-            start, progress = int(saved["round"]) + 1, saved["progress"]
-        except (KeyError, TypeError, ValueError, RuntimeError):  # not one of ours: start afresh
+            start, progress = saved["round"] + 1, saved["progress"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # start afresh
+            why = f"it cannot be restored ({type(exc).__name__}: {exc})"
+            checkpoint.warn_ignored(checkpoint_path, "checkpoint", why, FROM_SCRATCH)
             fed = Training(data, sites, method_cls, build_model, config, seed, device)
     history = history and config["eval"]["history"]
     val_best = config["eval"]["val_best"]
