@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedbench.engine.config import flatten
 from fedbench.errors import FedbenchError
 
 #: the keys a study file (and each of its parts) may hold
@@ -201,14 +202,4 @@ def settings_table(table: dict[str, Any], key: str, where: str) -> dict[str, Any
     value = table.get(key, {})
     if not isinstance(value, dict):
         raise FedbenchError(f"{where}: '{key}' must be a table of KEY = VALUE")
-    return dotted(value)
-
-
-def dotted(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            out.update(dotted(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    return flatten(value)
