@@ -224,7 +224,8 @@ def label_problems(subject: Subject, registry: Registry, scratch: Path) -> list[
         assert run.adapter is not None
         adapter = run.adapter(run.config["adapter"])
         outputs.append(adapter.predict(federation, UnlabeledImages(every.inputs), ctx))
-        for split in (site.train, site.val, site.test):  # what the process holds, in place
+        splits = [site.train, site.val, site.test, *([site.unseen] if site.unseen else [])]
+        for split in splits:  # every label the process holds, shuffled in place
             split.targets.copy_(split.targets[torch.randperm(len(split))])
     same = torch.equal(outputs[0], outputs[1])
     return [] if same else ["labels: the adapter's outputs change when the labels do"]

@@ -158,11 +158,12 @@ class FedRoD(Method):
             for _ in range(int(ctx.train["local_epochs"])):
                 for inputs, targets in ctx.batches():
                     optimizer.zero_grad(set_to_none=True)
-                    outputs = model(inputs)
-                    loss = ctx.task.loss(balanced_logits(outputs, prior), targets)
-                    if head is not None:
-                        personal = outputs.detach() + head(found["z"].detach())
-                        loss = loss + ctx.task.loss(personal, targets)
+                    with ctx.autocast():  # train.precision
+                        outputs = model(inputs)
+                        loss = ctx.task.loss(balanced_logits(outputs, prior), targets)
+                        if head is not None:
+                            personal = outputs.detach() + head(found["z"].detach())
+                            loss = loss + ctx.task.loss(personal, targets)
                     if not torch.isfinite(loss):
                         raise Diverged(f"loss became {loss.item()} in local training")
                     loss.backward()

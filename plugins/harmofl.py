@@ -183,9 +183,10 @@ class HarmoFL(Method):
         self, model: nn.Module, ctx: LocalContext, inputs: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
         """The task loss plus `local_penalty` (none for HarmoFL), as `train_steps` computes it."""
-        loss = ctx.task.loss(model(inputs), targets)
-        term = self.local_penalty(model, ctx.global_state)
-        return loss if term is None else loss + term
+        with ctx.autocast():  # train.precision
+            loss = ctx.task.loss(model(inputs), targets)
+            term = self.local_penalty(model, ctx.global_state)
+            return loss if term is None else loss + term
 
     def harmonized(self, client: int, batch: torch.Tensor) -> torch.Tensor:
         """`batch` normalized to client's running amplitude (updated with it first), or `batch`

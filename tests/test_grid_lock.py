@@ -100,3 +100,27 @@ def test_claims_are_released_after_a_run_and_when_the_holder_dies(plugin, tmp_pa
         probe.release()
     finally:
         process.kill()
+
+
+def test_a_cell_another_grid_ran_and_failed_is_not_run_again(plugin, tmp_path, monkeypatch):
+    from fedbench.backends.lock import known_records
+
+    fake = FakeExecute(raise_for=("fedavg",))
+    monkeypatch.setattr(local_backend, "execute", fake)
+    results = tmp_path / "r"
+    reg, (cell, _) = cells(plugin, results)
+    planned = known_records(results)
+    other = claimed_run(cell, reg, Reporter, debug=False)  # the other grid's failing run
+    assert other.status == "failed" and len(fake.calls) == 1
+    mine = claimed_run(cell, reg, Reporter, debug=False, known=planned)
+    assert mine.status == "skipped" and len(fake.calls) == 1
+
+
+def test_a_locks_folder_that_cannot_be_made_is_one_line(plugin, tmp_path, monkeypatch):
+    monkeypatch.setattr(local_backend, "execute", FakeExecute())
+    results = tmp_path / "r"
+    results.mkdir()
+    (results / "locks").write_text("not a folder")
+    result = grid(plugin, results, "--method", "fedavg", "--seeds", "0")
+    assert result.exit_code != 0
+    assert "cannot claim a cell in" in result.output and "Traceback" not in result.output

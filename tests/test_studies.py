@@ -297,3 +297,26 @@ def test_a_full_disk_stops_the_grid_with_one_line_and_no_failed_record(plugin, t
     assert result.exit_code != 0
     assert "No space left" in result.output and "Traceback" not in result.output
     assert not list((tmp_path / "r" / "runs").glob("*.json"))
+
+
+def test_a_reference_part_keeps_its_inside_row_when_no_sweep_names_it(plugin, tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text(
+        'name = "ref"\ndataset = "grid-toy"\nseeds = "0"\nholdout = "a"\nmethods = ["fedprox"]\n'
+        '[[part]]\nname = "reference"\n'
+        '[[part]]\nname = "mu"\nsweep = { "method.mu" = [0.0, 0.1] }\n'
+    )
+    fake = ScoringExecute()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(local_backend, "execute", fake)
+        assert run_study(plugin, tmp_path / "r", path).exit_code == 0
+    inside = rows(board(plugin, tmp_path / "r", "--study", str(path)), "inside")
+    assert inside == pytest.approx(
+        {"reference": 0.51, "mu: method.mu=0.0": 0.5, "mu: method.mu=0.1": 0.6}
+    )
+
+
+def test_options_the_study_sets_itself_are_refused_beside_it(plugin, tmp_path, study):
+    result = run_study(plugin, tmp_path / "r", study, "--preset", "quick", "--seeds", "0")
+    assert result.exit_code == 2
+    assert "drop --seeds, --preset" in result.output

@@ -15,7 +15,13 @@ from fedbench.backends.grid import (
     failed_record,
     result_of,
 )
-from fedbench.backends.lock import CellLock, busy_result, finished_elsewhere, skipped_result
+from fedbench.backends.lock import (
+    CellLock,
+    busy_result,
+    finished_elsewhere,
+    known_records,
+    skipped_result,
+)
 from fedbench.engine.registry import Registry
 from fedbench.engine.reporter import Reporter
 from fedbench.engine.resolve import resolve
@@ -41,15 +47,22 @@ def run_cell(cell: Cell, registry: Registry, reporter: Reporter, debug: bool = F
 
 
 def claimed_run(
-    cell: Cell, registry: Registry, make_reporter: Callable[[], Reporter], debug: bool
+    cell: Cell,
+    registry: Registry,
+    make_reporter: Callable[[], Reporter],
+    debug: bool,
+    known: frozenset[str] | None = None,
 ) -> CellResult:
-    """Run a cell unless another grid on the same results folder holds it or finished it."""
+    """Run a cell unless another grid on the same results folder holds it or finished it (a
+    record not among `known`, those there when this grid started)."""
     results_dir = cell.spec.results_dir
     claim = CellLock(results_dir, cell)
     if not claim.acquire():
         return busy_result(cell)
     try:
-        done = finished_elsewhere(results_dir, cell)
+        done = finished_elsewhere(
+            results_dir, cell, known_records(results_dir) if known is None else known
+        )
         if done is not None:
             return skipped_result(cell, done)
         reporter = make_reporter()
@@ -67,7 +80,8 @@ def local_backend(
     """Runs cells one after another in this process."""
 
     def run(cells: Sequence[Cell], on_result: OnResult) -> None:
+        known = known_records(cells[0].spec.results_dir) if cells else frozenset()
         for cell in cells:
-            on_result(claimed_run(cell, registry, make_reporter, debug))
+            on_result(claimed_run(cell, registry, make_reporter, debug, known))
 
     return run

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedbench.backends.grid import Cell, CellResult, same_holdouts
-from fedbench.storage import stable_hash
+from fedbench.storage import StorageError, stable_hash
 
 try:
     import fcntl
@@ -34,13 +34,21 @@ class CellLock:
         """Claim the cell; False when another process holds it."""
         if fcntl is None:
             return True
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot claim a cell in {self.path.parent}: {exc.strerror}"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return False
+        except OSError as exc:  # a file system without flock
+            os.close(fd)
+            raise StorageError(f"cannot lock {self.path}: {exc.strerror}") from None
         self.fd = fd
         return True
 
@@ -51,15 +59,22 @@ class CellLock:
         self.fd = None
 
 
-def finished_elsewhere(results_dir: Path, cell: Cell) -> str | None:
-    """The run id of an ok record of this cell written since the grid was planned (by another
-    grid), read from the records whose names carry the cell's config hash; None if there is none."""
+def known_records(results_dir: Path) -> frozenset[str]:
+    """The record files present now: what a grid starting now has already planned with."""
+    return frozenset(p.name for p in (Path(results_dir) / "runs").glob("*.json"))
+
+
+def finished_elsewhere(results_dir: Path, cell: Cell, known: frozenset[str]) -> str | None:
+    """The run id of a record of this cell that another grid wrote since this one started (not
+    in `known`; an ok record of any age counts too), read from the records whose names carry
+    the cell's config hash; None if there is none."""
     runs = Path(results_dir) / "runs"
     for path in sorted(runs.glob(f"*_{cell.config_hash[:8]}_*.json")):
         record = read_quietly(path)
+        recent = path.name not in known
         if (
             record.get("config_hash") == cell.config_hash
-            and record.get("status") == "ok"
+            and (record.get("status") == "ok" or recent)
             and same_holdouts(record, list(cell.holdouts))
         ):
             return str(record.get("run_id"))

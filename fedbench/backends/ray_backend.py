@@ -25,11 +25,17 @@ from fedbench.backends.grid import (
     failed_record,
     result_of,
 )
-from fedbench.backends.lock import CellLock, busy_result, finished_elsewhere, skipped_result
+from fedbench.backends.lock import (
+    CellLock,
+    busy_result,
+    finished_elsewhere,
+    known_records,
+    skipped_result,
+)
 from fedbench.engine.registry import Registry, load_registry
 from fedbench.engine.reporter import Reporter
 from fedbench.engine.resolve import RunSpec, resolve
-from fedbench.engine.run import Outcome, compute, save_outcome
+from fedbench.engine.run import CACHE_FOLDERS, Outcome, check_folders, compute, save_outcome
 from fedbench.errors import FedbenchError
 from fedbench.results.record import now_iso
 
@@ -196,7 +202,10 @@ def submit_and_collect(
     plugins = tuple(str(Path(p).resolve()) for p in options.plugins)
     threads = max(1, int(options.cpus_per_run))
     pending: dict[Any, tuple[Cell, str, float]] = {}
-    claims: dict[int, CellLock] = {}  # by id(cell): a Cell holds lists, so it is unhashable
+    claims: dict[int, CellLock] = {}
+    known = (
+        known_records(cells[0].spec.results_dir) if cells else frozenset()
+    )  # by id(cell): a Cell holds lists, so it is unhashable
     try:
         for cell in cells:  # claimed by this driver until its result is in (fedbench.backends.lock)
             claim = CellLock(cell.spec.results_dir, cell)
@@ -204,7 +213,7 @@ def submit_and_collect(
                 on_result(busy_result(cell))
                 continue
             claims[id(cell)] = claim
-            done = finished_elsewhere(cell.spec.results_dir, cell)
+            done = finished_elsewhere(cell.spec.results_dir, cell, known)
             if done is not None:
                 on_result(skipped_result(cell, done))
                 continue
@@ -237,6 +246,8 @@ def ray_backend(registry: Registry, options: RayOptions) -> Backend:
             return
         if cells[0].spec.device == "cuda" and options.gpus_per_run == 0:
             raise FedbenchError("--device cuda on the ray backend needs --gpus-per-run above 0")
+        for folder in {str(c.spec.results_dir) for c in cells}:  # workers' failures would be
+            check_folders(Path(folder), (*CACHE_FOLDERS, "predictions"))  # records otherwise
         started_here = connect(ray, options)
         try:
             if started_here and starts_local(options):

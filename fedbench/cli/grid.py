@@ -75,7 +75,17 @@ def grid_command(
     from fedbench.results.record import runs_dir
 
     if study is not None:
-        _refuse_beside_study(method=method, adapter=adapter, sweep=sweep, set_=set_, rounds=rounds)
+        _refuse_beside_study(
+            method=method,
+            adapter=adapter,
+            sweep=sweep,
+            set_=set_,
+            rounds=rounds,
+            seeds=seeds != "0,1,2",  # the others are compared with their defaults
+            dataset=dataset != "synth-prostate",
+            holdout=holdout != "all",
+            preset=preset != "default",
+        )
     elif not method:
         fail("give --method NAME (repeat for more) or --study FILE (see: fedbench grid --help)")
     reg = registry()

@@ -55,28 +55,32 @@ def study_variants(path: Path, reg: Any) -> tuple[str, Callable[[dict, str], lis
     from fedbench.backends.grid import same_holdouts
     from fedbench.engine.resolve import RunSpec, holdout_sites, resolve
 
-    labels: dict[str, list[tuple[str, bool]]] = {}
+    # per config hash: (label, whether it changes the federation, whether it has no settings)
+    labels: dict[str, list[tuple[str, bool, bool]]] = {}
     wanted: dict[str, list[str] | None] = {}
     dataset = ""
     for spec, variant in labelled_specs(path, RunSpec(method=""), reg):
         run = resolve(spec, reg)
         dataset = run.dataset.name
-        entry = (variant.label, changes_federation(variant))
+        entry = (variant.label, changes_federation(variant), not variant.overrides)
         if entry not in labels.setdefault(run.config_hash, []):
             labels[run.config_hash].append(entry)
         wanted[run.config_hash] = holdout_sites(
             spec.holdout, run.dataset.site_names(run.config["data"])
         )
-    any_inside = any(inside for entries in labels.values() for _, inside in entries)
+    any_inside = any(inside for entries in labels.values() for _, inside, _ in entries)
 
     def variants(record: dict, regime: str) -> list[str]:
         entries = labels.get(str(record.get("config_hash")), [])
         if not entries or not same_holdouts(record, wanted[record["config_hash"]]):
             return []
         if regime != "inside":
-            return [label for label, _ in entries]
+            return [label for label, _, _ in entries]
         if not any_inside:
             return ["-"]
-        return [label for label, inside in entries if inside]
+        chosen = [label for label, inside, _ in entries if inside]
+        # the study's reference (a variant with no settings) has an inside row of its own
+        # unless a swept value already names its federation
+        return chosen or [label for label, _, plain in entries if plain]
 
     return dataset, variants, len(labels)

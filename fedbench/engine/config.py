@@ -23,9 +23,6 @@ BASE: Config = {
         "amsgrad": False,  # Adam only; the IOP-FL release's Adam uses it
         # "all", a count (an integer >= 1) or a fraction in (0, 1] of the clients per round
         "clients_per_round": "all",
-        "precision": "fp32",  # or bf16: autocast of the local forward pass and loss
-        "channels_last": False,  # the channels-last memory layout for images and convolutions
-        "deterministic": False,  # PyTorch's deterministic algorithms (reproducible CUDA runs)
     },
     "eval": {"batch_size": 64, "val_best": False, "history": True},
 }
@@ -49,7 +46,14 @@ PRECISIONS = ("fp32", "bf16")  # fedbench.engine.precision applies them
 #: settings a config holds only once `--set` gives them, each with the value its type is read
 #: from, so that adding one changes no existing run's settings (nor their hash). Local steps:
 #: each local pass is that many batches, through reshuffled passes (FLamby's num_updates).
-OPTIONAL: dict[str, Any] = {"train.local_steps": 0}
+#: Precision (fp32, or bf16 autocast of the local forward pass and loss), the channels-last
+#: layout and PyTorch's deterministic mode: fedbench.engine.precision.
+OPTIONAL: dict[str, Any] = {
+    "train.local_steps": 0,
+    "train.precision": "fp32",
+    "train.channels_last": False,
+    "train.deterministic": False,
+}
 
 
 def deep_merge(base: Config, override: Config) -> Config:
@@ -219,7 +223,7 @@ def validate(config: Config) -> None:
         check_size(flat["data.size"])
     if "train.local_steps" in flat:  # OPTIONAL: only once set
         check_local_steps(flat["train.local_steps"])
-    if flat["train.precision"] not in PRECISIONS:
+    if flat.get("train.precision", "fp32") not in PRECISIONS:
         raise FedbenchError(
             f"setting train.precision must be one of {', '.join(PRECISIONS)}, "
             f"not '{flat['train.precision']}'"

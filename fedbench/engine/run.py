@@ -231,7 +231,11 @@ class Scoring:
         ctx = AdaptContext(self.run.config["train"]["batch_size"], self.run.spec.seed, task)
         self.reporter.start(f"adapting {holdout} ({adapter.name})", None)
         try:
-            with PROFILE.phase("adaptation"), blamed_on(f"adapter '{adapter.name}' failed"):
+            with (
+                PROFILE.phase("adaptation"),
+                blamed_on(f"adapter '{adapter.name}' failed"),
+                deterministic_mode(self.run.config["train"]),  # adapters train at test time
+            ):
                 outputs = adapter.predict(federation, UnlabeledImages(inputs), ctx)
         finally:
             self.reporter.finish()

@@ -246,6 +246,9 @@ def _pairs(long: pd.Series, key: Any) -> pd.Series:
     """The (site, seed) -> value series of one row of a board (seed -> value for the pooled
     values)."""
     key = key if isinstance(key, tuple) else (key,)
+    rows = long.index.droplevel(list(range(len(key), long.index.nlevels)))
+    if (key if rows.nlevels > 1 else key[0]) not in rows:
+        return pd.Series(dtype=float)  # a row with no values of this kind (no pooled rows)
     part = long.loc[key]
     return part.reorder_levels(["site", "seed"]) if part.index.nlevels == 2 else part
 
