@@ -146,7 +146,13 @@ def test_a_holdout_that_leaves_one_training_site_is_one_line(plugin, tmp_path):
 def test_ctrl_c_stops_cleanly_and_the_checkpoint_resumes(tmp_path):
     stopped_dir, clean_dir = tmp_path / "stopped", tmp_path / "clean"
     process = subprocess.Popen(
-        fedbench(stopped_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        fedbench(stopped_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a shell without job control starts background jobs with SIGINT ignored, and Python
+        # keeps an ignored SIGINT ignored: give the run the terminal's default, as Ctrl-C meets it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     wait_for_round(stopped_dir / "cache" / "checkpoints", 2, process)  # 6 rounds still to go
     os.kill(process.pid, signal.SIGINT)
