@@ -16,6 +16,11 @@ if TYPE_CHECKING:  # torch loads when a run needs it, not when `fedbench list` r
     from torch import nn
 
 
+#: the site name of the metric rows that score every site's test set at once (`pooled_test`):
+#: a column of its own on the boards, never a site
+POOLED = "pooled"
+
+
 class Task:
     """Model, loss and scoring for one kind of problem."""
 

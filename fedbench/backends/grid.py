@@ -18,6 +18,7 @@ from fedbench.engine.resolve import RunSpec, holdout_sites, resolve
 from fedbench.engine.run import run_identity
 from fedbench.errors import FedbenchError
 from fedbench.results.record import build_record, new_run_id, read_records
+from fedbench.task import POOLED
 
 BACKENDS = ("local", "ray")
 
@@ -153,7 +154,7 @@ def same_holdouts(record: dict[str, Any], wanted: list[str] | None) -> bool:
     held = set(record.get("holdouts") or [])
     if wanted is None:
         inside = {r["site"] for r in record["metrics"] if r.get("regime") == "inside"}
-        wanted = sorted(inside - {"pooled"})  # the pooled-test row is no site
+        wanted = sorted(inside - {POOLED})  # the pooled-test row is no site
     return held == set(wanted)
 
 

@@ -26,7 +26,7 @@ from fedbench.errors import Diverged, FedbenchError, PluginFailure
 from fedbench.results import predictions
 from fedbench.results.record import build_record, new_run_id, now_iso, runs_dir, write_record
 from fedbench.storage import check_writable
-from fedbench.task import Task
+from fedbench.task import POOLED, Task
 
 #: the folders of RESULTS a run writes in (data, federation and checkpoint caches)
 CACHE_FOLDERS = ("cache", "cache/federations", "cache/checkpoints")
@@ -128,10 +128,6 @@ def metric_rows(
         }
         for metric, value in scores.items()
     ]
-
-
-#: the site name of the metric rows that score every site's test set pooled
-POOLED = "pooled"
 
 
 def pooled_scores(task: Task, parts: list[tuple[torch.Tensor, Split]]) -> dict[str, float]:

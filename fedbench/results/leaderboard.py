@@ -20,13 +20,11 @@ import pandas as pd
 from fedbench.errors import FedbenchError
 from fedbench.results.record import read_records
 from fedbench.storage import stable_hash
+from fedbench.task import POOLED
 
 ALPHA = 0.05
 REGIMES = {"inside": ["method"], "outside": ["method", "adapter"]}
 TITLES = {"inside": "Inside the federation", "outside": "Outside the federation (unseen sites)"}
-#: the site name of the rows that score every site's test set pooled (fedbench.engine.run.POOLED,
-#: not imported here to keep torch out): a column of its own, never a site
-POOLED = "pooled"
 #: what a board can be ranked by: the mean over sites, or the pooled-test value
 RANK_BY = ("mean", POOLED)
 #: the rows a record stands for on a board of variants (a study's parts, a swept setting), per
