@@ -80,6 +80,11 @@ def clone_state(state: State) -> State:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
+def trainable_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the trainable parameters (never buffers such as running statistics)."""
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
 def state_nbytes(state: State) -> int:
     """Bytes a state dict occupies on the wire (raw tensor payload)."""
     return sum(t.numel() * t.element_size() for t in state.values())
@@ -197,3 +202,39 @@ class Method:
         """The model a client keeps and is scored with; `state` is its own state merged with the
         latest global shared parameters."""
         return state
+
+
+class ServerOptimizer(Method):
+    """A server rule on the trainable parameters (FedAvgM, FedAdam, ...): Reddi et al. and Hsu et
+    al. define their steps on model weights, so buffers (normalization statistics, counters)
+    take FedAvg's sample-weighted mean. Subclasses define `server_step` for one parameter."""
+
+    def __init__(self, params: dict[str, Any], num_clients: int) -> None:
+        super().__init__(params, num_clients)
+        self.parameter_keys: set[str] = set()
+
+    def shared_keys(self, model: nn.Module) -> list[str]:
+        """Every key, as in FedAvg; also notes which of them are trainable parameters."""
+        self.parameter_keys = set(trainable_keys(model))
+        return super().shared_keys(model)
+
+    def server_update(self, previous: State, updates: list[ClientUpdate]) -> State:
+        """FedAvg's mean for every key, then `server_step` on each parameter's float64 mean."""
+        import torch
+
+        weights = [u.num_samples for u in updates]
+        new = weighted_mean([u.state for u in updates], weights)
+        keys = [k for k in new if k in self.parameter_keys and new[k].dtype.is_floating_point]
+        if not keys:
+            return new
+        wide = weighted_mean(
+            [{k: u.state[k].to(torch.float64) for k in keys} for u in updates], weights
+        )
+        for key in keys:
+            new[key] = self.server_step(key, previous[key], wide[key]).to(previous[key].dtype)
+        return new
+
+    def server_step(self, key: str, previous: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """One parameter's new value (float64) from its previous value and the clients' float64
+        mean; FedAvg's is the mean itself."""
+        return mean

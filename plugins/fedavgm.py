@@ -4,9 +4,10 @@ Federated Visual Classification", 2019): FedAvg with momentum on the server.
 Variant: heavy-ball momentum on the pseudo-gradient, with every client in every round,
     delta = previous - mean,   v <- beta * v + delta,   w <- previous - server_lr * v,
 where `mean` is the sample-weighted mean of the client states and v starts at zero. The rule
-applies to every floating-point key (parameters and normalization statistics alike); integer
-buffers (num_batches_tracked) take the rounded mean, as in FedAvg. Everything is computed in
-float64 from the float64 mean and cast back once; since previous - delta = mean, the new state is
+applies to the trainable parameters (fedbench.method.ServerOptimizer); buffers (BatchNorm
+running statistics, num_batches_tracked) take FedAvg's mean, since momentum on a running
+variance can drive it below zero. Everything is computed in float64 from the float64 mean and
+cast back once; since previous - delta = mean, the new state is
 evaluated as mean + (1 - server_lr) * delta - server_lr * beta * v_old, which is the rule above
 and is exactly FedAvg's state, bit for bit, when server_lr = 1 and beta = 0.
 Defaults: server_lr 1.0, beta 0.9 (the momentum of the paper's FedAvgM experiments; it reports
@@ -18,24 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
-from fedbench.method import ClientUpdate, Method, State, clone_state, weighted_mean
+from fedbench.method import ServerOptimizer, State, clone_state
 
 if TYPE_CHECKING:
     import torch
-
-
-def mean_in_float64(updates: list[ClientUpdate]) -> State:
-    """The clients' sample-weighted mean state with every key in float64 (FedAvg's mean before
-    its cast back)."""
-    import torch
-
-    states = [{k: v.to(torch.float64) for k, v in u.state.items()} for u in updates]
-    return weighted_mean(states, [u.num_samples for u in updates])
-
-
-def integer_mean(mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An integer buffer's float64 mean rounded back to its dtype, as `weighted_mean` does."""
-    return mean.round().to(dtype)
 
 
 def is_number(value: object) -> bool:
@@ -57,8 +44,8 @@ def check_fraction(config: dict[str, Any], key: str) -> None:
         raise FedbenchError(f"method.{key} must be in [0, 1), got {value!r}")
 
 
-class FedAvgM(Method):
-    """Server momentum on the mean client change; v is kept per key in float64."""
+class FedAvgM(ServerOptimizer):
+    """Server momentum on the mean client change; v is kept per parameter in float64."""
 
     name = "fedavgm"
     description = "FedAvgM: server momentum (method.beta) with step method.server_lr"
@@ -73,23 +60,17 @@ class FedAvgM(Method):
         check_positive(config, "server_lr")
         check_fraction(config, "beta")
 
-    def server_update(self, previous: State, updates: list[ClientUpdate]) -> State:
-        mean = mean_in_float64(updates)
-        return {key: self.step_key(key, previous[key], mean[key]) for key in mean}
-
-    def step_key(self, key: str, previous: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-        """One key's new value (and its velocity updated) from its previous value and mean."""
+    def server_step(self, key: str, previous: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """One parameter's new value (and its velocity updated) from its previous value and mean."""
         import torch
 
-        if not previous.dtype.is_floating_point:
-            return integer_mean(mean, previous.dtype)
         lr, beta = float(self.params["server_lr"]), float(self.params["beta"])
         delta = previous.to(torch.float64) - mean
         old = self.velocity.get(key)
         if old is None:
             old = torch.zeros_like(delta)
         self.velocity[key] = beta * old + delta
-        return (mean + (1.0 - lr) * delta - (lr * beta) * old).to(previous.dtype)
+        return mean + (1.0 - lr) * delta - (lr * beta) * old
 
     def state_dict(self) -> dict[str, Any]:
         return {"velocity": clone_state(self.velocity)}

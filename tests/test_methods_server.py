@@ -40,6 +40,22 @@ def state(w: list[float] | torch.Tensor, n: int = 0) -> dict[str, torch.Tensor]:
     return {"w": torch.as_tensor(w, dtype=F64), "n": torch.tensor(n)}
 
 
+class Toy(torch.nn.Module):
+    """A parameter `w` and an integer buffer `n`: the keys of `state`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2, dtype=F64))
+        self.register_buffer("n", torch.tensor(0))
+
+
+def server(cls: type[Method], params: dict) -> Method:
+    """A server-optimizer method that has seen the toy model (so `w` is its parameter)."""
+    method = cls(params, num_clients=2)
+    assert method.shared_keys(Toy()) == ["w", "n"]
+    return method
+
+
 # FedPer
 
 
@@ -121,7 +137,7 @@ def test_fedavgm_without_momentum_is_fedavg_exactly_where_rounding_bites():
     gen = torch.Generator().manual_seed(0)
     scales = torch.tensor([2.0**30, 1.0, 1e-3, 1e-30]).repeat_interleave(4)
     prev = {"w": (torch.randn(16, generator=gen) * scales).float()}
-    method, fedavg = FedAvgM({"server_lr": 1.0, "beta": 0.0}, 2), FedAvg({}, 2)
+    method, fedavg = server(FedAvgM, {"server_lr": 1.0, "beta": 0.0}), FedAvg({}, 2)
     for _ in range(2):
         small = torch.randn(2, 16, generator=gen) * 2.0**-30
         ups = [ClientUpdate({"w": small[i].float()}, n, client=i) for i, n in enumerate((5, 7))]
@@ -132,7 +148,7 @@ def test_fedavgm_without_momentum_is_fedavg_exactly_where_rounding_bites():
 
 
 def test_fedavgm_momentum_by_hand():
-    method = FedAvgM({"server_lr": 0.5, "beta": 0.5}, num_clients=2)
+    method = server(FedAvgM, {"server_lr": 0.5, "beta": 0.5})
     # step 1: mean = (1*[4,-4] + 3*[0,4]) / 4 = [1, 2]; delta = [0,0] - mean = [-1, -2]
     #         v = 0.5*0 + delta = [-1, -2]; w = [0,0] - 0.5*v = [0.5, 1]; n = (1 + 3*2)/4 -> 2
     w1 = method.server_update(
@@ -168,7 +184,7 @@ SECOND_MOMENTS = {
 
 def adaptive_two_steps(cls: type[FedAdam]) -> tuple[FedAdam, dict, dict]:
     """Two server steps of `cls` with the mean changes delta_1 and delta_2 above."""
-    method = cls({k: v for k, v in ADAPTIVE.items() if k in cls.defaults}, num_clients=2)
+    method = server(cls, {k: v for k, v in ADAPTIVE.items() if k in cls.defaults})
     # mean_1 = (1*[4,-2] + 3*[0,-2]) / 4 = [1, -2] from w_0 = [0, 0]
     w1 = method.server_update(
         state([0.0, 0.0]), updates({"w": [4, -2], "n": 1}, {"w": [0, -2], "n": 2})
@@ -243,12 +259,12 @@ def test_resumed_from_a_checkpoint_continues_bit_for_bit(cls, params, tmp_path):
 
 @pytest.mark.parametrize("cls,params", SERVER_METHODS)
 def test_server_state_round_trip_continues_identically(cls, params):
-    method, copy = cls(params, 2), cls(params, 2)
+    method, copy = server(cls, params), server(cls, params)
     ups = updates({"w": [4, -2], "n": 1}, {"w": [0, -1], "n": 2})
     w1 = method.server_update(state([0.0, 0.0]), ups)
     copy.load_state_dict(method.state_dict())
     again = updates({"w": [1, 3], "n": 2}, {"w": [2, -5], "n": 2})
-    fresh = cls(params, 2).server_update(w1, again)
+    fresh = server(cls, params).server_update(w1, again)
     continued = method.server_update(w1, again)
     assert torch.equal(copy.server_update(w1, again)["w"], continued["w"])
     assert not torch.equal(fresh["w"], continued["w"]), "the server state matters"
