@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 
 from fedbench.cli import app
 from fedbench.results.heatmap import colour_range, figure_size, row_labels
-from fedbench.results.leaderboard import build_leaderboard, holm, load_records
+from fedbench.results.leaderboard import build_leaderboard, load_records
 from fedbench.results.plots import DPI
 from fedbench.results.ranking import CD_WIDTH, critical_difference, panel_heights, rank_rows
+from fedbench.results.statistics import holm
 
 runner = CliRunner()
 

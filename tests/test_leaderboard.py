@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from fedbench.cli import app
 from fedbench.cli.tables import to_text_table
 from fedbench.results.heatmap import figure_size
-from fedbench.results.leaderboard import build_leaderboard, load_records, paired_p
+from fedbench.results.leaderboard import build_leaderboard, load_records
 from fedbench.results.plots import DPI, curves_figsize
+from fedbench.results.statistics import paired_p
 
 runner = CliRunner()
 
@@ -155,12 +156,14 @@ def test_wilcoxon_degenerate_cases():
     assert math.isnan(one) or 0 <= one <= 1
 
 
-def test_identical_rows_are_not_significant(tmp_path):
+def test_identical_rows_share_a_rank_and_name_their_twin(tmp_path):
     for method in ("a", "b"):
         for seed in (0, 1):
             write(tmp_path, make_record(f"{method}{seed}", method, seed, {"x": 0.5, "y": 0.6}))
     lb = build_leaderboard(load_records(tmp_path)[0])
-    assert board_row(lb, "inside", "b")["p"] == 1.0 or board_row(lb, "inside", "a")["p"] == 1.0
+    a, b = board_row(lb, "inside", "a"), board_row(lb, "inside", "b")
+    assert a["same as"] == "" and b["same as"] == "a"
+    assert a["rank"] == b["rank"] == 1
     assert all(s is not True for s in lb.boards[0].frame["significant"])
 
 

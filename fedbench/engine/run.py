@@ -173,7 +173,7 @@ class Scoring:
         self.reporter.start(label, self.run.config["train"]["rounds"])
         federation = load_or_train(self.run, data, holdout, on_round, self.fingerprint)
         self.reporter.finish()
-        self.costs[holdout or "inside"] = federation.cost
+        self.costs[holdout or "inside"] = dict(federation.cost)  # a copy: adapt_s joins it
         if federation.val_best_rounds:
             self.val_best_rounds[holdout or "inside"] = federation.val_best_rounds
         return federation
@@ -212,7 +212,10 @@ class Scoring:
         every = data.site(holdout).all_samples()
         selections = ["final"] if federation.val_best is None else ["final", "val-best"]
         for selection in selections:
+            clock = time.perf_counter()
             outputs = self.adapt(federation.selected(selection), every.inputs, holdout, data.task)
+            spent = self.costs[holdout].get("adapt_s", 0.0) + time.perf_counter() - clock
+            self.costs[holdout]["adapt_s"] = spent
             with PROFILE.phase("evaluation"):
                 scores = data.task.score(outputs, every.targets, every.cases)
             self.rows += metric_rows("outside", holdout, holdout, scores, selection)

@@ -4,6 +4,7 @@ shared, how the server aggregates and what each client keeps; the engine does ev
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,7 @@ class Training:
             "client_steps": 0,
             "rounds": 0,
             "clients": len(self.clients),
+            "train_s": 0.0,  # seconds of training and validation, summed over resumed parts
         }
 
     def client_view(self, i: int) -> State:
@@ -204,11 +206,12 @@ class Training:
         own = [k for k in self.global_state if k not in self.shared]
         taking_part = sorted({i for chosen in self.participation for i in chosen})
         if not own or not taking_part:
-            return clone_state(self.global_state), 0
+            return self.method.unseen_site_state(clone_state(self.global_state)), 0
         parts = [{k: self.client_states[i][k] for k in own} for i in taking_part]
         sizes = [len(self.clients[i]) for i in taking_part]
         mean = weighted_mean(parts, sizes)
-        return {**clone_state(self.global_state), **mean}, sum(state_nbytes(p) for p in parts)
+        state = self.method.unseen_site_state({**clone_state(self.global_state), **mean})
+        return state, sum(state_nbytes(p) for p in parts)
 
     def validate(self) -> dict[str, float]:
         """Validation score of each site's personalized model."""
@@ -335,8 +338,10 @@ def train_federation(
     history = history and config["eval"]["history"]
     val_best = config["eval"]["val_best"]
     for round_index in range(start, config["train"]["rounds"] + 1):
+        clock = time.perf_counter()
         fed.run_round()
         scores = fed.validate() if history or val_best else {}
+        fed.cost["train_s"] = fed.cost.get("train_s", 0.0) + time.perf_counter() - clock
         if history:
             progress["history"].append({"round": round_index, "val": scores})
         if val_best:
@@ -351,9 +356,11 @@ def train_federation(
     if best:  # a site whose validation never scored keeps its last model
         states = [b or clone_state(fed.personalized(i)) for i, b in enumerate(best["states"])]
         best = {**best, "states": states}
+    clock = time.perf_counter()
     fed.finish()
     if best and fed.has_final_update() and not fed.method.pooled:
         best = {**best, "states": fed.finished_states(best["states"])}
+    fed.cost["train_s"] = fed.cost.get("train_s", 0.0) + time.perf_counter() - clock
     return fed.result(progress["history"], best, for_unseen_site)
 
 

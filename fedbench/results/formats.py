@@ -13,13 +13,13 @@ import pandas as pd
 
 from fedbench.errors import FedbenchError
 from fedbench.results.leaderboard import (
-    ALPHA,
     POOLED,
     TITLES,
     Board,
     Leaderboard,
     lower_is_better,
 )
+from fedbench.results.statistics import ALPHA
 from fedbench.storage import write_text_atomic
 
 FORMATS = ("md", "csv", "html", "json")  # the terminal table is the CLI's (rich)
@@ -43,16 +43,28 @@ def display_frame(board: Board, metric: str) -> pd.DataFrame:
     for column in [*board.sites, "mean", "worst", "site sd"]:
         label = "worst site" if column == "worst" else str(column)
         out[label] = [_fmt(m, s, digits) for m, s in zip(f[column], f[f"{column} std"])]
+    out.insert(out.columns.get_loc("mean") + 1, "95% CI", _intervals(f, digits))
     out["spread"] = [_fmt(v, None, digits) for v in f["spread"]]
     if POOLED in f:
         out[POOLED] = [_fmt(m, s, digits) for m, s in zip(f[POOLED], f[f"{POOLED} std"])]
     out["MB sent"] = [_fmt(v / 1e6, None, 1) for v in f["bytes"]]
+    out["steps"] = [_fmt(v, None, 0) for v in f["client_steps"]]
+    out["wall s"] = [_fmt(v, None, 0) for v in f["seconds"]]
     out["seeds"] = f["seeds"].astype(str)
     out["p vs best (Holm)"] = [
-        "best" if s is None else _fmt(p, None, 3) for p, s in zip(f["p holm"], f["significant"])
+        f"= {twin}" if twin else "best" if s is None else _fmt(p, None, 3)
+        for p, s, twin in zip(f["p holm"], f["significant"], f["same as"])
     ]
     out["sig."] = ["*" if s else "" for s in f["significant"]]
     return out
+
+
+def _intervals(frame: pd.DataFrame, digits: int) -> list[str]:
+    """'[0.701, 0.745]' per row, '-' where there is none."""
+    return [
+        "-" if pd.isna(low) else f"[{low:.{digits}f}, {high:.{digits}f}]"
+        for low, high in zip(frame["ci low"], frame["ci high"])
+    ]
 
 
 def legend_lines(lb: Leaderboard) -> list[str]:
@@ -64,10 +76,30 @@ def legend_lines(lb: Leaderboard) -> list[str]:
         "across sites of each run (fairness); spread = max - min of site means",
         "* = differs from the best row: two-sided Wilcoxon signed-rank test over (site, seed) "
         "pairs, p corrected with Holm's method for the comparisons of every row with the best, "
-        f"p < {ALPHA}; p is '-' when there are no pairs to compare",
+        f"p < {ALPHA}; p is '-' when there are no pairs to compare; '= ROW': the same value in "
+        "every (site, seed) block as a higher row (one result under two names: its rank, no "
+        "comparison of its own)",
+        "95% CI = percentile interval of the mean from a two-stage bootstrap (sites with "
+        "replacement, then seeds within each site; 2000 resamples); steps = client optimizer "
+        "steps and wall s = training (+ adaptation) seconds of the regime's federations, per run",
+        *smallest_p_lines(lb),
         *pooled_lines(lb),
         *lb.notes,
     ]
+
+
+def smallest_p_lines(lb: Leaderboard) -> list[str]:
+    """Per board, the smallest p its design can reach, and when that is above alpha, that no
+    difference on it can be significant."""
+    lines = []
+    for board in lb.boards:
+        if pd.isna(board.smallest_p):
+            continue
+        line = f"{board.regime}: the smallest p this design can reach is {board.smallest_p:.3g}"
+        if board.smallest_p >= ALPHA:
+            line += f", so no difference on this board can be significant at {ALPHA}"
+        lines.append(line)
+    return lines
 
 
 def pooled_lines(lb: Leaderboard) -> list[str]:
@@ -128,7 +160,8 @@ def _clean(value: Any) -> Any:
 
 
 STAT_COLUMNS = (
-    "mean|mean std|worst|worst std|site sd|site sd std|spread|bytes|seeds|p|p holm|significant"
+    "mean|mean std|ci low|ci high|worst|worst std|site sd|site sd std|spread|bytes|client_steps|"
+    "seconds|seeds|p|p holm|significant|same as"
 )
 
 
@@ -146,7 +179,11 @@ def to_json(lb: Leaderboard) -> str:
                 row[POOLED] = {"mean": _clean(rec[POOLED]), "std": _clean(rec[f"{POOLED} std"])}
             row.update({k.replace(" ", "_"): _clean(rec[k]) for k in STAT_COLUMNS.split("|")})
             rows.append(row)
-        boards[b.regime] = {"sites": [str(s) for s in b.sites], "rows": rows}
+        boards[b.regime] = {
+            "sites": [str(s) for s in b.sites],
+            "smallest_p": _clean(b.smallest_p),
+            "rows": rows,
+        }
     payload = {
         "dataset": lb.dataset,
         "metric": lb.metric,

@@ -46,7 +46,8 @@ def row_labels(board: Board) -> list[str]:
     labels = []
     for row in board.frame.to_dict("records"):
         star = " *" if row.get("significant") else ""
-        labels.append(f"{row['rank']}. {board.label(row)}{star}")
+        twin = f" (= {row['same as']})" if row.get("same as") else ""
+        labels.append(f"{row['rank']}. {board.label(row)}{star}{twin}")
     return labels
 
 

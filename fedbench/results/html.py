@@ -12,9 +12,16 @@ import pandas as pd
 from fedbench.results.leaderboard import TITLES, Board, Leaderboard
 
 # Display column -> the board frame's number it sorts by; the keys (method, adapter) sort as text.
-SORT_SOURCE = {"worst site": "worst", "MB sent": "bytes", "p vs best (Holm)": "p holm"}
+SORT_SOURCE = {
+    "worst site": "worst",
+    "95% CI": "ci low",
+    "MB sent": "bytes",
+    "steps": "client_steps",
+    "wall s": "seconds",
+    "p vs best (Holm)": "p holm",
+}
 # Columns where a small number is good whatever the metric; "seeds" and "sig." put big first.
-SMALL_FIRST = ("rank", "site sd", "spread", "MB sent", "p vs best (Holm)")
+SMALL_FIRST = ("rank", "site sd", "spread", "MB sent", "steps", "wall s", "p vs best (Holm)")
 
 STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2328;

@@ -8,21 +8,24 @@ fedbench/results/ranking.py (the critical-difference diagram)."""
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from fedbench.errors import FedbenchError
 from fedbench.results.record import read_records
+from fedbench.results.statistics import (
+    bootstrap_ci,
+    compare_with_best,
+    same_results,
+    shared_ranks,
+)
 from fedbench.storage import stable_hash
 from fedbench.task import POOLED
 
-ALPHA = 0.05
 REGIMES = {"inside": ["method"], "outside": ["method", "adapter"]}
 TITLES = {"inside": "Inside the federation", "outside": "Outside the federation (unseen sites)"}
 #: what a board can be ranked by: the mean over sites, or the pooled-test value
@@ -44,6 +47,8 @@ class Board:
     blocks: pd.DataFrame = field(default_factory=pd.DataFrame)
     #: the column the rows are ranked (and compared with the best) by: "mean" or "pooled"
     rank_by: str = "mean"
+    #: the smallest Holm-corrected p this board's design can reach (nan: no test)
+    smallest_p: float = math.nan
 
     def label(self, row: Any) -> str:
         """'fedavg' or 'fedavg + tent': how a row is named in pictures."""
@@ -91,19 +96,27 @@ def pick_dataset(records: list[dict[str, Any]], dataset: str | None) -> str:
     return dataset
 
 
-def regime_bytes(record: dict[str, Any], regime: str) -> float:
-    """Bytes sent up and down by the federations of one regime (the whole run if not split)."""
+def regime_cost(record: dict[str, Any], regime: str, key: str) -> float:
+    """One cost (bytes, steps, seconds) summed over the federations of one regime; the whole
+    run's when the record does not split it; nan when the record lacks it."""
     cost = record.get("cost") or {}
     feds = cost.get("federations")
     if isinstance(feds, dict) and feds:
         parts = [c for k, c in feds.items() if (k == "inside") == (regime == "inside")]
+    else:
+        parts = [cost]
+    if key == "bytes":
         return float(sum(c.get("bytes_up", 0) + c.get("bytes_down", 0) for c in parts))
-    return float(cost.get("bytes_up", 0) + cost.get("bytes_down", 0))
+    if key == "seconds":  # training of the regime's federations, then adaptation
+        if not all("train_s" in c for c in parts):
+            return math.nan
+        return float(sum(c["train_s"] + c.get("adapt_s", 0.0) for c in parts))
+    return float(sum(c.get(key, math.nan) for c in parts))
 
 
 FRAME_COLUMNS = (
-    "run_id finished_at config_hash method adapter variant seed bytes regime site metric "
-    "selection value"
+    "run_id finished_at config_hash method adapter variant seed bytes client_steps seconds "
+    "regime site metric selection value"
 )
 
 
@@ -119,7 +132,10 @@ def metric_frame(records: list[dict[str, Any]], variants: Variants | None = None
             "adapter": rec.get("adapter"),
             "variant": label,
             "seed": rec["seed"],
-            "bytes": regime_bytes(rec, m.get("regime", "")),
+            **{
+                key: regime_cost(rec, str(m.get("regime", "")), key)
+                for key in ("bytes", "client_steps", "seconds")
+            },
             **{k: m.get(k) for k in ("regime", "site", "metric", "selection")},
             "value": m.get("value"),
         }
@@ -149,38 +165,6 @@ def repeated_runs(records: list[dict[str, Any]]) -> int:
     """How many ok records have a later record of the same (method, adapter, seed)."""
     cells = [(r["method"], r.get("adapter"), r["seed"]) for r in records]
     return len(cells) - len(set(cells))
-
-
-def paired_p(row: pd.Series, best: pd.Series) -> float:
-    """Two-sided Wilcoxon signed-rank p over matching (site, seed) pairs; nan if it cannot say."""
-    from scipy.stats import wilcoxon
-
-    pairs = pd.concat([row, best], axis=1, join="inner").to_numpy(dtype=float)
-    diff = pairs[:, 0] - pairs[:, 1] if len(pairs) else np.array([])
-    diff = diff[np.isfinite(diff)]
-    if diff.size == 0:
-        return math.nan
-    if np.all(diff == 0):
-        return 1.0
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            p = float(wilcoxon(diff).pvalue)
-    except ValueError:
-        return math.nan
-    return p
-
-
-def holm(p_values: pd.Series) -> pd.Series:
-    """Holm's step-down correction of the finite p values (nan stays nan): the k-th smallest
-    of m is multiplied by m - k + 1, made monotone, capped at 1."""
-    from statsmodels.stats.multitest import multipletests
-
-    finite = p_values.dropna()
-    adjusted = pd.Series(math.nan, index=p_values.index, dtype=float)
-    if not finite.empty:
-        adjusted[finite.index] = multipletests(finite.to_numpy(), method="holm")[1]
-    return adjusted
 
 
 def build_board(
@@ -217,38 +201,38 @@ def build_board(
         per_row = pooled.groupby(level=keys)
         out[POOLED], out[f"{POOLED} std"] = per_row.mean(), per_row.std()
     runs = frame.drop_duplicates([*keys, "run_id"]).groupby(keys)
-    out["bytes"] = runs["bytes"].mean()
+    for column in ("bytes", "client_steps", "seconds"):
+        out[column] = runs[column].mean()
     out["seeds"] = runs["seed"].nunique()
     out = out.sort_values(rank_by, ascending=lower_is_better(metric), na_position="last")
-    out.insert(0, "rank", range(1, len(out) + 1))
     long = values.stack().rename("value")
+    blocks = long.unstack(["site", "seed"]).reindex(out.index)
+    twins = same_results(blocks)
+    out["same as"] = [
+        _label(keys, out.index[twins[i]]) if i in twins else "" for i in range(len(out))
+    ]
+    out.insert(0, "rank", shared_ranks(len(out), twins))
+    for column, bound in zip(
+        ("ci low", "ci high"), zip(*_intervals(values, out.index), strict=True), strict=True
+    ):
+        out[column] = bound
     # the best row is compared over (site, seed) pairs, or over seeds for the pooled value
     compared = pooled.dropna() if rank_by == POOLED and pooled is not None else long
-    best = out.index[0]
-    out["p"] = [
-        math.nan if key == best else paired_p(_pairs(compared, key), _pairs(compared, best))
-        for key in out.index
-    ]
-    out["p holm"] = holm(out["p"])
-    out["significant"] = [
-        (bool(p < ALPHA) if key != best else None) for key, p in out["p holm"].items()
-    ]
-    board = Board(regime, keys, sites, out.reset_index(), rank_by=rank_by)
-    blocks = long.unstack(["site", "seed"]).reindex(out.index)
+    smallest = compare_with_best(out, compared, twins)
+    board = Board(regime, keys, sites, out.reset_index(), rank_by=rank_by, smallest_p=smallest)
     blocks.index = [board.label(row) for row in board.frame.to_dict("records")]
     board.blocks = blocks
     return board
 
 
-def _pairs(long: pd.Series, key: Any) -> pd.Series:
-    """The (site, seed) -> value series of one row of a board (seed -> value for the pooled
-    values)."""
-    key = key if isinstance(key, tuple) else (key,)
-    rows = long.index.droplevel(list(range(len(key), long.index.nlevels)))
-    if (key if rows.nlevels > 1 else key[0]) not in rows:
-        return pd.Series(dtype=float)  # a row with no values of this kind (no pooled rows)
-    part = long.loc[key]
-    return part.reorder_levels(["site", "seed"]) if part.index.nlevels == 2 else part
+def _label(keys: list[str], key: Any) -> str:
+    """'fedavg + none': a row's name from its index key."""
+    return " + ".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
+
+
+def _intervals(values: pd.DataFrame, index: pd.Index) -> list[tuple[float, float]]:
+    """Each row's 95% bootstrap interval of its mean over sites, from its (site x seed) table."""
+    return [bootstrap_ci(values.loc[key].T) for key in index]
 
 
 def build_leaderboard(
@@ -304,6 +288,7 @@ def build_leaderboard(
         )
     if not variants:  # variants differ in their settings by design
         notes += settings_notes([r for r in ok if r["run_id"] in kept])
+    notes += [line for board in boards for line in compute_notes(board)]
     return Leaderboard(name, metric, selection, boards, notes, rank_by)
 
 
@@ -322,6 +307,38 @@ def board_rank_by(
         )
     notes.append(f"the {regime} board has no pooled test (each unseen site alone): by mean")
     return "mean"
+
+
+#: a row's compute differs from FedAvg's when a ratio leaves [1 / LIMIT, LIMIT]
+COMPUTE_LIMIT = 1.2
+
+
+def compute_notes(board: Board) -> list[str]:
+    """Rows whose client steps or wall seconds differ from FedAvg's by more than 20%, with the
+    ratios: in a budget far from convergence, compute alone can decide a row."""
+    frame = board.frame
+    fedavg = frame[frame["method"] == "fedavg"]
+    if "adapter" in frame and (fedavg["adapter"] == "none").any():
+        fedavg = fedavg[fedavg["adapter"] == "none"]
+    if fedavg.empty:
+        return []
+    reference = fedavg.iloc[0]
+    unlike = []
+    for row in frame.to_dict("records"):
+        ratios = {
+            unit: row[column] / reference[column]
+            for column, unit in (("client_steps", "steps"), ("seconds", "wall s"))
+            if reference[column] > 0 and pd.notna(row[column])
+        }
+        if any(not 1 / COMPUTE_LIMIT <= r <= COMPUTE_LIMIT for r in ratios.values()):
+            shown = ", ".join(f"{r:.1f}x {unit}" for unit, r in ratios.items())
+            unlike.append(f"{board.label(row)} ({shown})")
+    if not unlike:
+        return []
+    return [
+        f"{board.regime}: compute unlike fedavg's (client steps or wall seconds off by more "
+        f"than 20%): {'; '.join(unlike)}"
+    ]
 
 
 def other_datasets(records: list[dict[str, Any]], chosen: str) -> list[str]:

@@ -13,8 +13,9 @@ from typing import Any
 import pandas as pd
 
 from fedbench.errors import FedbenchError
-from fedbench.results.leaderboard import ALPHA, Board, Leaderboard
+from fedbench.results.leaderboard import Board, Leaderboard
 from fedbench.results.plots import check_figure_path, pyplot, save
+from fedbench.results.statistics import ALPHA
 
 CD_WIDTH = 11.0  # inches
 
@@ -46,7 +47,8 @@ def rank_rows(board: Board, lower_is_better: bool) -> Ranking:
     import scikit_posthocs
     from scipy.stats import friedmanchisquare
 
-    table = board.blocks.dropna(axis=1).T  # blocks x rows
+    distinct = board.blocks[(board.frame["same as"] == "").to_numpy()]  # one row per result
+    table = distinct.dropna(axis=1).T  # blocks x rows
     rows, blocks = table.shape[1], table.shape[0]
     if rows < 3 or blocks < 2:
         raise FedbenchError(
