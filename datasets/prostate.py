@@ -13,10 +13,10 @@ Sites RUNMC, BMC, I2CVB, UCL, BIDMC, HK (folder aliases ISBI, ISBI_1.5, HCRUDB a
 Preparation resizes every slice to `data.size` (images bilinear, masks nearest) and normalises
 each case to zero mean and unit variance over all its slices. Loading builds the IOP-FL 2.5D input
 (a slice with its previous and next slice of the same case as 3 channels, edges replicated) from
-the full case, then keeps only slices with prostate when `data.foreground_only` (IOP-FL drops
-empty slices in every split). A held-out site's adapter sees every slice of the site all the
-same (`data.unseen_slices = "all"`): choosing its slices with its labels would leak them;
-`"foreground"` keeps the release's selection there too, recorded in the config.
+the full case. Both regimes score the same slices: every slice by default, so a site's test
+split and the same site held out are alike and an adapter never sees a selection made with its
+labels. `data.foreground_only=true` is the release's label-based selection (slices with
+prostate only), applied to every split and to the held-out site alike, recorded in the config.
 
 HD95 is in mm when every case of the chosen sites has the same voxel size as the network sees it
 (NIfTI header zooms, in-plane scaled by the resize; units "mm" and "unknown" read as mm), else
@@ -33,14 +33,12 @@ without given folders: `data.test_fraction` of the cases become test first.
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from fedbench.data import FederatedData, Split
-from fedbench.errors import FedbenchError
+from fedbench.data import FederatedData
 from fedbench.hookspecs import hookimpl
 from fedbench.task import SegmentationTask
 from fedbench_datasets.image_files import read_image_and_mask
@@ -221,8 +219,7 @@ class Prostate(PreparedDataset):
     defaults: ClassVar[dict[str, Any]] = {
         "path": None,
         "size": 128,
-        "foreground_only": True,
-        "unseen_slices": "all",
+        "foreground_only": False,
         "val_fraction": 0.2,
         "test_fraction": 0.25,
         "sites": list(SITES),
@@ -269,7 +266,6 @@ class Prostate(PreparedDataset):
             image = a["image"][order].astype(np.float32)
             mask, case = a["mask"][order].astype(np.int64), a["case"][order]
             inputs = neighbours_25d(image, case)
-            every = unseen_split(inputs, mask, case, cfg)
             if cfg["foreground_only"]:
                 keep = mask.reshape(len(mask), -1).any(1)
                 inputs, mask, case = inputs[keep], mask[keep], case[keep]
@@ -286,7 +282,7 @@ class Prostate(PreparedDataset):
                 cfg,
                 rng,
             )
-            sites.append(replace(site, unseen=every))
+            sites.append(site)
         settings = {k: cfg[k] for k in ("foreground_only", "val_fraction", "test_fraction")}
         payload = {"dataset": self.name, "seed": seed, "settings": settings, "sites": record}
         write_split_file(directory, split_label(seed, settings), payload)
@@ -296,23 +292,6 @@ class Prostate(PreparedDataset):
             in_channels=3, class_names=["prostate"], spacing=spacing, loss_name=loss
         )
         return FederatedData(self.name, sites, task)
-
-
-def unseen_split(
-    inputs: np.ndarray, mask: np.ndarray, case: np.ndarray, cfg: dict[str, Any]
-) -> Split | None:
-    """Every slice of the site for when it is held out (`data.unseen_slices = "all"`): the
-    adapter must not see a selection made with the unseen site's labels. `"foreground"` keeps
-    the release's selection (the site's splits, prostate slices only)."""
-    import torch
-
-    if cfg["unseen_slices"] not in ("all", "foreground"):
-        raise FedbenchError(
-            f"data.unseen_slices must be all or foreground, not '{cfg['unseen_slices']}'"
-        )
-    if cfg["unseen_slices"] == "foreground" or not cfg["foreground_only"]:
-        return None
-    return Split(torch.from_numpy(inputs), torch.from_numpy(mask), torch.from_numpy(case))
 
 
 @hookimpl

@@ -226,23 +226,20 @@ def test_25d_input_foreground_only_and_case_normalisation(tmp_path):
     assert all(s.targets.flatten(1).any(1).all() for s in splits if len(s))
 
 
-def test_a_held_out_site_offers_every_slice_unless_the_release_selection_is_asked(tmp_path):
-    """Choosing the unseen site's slices by its labels would hand the adapter its labels."""
+def test_inside_and_outside_score_the_same_slices(tmp_path):
+    """One selection for both regimes: every slice by default (a selection made with the unseen
+    site's labels would hand the adapter its labels); the release's foreground selection, when
+    asked, applies to the splits and to the held-out site alike."""
     source = make_volume_source(tmp_path / "raw", cases=3)
-    cfg = prostate_cfg(source, sites=["RUNMC"])  # foreground_only, as IOP-FL trains
+    cfg = prostate_cfg(source, sites=["RUNMC"])  # the defaults: every slice
     site = Prostate().load(cfg, 0, tmp_path / "cache").sites[0]
-    every = Prostate().load({**cfg, "foreground_only": False}, 0, tmp_path / "cache").sites[0]
-    unseen, complete = site.all_samples(), every.all_samples()
-    order, full_order = (
-        torch.argsort(unseen.cases, stable=True),
-        torch.argsort(complete.cases, stable=True),
-    )
-    assert len(unseen) == 3 * 6 and not unseen.targets.flatten(1).any(1).all()
-    torch.testing.assert_close(unseen.inputs[order], complete.inputs[full_order])
-    release = Prostate().load({**cfg, "unseen_slices": "foreground"}, 0, tmp_path / "cache")
-    assert len(release.sites[0].all_samples()) == 3 * 4
-    with pytest.raises(FedbenchError, match="data.unseen_slices"):
-        Prostate().load({**cfg, "unseen_slices": "some"}, 0, tmp_path / "cache")
+    splits = torch.cat([site.train.inputs, site.val.inputs, site.test.inputs])
+    assert site.unseen is None and len(splits) == 3 * 6  # the empty end slices are scored
+    torch.testing.assert_close(site.all_samples().inputs, splits)
+    release = Prostate().load({**cfg, "foreground_only": True}, 0, tmp_path / "cache").sites[0]
+    held_out = release.all_samples()
+    assert len(held_out) == 3 * 4 and held_out.targets.flatten(1).any(1).all()
+    assert all(s.targets.flatten(1).any(1).all() for s in (release.train, release.test) if len(s))
 
 
 def test_prepare_verify_round_trip_and_tampering_reported_by_path(tmp_path):
