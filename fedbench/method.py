@@ -3,8 +3,10 @@ one overridable hook each: which state is shared (`shared_keys`), the client's l
 (`local_update`, with `local_penalty` and `adjust_gradients` for the common variants), extra
 tensors each way (returned by `local_update`, sent by `server_payload`), the server's step
 (`server_update`, by default `aggregate`), what each client keeps (`personalized_state`, after an
-optional `final_update` such as fine-tuning), the method's own state across rounds
-(`state_dict`) and the settings it needs (`check_settings`). The base class is FedAvg."""
+optional `final_update` such as fine-tuning), what an unseen site receives
+(`unseen_site_state`), the network it trains around the configured model (`network`), the
+method's own state across rounds (`state_dict`) and the settings it needs (`check_settings`).
+The base class is FedAvg; `ServerOptimizer` is the base of server rules on the parameters."""
 
 from __future__ import annotations
 
@@ -108,6 +110,11 @@ class Method:
         self.params = {**self.defaults, **params}
         self.num_clients = num_clients
 
+    @classmethod
+    def network(cls, model: nn.Module, task: Task, config: dict[str, Any]) -> nn.Module:
+        """The network the method trains and scores, made from the configured `model` (itself)."""
+        return model
+
     def shared_keys(self, model: nn.Module) -> list[str]:
         """State-dict keys sent to and averaged by the server."""
         return list(model.state_dict())
@@ -201,6 +208,12 @@ class Method:
     def personalized_state(self, client: int, state: State) -> State:
         """The model a client keeps and is scored with; `state` is its own state merged with the
         latest global shared parameters."""
+        return state
+
+    def unseen_site_state(self, state: State) -> State:
+        """The global model an unseen site receives, from the engine's (the shared state, unshared
+        keys filled by the clients' mean): FedRoD adjusts its generic head to the federation's
+        class prior; unchanged by default."""
         return state
 
 

@@ -8,9 +8,9 @@ client i receives w, copies it to w_i and, for every batch of `train.local_epoch
   1. v_i takes one `train.optimizer` step on the task loss of the mixed model
      alpha_i * v_i + (1 - alpha_i) * w_i (parameters mixed; w_i is detached, so only v_i moves:
      its gradient is alpha_i times the mixed model's), with w_i as it was before this batch;
-  2. with `method.adaptive`, alpha_i <- clip(alpha_i - alpha_lr * <v_i - w_i, grad>, 0, 1), the
-     paper's gradient step on alpha_i (grad: the mixed model's, taken at the same point as 1;
-     the clip keeps it in [0, 1] as the paper requires);
+  2. with `method.adaptive` (the default), alpha_i <- clip(alpha_i - eta * <v_i - w_i, grad>,
+     0, 1), the paper's gradient step on alpha_i (grad: the mixed model's, taken at the same point
+     as 1; the clip keeps it in [0, 1] as the paper requires);
   3. w_i takes the step FedAvg takes on the same batch (the default `train_steps`, bit for bit
      FedAvg's, so the server receives exactly FedAvg's update; v_i never leaves the client).
 The server averages the w_i as FedAvg does (sample-weighted, buffers included). v_i starts as the
@@ -22,14 +22,23 @@ integer buffers (num_batches_tracked) take the rounded mix, so alpha 0 gives w's
 v_i's counts exactly. Before its first round a client is scored with w. v_i's optimizer is
 fresh every round, as w's is; its steps count into the client's steps (so twice FedAvg's).
 A model with dropout would draw v_i's masks from the same torch RNG as w_i's, so w_i would then
-differ from FedAvg's. Defaults: alpha 0.5 (`method.alpha`, the middle of the paper's fixed
-values 0.25, 0.5, 0.75), fixed (`method.adaptive` false), alpha_lr 0.01 (`method.alpha_lr`, the
-adaptive step size; the paper uses the models' step size)."""
+differ from FedAvg's.
+
+Defaults: adaptive alpha (`method.adaptive`, the paper's headline: its Algorithm 1 updates alpha_i
+in every local step), starting at 0.5 (`method.alpha`, the middle of the paper's fixed values
+0.25, 0.5, 0.75); `method.adaptive=false` keeps alpha_i fixed at `method.alpha`. The step size eta
+(`method.alpha_lr`) is "lr": `train.lr`, the models' step size, as in the paper (one eta_t for w,
+v and alpha) and in the authors' code (FedTorch passes the models' learning rate to its alpha
+update); a number sets it apart. With Adam (the presets' optimizer) the models' steps are Adam's
+and alpha's stays the paper's plain gradient step. The authors' code steps alpha once per round
+(first batch) and adds 0.02 * alpha to its gradient; neither is in the paper, and neither is
+done here."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -93,12 +102,28 @@ def number(config: dict[str, Any], key: str) -> Any:
     return config.get("method", {}).get(key, APFL.defaults[key])
 
 
+def alpha_rate(value: Any, train: dict[str, Any]) -> float:
+    """alpha's step size: `train.lr` for "lr", else the number `value` (a command line gives
+    it as text); a FedbenchError naming `method.alpha_lr` when it is neither a number >= 0."""
+    if value == "lr":
+        return float(train["lr"])
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        rate = float(value)
+    except (TypeError, ValueError):
+        rate = float("nan")
+    if not (math.isfinite(rate) and rate >= 0):
+        raise FedbenchError(f'method.alpha_lr must be "lr" or a number >= 0, got {value!r}')
+    return rate
+
+
 class APFL(Method):
     """FedAvg on w; each client also trains v_i inside the mixture and is scored with it."""
 
     name = "apfl"
-    description = "APFL: a personal model per client mixed with the global one (method.alpha)"
-    defaults = {"alpha": 0.5, "adaptive": False, "alpha_lr": 0.01}
+    description = "APFL: a personal model mixed with the global one, adaptive alpha (method.alpha)"
+    defaults = {"alpha": 0.5, "adaptive": True, "alpha_lr": "lr"}
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)
@@ -107,14 +132,12 @@ class APFL(Method):
 
     @classmethod
     def check_settings(cls, config: dict[str, Any]) -> None:
-        alpha, rate = number(config, "alpha"), number(config, "alpha_lr")
-        adaptive = number(config, "adaptive")
+        alpha, adaptive = number(config, "alpha"), number(config, "adaptive")
         if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
             raise FedbenchError(f"method.alpha must be a number in [0, 1], got {alpha!r}")
         if not isinstance(adaptive, bool):
             raise FedbenchError(f"method.adaptive must be true or false, got {adaptive!r}")
-        if isinstance(rate, bool) or not isinstance(rate, int | float) or not rate >= 0:
-            raise FedbenchError(f"method.alpha_lr must be a number >= 0, got {rate!r}")
+        alpha_rate(number(config, "alpha_lr"), {"lr": config.get("train", {}).get("lr", 0.0)})
 
     def local_update(self, model: nn.Module, ctx: LocalContext) -> State:
         """FedAvg's update of `model` (w_i), with a step of v_i before each of its steps."""
@@ -148,11 +171,11 @@ class APFL(Method):
         grad = mixed_step(shared, personal, optimizer, ctx.task, batch, self.alphas[ctx.client])
         ctx.steps += 1
         if self.params["adaptive"]:
-            self.move_alpha(ctx.client, grad)
+            self.move_alpha(ctx.client, grad, alpha_rate(self.params["alpha_lr"], ctx.train))
 
-    def move_alpha(self, client: int, grad: float) -> None:
-        """alpha_i <- clip(alpha_i - alpha_lr * grad, 0, 1)."""
-        moved = self.alphas[client] - float(self.params["alpha_lr"]) * grad
+    def move_alpha(self, client: int, grad: float, rate: float) -> None:
+        """alpha_i <- clip(alpha_i - rate * grad, 0, 1)."""
+        moved = self.alphas[client] - rate * grad
         self.alphas[client] = min(1.0, max(0.0, moved))
 
     def personalized_state(self, client: int, state: State) -> State:

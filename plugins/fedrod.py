@@ -21,10 +21,24 @@ p_i starts at zero, so a client's personalized model starts as the generic one.
 Scored model: the output layer is linear and nothing but additions of terms that do not depend on
 its parameters follow it in `unet` (the top up-layer is its last module; with residual units an
 identity skip is added), so f(x) + p_i(z) is the network whose output-layer weight and bias are
-generic + personal: `personalized_state` returns that one network. The generic model is the
-global model unseen sites get (default adapter `none`). `method.personal_head=false` trains no
-personal head (FedAvg with the balanced risk; every client is scored with the generic model).
-Targets must be class labels (integers)."""
+generic + personal: `personalized_state` returns that one network (the personal head was trained
+on f's raw logits, so f is not adjusted there).
+
+Generic model: the balanced risk makes f + log pi_i fit client i's labels, so softmax(f) is the
+class posterior under a uniform prior. The paper scores its generic model on the union of the
+clients' test sets, balanced in its class-imbalance setups, where that is the right target. For
+segmentation the union's prior is the federation's pooled pixel prior pi_g (foreground a few
+percent), and a uniform prior over-segments. So the generic model handed to unseen sites (and
+scored as the global model) is f + log pi_g, post-hoc logit adjustment (Menon et al., ICLR
+2021): log pi_g is added to the output layer's bias, exact since the layer is linear and only
+additions follow it. Post-hoc rather than training with log pi_i - log pi_g: the training, the
+personal heads and the models sent every round stay the paper's, and pi_g is not needed before
+the first round. pi_g = (N_c + 1) / (N + C) from the pooled label (pixel) counts N_c of the
+clients that took part: each client sends its C counts (int64) once, with its first update
+(counted in the bytes up); pooled counts are the union's prior, i.e. the clients' priors
+weighted by their pixel counts (by their sample counts when images share one size).
+`method.personal_head=false` trains no personal head (FedAvg with the balanced risk) and scores
+every client with the generic model f + log pi_g. Targets must be class labels."""
 
 from __future__ import annotations
 
@@ -35,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedbench.errors import Diverged, FedbenchError
 from fedbench.hookspecs import hookimpl
-from fedbench.method import LocalContext, Method, State, clone_state
+from fedbench.method import ClientUpdate, LocalContext, Method, State, clone_state
 from fedbench.models import output_layer
 
 if TYPE_CHECKING:
@@ -45,8 +59,8 @@ if TYPE_CHECKING:
     from fedbench.data import Split
 
 
-def class_prior(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Add-one smoothed class frequencies of integer labels: (n_c + 1) / (n + C)."""
+def class_counts(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """How many labels (pixels) of each class `targets` holds, as int64."""
     import torch
 
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
@@ -54,8 +68,28 @@ def class_prior(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
     labels = targets.reshape(-1).long()
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise FedbenchError(f"fedrod: labels outside 0..{num_classes - 1} for the output layer")
-    counts = torch.bincount(labels, minlength=num_classes).to(torch.float64)
-    return (counts + 1.0) / (counts.sum() + num_classes)
+    return torch.bincount(labels, minlength=num_classes).to(torch.int64)
+
+
+def smoothed(counts: torch.Tensor) -> torch.Tensor:
+    """Add-one smoothed frequencies (n_c + 1) / (n + C), float64: a finite log for every class."""
+    import torch
+
+    wide = counts.to(torch.float64)
+    return (wide + 1.0) / (wide.sum() + wide.numel())
+
+
+def class_prior(targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Add-one smoothed class frequencies of integer labels: (n_c + 1) / (n + C)."""
+    return smoothed(class_counts(targets, num_classes))
+
+
+def adjusted_bias(bias: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """bias + log prior, added in float64 and cast back (post-hoc logit adjustment)."""
+    import torch
+
+    shift = prior.to(device=bias.device, dtype=torch.float64).log()
+    return (bias.to(torch.float64) + shift).to(bias.dtype)
 
 
 def balanced_logits(outputs: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
@@ -96,19 +130,31 @@ class FedRoD(Method):
     """Balanced-risk generic model shared as in FedAvg; a linear personal head per client."""
 
     name = "fedrod"
-    description = "FedRoD: balanced-softmax generic model + a personal head (method.personal_head)"
+    description = "FedRoD: balanced-softmax generic model (at the pooled prior) + a personal head"
     defaults = {"personal_head": True}
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)
         #: per client, the personal head by model-level key (None: not trained yet, all zeros)
         self.personal: list[State | None] = [None] * num_clients
+        #: server side, per client, the label counts it sent once (None: not received yet)
+        self.counts: list[torch.Tensor | None] = [None] * num_clients
+        #: the output layer's bias key, which carries the generic model's prior adjustment
+        self.bias_key = ""
 
     @classmethod
     def check_settings(cls, config: dict[str, Any]) -> None:
         value = config.get("method", {}).get("personal_head", cls.defaults["personal_head"])
         if not isinstance(value, bool):
             raise FedbenchError(f"method.personal_head must be true or false, got {value!r}")
+
+    def shared_keys(self, model: nn.Module) -> list[str]:
+        """Every key, as in FedAvg; notes the output layer's bias (refused when it has none)."""
+        prefix, layer = output_layer(model)
+        if getattr(layer, "bias", None) is None:
+            raise FedbenchError("fedrod: the output layer has no bias to carry the class prior")
+        self.bias_key = prefixed(prefix, "bias")
+        return super().shared_keys(model)
 
     def class_prior(self, split: Split, num_classes: int) -> torch.Tensor:
         """The client's class prior pi (smoothed label frequencies of its train split)."""
@@ -133,12 +179,34 @@ class FedRoD(Method):
         prefix, layer = output_layer(model)
         enabled = bool(self.params["personal_head"])
         head = self.personal_head(prefix, layer, ctx.client) if enabled else None
-        prior = self.class_prior(ctx.split, num_outputs(layer)).to(ctx.split.inputs.device)
+        classes = num_outputs(layer)
+        prior = self.class_prior(ctx.split, classes).to(ctx.split.inputs.device)
+        first = self.counts[ctx.client] is None  # the client sends its counts once
+        sent = {"class_counts": class_counts(ctx.split.targets, classes)} if first else {}
         self.train_rod(model, layer, head, prior, ctx)
         if head is not None:
             own = {prefixed(prefix, k): v for k, v in head.state_dict().items()}
             self.personal[ctx.client] = clone_state(own)
-        return {}
+        return sent
+
+    def server_update(self, previous: State, updates: list[ClientUpdate]) -> State:
+        """FedAvg's mean; the server keeps the label counts a client sends with its first update."""
+        for update in updates:
+            if "class_counts" in update.extras:
+                self.counts[update.client] = update.extras["class_counts"].detach().cpu().clone()
+        return super().server_update(previous, updates)
+
+    def global_prior(self) -> torch.Tensor | None:
+        """pi_g: the smoothed pooled label counts of the clients heard from (None: none yet)."""
+        received = [c for c in self.counts if c is not None]
+        return smoothed(sum(received[1:], received[0])) if received else None
+
+    def unseen_site_state(self, state: State) -> State:
+        """The generic model for the federation's prior: output bias + log pi_g."""
+        prior = self.global_prior()
+        if prior is None:
+            return state
+        return {**state, self.bias_key: adjusted_bias(state[self.bias_key], prior)}
 
     def train_rod(
         self,
@@ -172,17 +240,24 @@ class FedRoD(Method):
                     ctx.steps += 1
 
     def personalized_state(self, client: int, state: State) -> State:
-        """The client's network with output-layer weight and bias = generic + personal."""
+        """The client's network with output-layer weight and bias = generic + personal; without
+        personal heads, the generic model (adjusted to pi_g)."""
+        if not self.params["personal_head"]:
+            return self.unseen_site_state(state)
         stored = self.personal[client]
         if stored is None:
             return state
         return {**state, **{k: state[k] + v.to(state[k].dtype) for k, v in stored.items()}}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"personal": [None if s is None else clone_state(s) for s in self.personal]}
+        return {
+            "personal": [None if s is None else clone_state(s) for s in self.personal],
+            "counts": [None if c is None else c.clone() for c in self.counts],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.personal = [None if s is None else clone_state(s) for s in state["personal"]]
+        self.counts = [None if c is None else c.clone() for c in state["counts"]]
 
 
 @hookimpl

@@ -1,52 +1,60 @@
 """HarmoFL (Jiang, Wang and Dou, "HarmoFL: Harmonizing Local and Global Drifts in Federated
-Learning on Heterogeneous Medical Images", AAAI 2022): FedAvg whose clients (a) train on images
-whose Fourier amplitude is normalized to the client's own average amplitude (local drift) and
-(b) take weight-perturbed steps that seek flat optima (global drift).
+Learning on Heterogeneous Medical Images", AAAI 2022): FedAvg whose network normalizes the Fourier
+amplitude of every input image to one federation-wide amplitude (local drift) and whose clients
+take weight-perturbed steps that seek flat optima (global drift).
 
-Variant, every client in every round, the server a sample-weighted FedAvg of every key:
-  (a) amplitude normalization (`method.amplitude`, on by default). Each training batch x, of
-      shape [B, C, H, W], is transformed per image and channel by a 2-D FFT over (H, W) into an
-      amplitude |F(x)| and a phase. Client k keeps one amplitude A_k [C, H, W], a running mean
-      of its batches' mean amplitude: A_k = batch mean on its first batch, then
-          A_k <- (1 - m) * A_k + m * mean_b |F(x_b)|          (m = `method.amplitude_momentum`),
-      updated before the batch is normalized. Each image becomes real(F^-1(A * exp(i phase)))
-      where A is A_k inside the low-frequency box |f_y| <= floor(L * H), |f_x| <= floor(L * W)
-      and its own amplitude outside (L = `method.amplitude_band`; the default 0, as released,
-      replaces only the zero frequency; 0.5 normalizes the whole spectrum). A_k is kept across
-      rounds on the client (in `state_dict`), never sent: nothing but the model goes up.
+Variant, the server a sample-weighted FedAvg of every key:
+  (a) amplitude normalization (`method.amplitude`, on by default), as the release's AmpNorm
+      layer: the network HarmoFL trains and scores (`HarmoFL.network`, which the engine builds for
+      every run, so each site's model and an unseen site's model have it too) is the configured
+      one behind a layer holding an amplitude buffer A [C, H, W] (C the task's input channels,
+      H = W = `data.size`, which the setting therefore needs). Its forward pass, in training and
+      at test time alike, takes each image and channel of a batch [B, C, H, W] by a 2-D FFT over
+      (H, W) to an amplitude and a phase, and returns real(F^-1(A' * exp(i phase))), A' being A
+      inside the low-frequency box |f_y| <= floor(L * H), |f_x| <= floor(L * W) and the image's
+      own amplitude outside (L = `method.amplitude_band`; the default 0, as released, replaces
+      only the zero frequency; 0.5 the whole spectrum). The forward pass never changes A.
+      Until the first aggregation, client k sets A to its running amplitude, updated before each
+      of its batches x: A_k = mean_b |F(x_b)| on its first batch, then
+          A_k <- (1 - m) * A_k + m * mean_b |F(x_b)|          (m = `method.amplitude_momentum`).
+      A is a model buffer, so the server averages it as FedAvg averages buffers and the bytes
+      count it each way, every round. The first aggregation fixes it (the release's fix_amp):
+      clients no longer update it, the server keeps it, and training, each site's model and the
+      model an unseen site receives all normalize with that one federation-wide amplitude.
   (b) weight perturbation (`method.rho`, the paper's alpha). At each step with gradient g of the
       loss at w over the trainable parameters, the weights move to w + rho * g / (||g|| + 1e-12),
       ||g|| the 2-norm over all of them; the gradient there replaces g, the weights return to w
       exactly, and the optimizer (`train.optimizer`, fresh each round) steps with it. The second
       forward pass leaves normalization statistics as the first one set them. rho = 0 skips it.
-With `method.rho=0` and `method.amplitude=false` this is FedAvg bit for bit.
+With `method.rho=0` and `method.amplitude=false` this is FedAvg bit for bit (the network is then
+the configured one).
 
-Differences from the released code (med-air/HarmoFL), read, not copied: there the amplitude
-buffer is a model buffer that the first aggregation averages over the clients and then freezes
-(all clients then share one federation-wide amplitude), its helper is called so that only the
-zero-frequency amplitude is replaced (the default `amplitude_band=0` here), and the base
-optimizers carry weight decay 1e-4. Here A_k never leaves client k and keeps its momentum
-update every round.
-
-Not expressible here: the released model applies the normalization in its forward pass, so it
-also normalizes test images. fedbench scores `personalized_state` with the plain network on raw
-images, so HarmoFL here normalizes training inputs only; the scored model sees raw images.
-Defaults: rho 0.05 (the paper's), amplitude on, momentum 0.1 and band 0 (as released). On the
-embedded synthetic data (default preset, seed 0) the whole-spectrum band 0.5 scored 0.689 inside
-against 0.717 with the amplitude off."""
+Differences from the released code (med-air/HarmoFL), read, not copied: its server weighs the
+clients equally (the same as by samples there, as it cuts every client's training set to the
+smallest one's unless --imbalance); its clients update the buffer at every forward pass of the
+first round, the perturbed one included, here once per batch; its Cython helper declares the
+momentum a C int, so under its pinned Cython 0.29 the 0.1 arrives as 0 and the running amplitude
+is in effect the first batch's (`amplitude_momentum=0` does that here; the default 0.1 keeps the
+paper's running mean); its base optimizers carry weight decay 1e-4. Remaining choice: no client
+keeps an amplitude of its own after the first aggregation (as released), so a client that first
+takes part later (`train.clients_per_round`) trains with the federation's amplitude throughout.
+Defaults: rho 0.05 (the paper's), amplitude on, momentum 0.1 and band 0."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
-from fedbench.method import LocalContext, Method, State
+from fedbench.method import ClientUpdate, LocalContext, Method, State
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from fedbench.task import Task
 
 EPS = 1e-12
 
@@ -84,6 +92,61 @@ def normalize_amplitude(batch: torch.Tensor, target: torch.Tensor, band: float) 
     mixed = torch.where(mask, target.to(amplitude.dtype), amplitude)
     rebuilt = torch.polar(mixed, spectrum.angle())
     return torch.fft.ifft2(rebuilt, dim=(-2, -1)).real.to(batch.dtype)
+
+
+def check_images(batch: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Refuse, naming the settings, inputs that are not images of the amplitude buffer's shape."""
+    if batch.dim() != 4:
+        raise FedbenchError(
+            "method.amplitude needs image batches [N, C, H, W], got inputs of shape "
+            f"{tuple(batch.shape)}; set method.amplitude=false for this dataset"
+        )
+    if tuple(batch.shape[1:]) != tuple(shape):
+        raise FedbenchError(
+            f"method.amplitude: the amplitude buffer is {tuple(shape)} (the task's channels and "
+            f"data.size), the images are {tuple(batch.shape[1:])}"
+        )
+
+
+@functools.cache
+def harmonized_class() -> type[nn.Module]:
+    """The network behind HarmoFL's amplitude normalization, made on first use (listing plugins
+    imports no torch); the module's `Harmonized` attribute names it, so it pickles."""
+    import torch
+    from torch import nn
+
+    class Harmonized(nn.Module):
+        """`network` on images normalized to the `amplitude` buffer (the release's AmpNorm, the
+        first layer of its networks, so test images are normalized too); the forward pass never
+        changes the buffer: HarmoFL's local update sets it before the first aggregation."""
+
+        def __init__(self, network: nn.Module, shape: tuple[int, int, int], band: float) -> None:
+            super().__init__()
+            self.register_buffer("amplitude", torch.zeros(shape))
+            self.network = network
+            self.band = band
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            check_images(x, tuple(self.amplitude.shape))
+            with torch.autocast(x.device.type, enabled=False):  # the FFTs in the input's dtype
+                x = normalize_amplitude(x, self.amplitude, self.band)
+            return self.network(x)
+
+    Harmonized.__module__, Harmonized.__qualname__ = __name__, "Harmonized"
+    return Harmonized
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Harmonized":
+        return harmonized_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def harmonized(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The amplitude normalization layer of `model` (chosen by type) and its name, or None."""
+    kind = harmonized_class()
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, kind)]
+    return found[0] if found else None
 
 
 def perturbed_gradients(model: nn.Module, closure: Callable[[], torch.Tensor], rho: float) -> None:
@@ -124,16 +187,23 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def image_size(config: dict[str, Any]) -> int | None:
+    """`data.size`, the side of the square images, when the dataset sets one."""
+    size = config.get("data", {}).get("size")
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
 class HarmoFL(Method):
-    """FedAvg + per-client amplitude normalization of training images + perturbed steps."""
+    """FedAvg + amplitude normalization inside the network + weight-perturbed steps."""
 
     name = "harmofl"
-    description = "HarmoFL: amplitude-normalized training images + weight-perturbed (flat) steps"
+    description = "HarmoFL: amplitude normalization in the network + weight-perturbed (flat) steps"
     defaults = {"rho": 0.05, "amplitude": True, "amplitude_momentum": 0.1, "amplitude_band": 0.0}
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)
-        self.amplitudes: list[torch.Tensor | None] = [None] * num_clients
+        self.amplitude_key: str | None = None
+        self.fixed = False  # the release's fix_amp: set by the first aggregation
 
     @classmethod
     def check_settings(cls, config: dict[str, Any]) -> None:
@@ -143,16 +213,49 @@ class HarmoFL(Method):
             raise FedbenchError(f"method.rho must be a number >= 0, got {rho!r}")
         if not isinstance(on, bool):
             raise FedbenchError(f"method.amplitude must be true or false, got {on!r}")
-        if not is_number(momentum) or not 0 < momentum <= 1:
+        if not is_number(momentum) or not 0 <= momentum <= 1:
             raise FedbenchError(
-                f"method.amplitude_momentum must be a number in (0, 1], got {momentum!r}"
+                f"method.amplitude_momentum must be a number in [0, 1], got {momentum!r}"
             )
         if not is_number(band) or not 0 <= band <= 0.5:
             raise FedbenchError(f"method.amplitude_band must be a number in [0, 0.5], got {band!r}")
+        if on and image_size(config) is None:
+            raise FedbenchError(
+                "method.amplitude needs data.size (the side of the square images), which sizes "
+                "the amplitude buffer; this dataset sets none: set method.amplitude=false"
+            )
+
+    @classmethod
+    def network(cls, model: nn.Module, task: Task, config: dict[str, Any]) -> nn.Module:
+        """`model` behind the amplitude normalization (buffer [C, data.size, data.size], zero
+        until the first round sets it) when `method.amplitude` is on, else `model` itself."""
+        if not setting(config, "amplitude"):
+            return model
+        channels, size = getattr(task, "in_channels", None), image_size(config)
+        if not isinstance(channels, int) or size is None:
+            raise FedbenchError(
+                "method.amplitude needs an image task (input channels) and data.size; "
+                "set method.amplitude=false for this dataset"
+            )
+        band = float(setting(config, "amplitude_band"))
+        return harmonized_class()(model, (channels, size, size), band)
+
+    def shared_keys(self, model: nn.Module) -> list[str]:
+        """Every key, as in FedAvg, the amplitude buffer's included (its key is noted)."""
+        layer = harmonized(model)
+        if layer is None and self.params["amplitude"]:
+            raise FedbenchError(
+                "method.amplitude needs the network HarmoFL.network builds (the configured one "
+                "behind the amplitude normalization); this model has no such layer"
+            )
+        if layer is not None:  # "amplitude" when the layer is the whole network
+            self.amplitude_key = f"{layer[0]}.amplitude".lstrip(".")
+        return super().shared_keys(model)
 
     def local_update(self, model: nn.Module, ctx: LocalContext) -> State:
-        """`train.local_epochs` epochs of perturbed steps on amplitude-normalized batches; sends
-        nothing but the model."""
+        """`train.local_epochs` epochs of perturbed steps (the network normalizes each batch's
+        amplitude); before the first aggregation each batch first updates the client's running
+        amplitude, which the layer then holds. Sends nothing but the model."""
         import torch
 
         from fedbench.errors import Diverged
@@ -160,9 +263,12 @@ class HarmoFL(Method):
         model.train()
         optimizer = ctx.make_optimizer(model.parameters())
         rho = float(self.params["rho"])
+        layer = None if self.fixed else harmonized(model)
+        running: torch.Tensor | None = None
         for _ in range(int(ctx.train["local_epochs"])):
-            for raw, targets in ctx.batches():
-                inputs = self.harmonized(ctx.client, raw)
+            for inputs, targets in ctx.batches():
+                if layer is not None:
+                    running = self.learn_amplitude(layer[1], inputs, running)
 
                 def closure(x: torch.Tensor = inputs, y: torch.Tensor = targets) -> torch.Tensor:
                     return self.objective(model, ctx, x, y)
@@ -179,6 +285,18 @@ class HarmoFL(Method):
                 ctx.steps += 1
         return {}
 
+    def learn_amplitude(
+        self, layer: nn.Module, batch: torch.Tensor, running: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The client's running amplitude updated with `batch`, copied into the layer's buffer."""
+        import torch
+
+        check_images(batch, tuple(layer.amplitude.shape))
+        with torch.no_grad():
+            running = update_amplitude(running, batch, float(self.params["amplitude_momentum"]))
+            layer.amplitude.copy_(running)
+        return running
+
     def objective(
         self, model: nn.Module, ctx: LocalContext, inputs: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
@@ -188,29 +306,21 @@ class HarmoFL(Method):
             term = self.local_penalty(model, ctx.global_state)
             return loss if term is None else loss + term
 
-    def harmonized(self, client: int, batch: torch.Tensor) -> torch.Tensor:
-        """`batch` normalized to client's running amplitude (updated with it first), or `batch`
-        itself when `method.amplitude` is off."""
-        import torch
-
-        if not self.params["amplitude"]:
-            return batch
-        if batch.dim() != 4:
-            raise FedbenchError(
-                "method.amplitude needs image batches [N, C, H, W], got inputs of shape "
-                f"{tuple(batch.shape)}; set method.amplitude=false for this dataset"
-            )
-        with torch.no_grad():
-            momentum = float(self.params["amplitude_momentum"])
-            running = update_amplitude(self.amplitudes[client], batch, momentum)
-            self.amplitudes[client] = running
-            return normalize_amplitude(batch, running, float(self.params["amplitude_band"]))
+    def server_update(self, previous: State, updates: list[ClientUpdate]) -> State:
+        """FedAvg's mean of every key; the amplitude buffer's mean only at the first aggregation,
+        which fixes it: from then on the server keeps it as it is."""
+        new = super().server_update(previous, updates)
+        if self.amplitude_key is not None:
+            if self.fixed:
+                new[self.amplitude_key] = previous[self.amplitude_key]
+            self.fixed = True
+        return new
 
     def state_dict(self) -> dict[str, Any]:
-        return {"amplitudes": [None if a is None else a.clone() for a in self.amplitudes]}
+        return {"fixed": self.fixed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.amplitudes = [None if a is None else a.clone() for a in state["amplitudes"]]
+        self.fixed = bool(state["fixed"])
 
 
 @hookimpl

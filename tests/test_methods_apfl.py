@@ -79,7 +79,7 @@ def test_apfl_sends_exactly_the_fedavg_update_from_the_same_start(data):
 
 
 def test_apfl_with_alpha_zero_scores_the_global_model_exactly(data):
-    result = toy_train(data, data.sites, APFL, toy_config(2, alpha=0.0), 0, CPU)
+    result = toy_train(data, data.sites, APFL, toy_config(2, alpha=0.0, adaptive=False), 0, CPU)
     fedavg = toy_train(data, data.sites, FedAvg, toy_config(2), 0, CPU)
     assert same_states(result.global_state, fedavg.global_state)
     for personal, theirs in zip(result.personalized, fedavg.personalized, strict=True):
@@ -87,9 +87,9 @@ def test_apfl_with_alpha_zero_scores_the_global_model_exactly(data):
 
 
 def test_apfl_with_alpha_one_scores_local_training_exactly(data):
-    """alpha = 1: the mixture is v_i alone, trained on its own loss from the same start and on
-    the same batches as the `local` method's model; w is still FedAvg's."""
-    apfl = toy_rounds(APFL, toy_config(2, alpha=1.0), data, 2)
+    """alpha = 1 (fixed): the mixture is v_i alone, trained on its own loss from the same start
+    and on the same batches as the `local` method's model; w is still FedAvg's."""
+    apfl = toy_rounds(APFL, toy_config(2, alpha=1.0, adaptive=False), data, 2)
     local = toy_rounds(Local, toy_config(2), data, 2)
     fedavg = toy_rounds(FedAvg, toy_config(2), data, 2)
     assert same_states(apfl.global_state, fedavg.global_state)
@@ -143,9 +143,10 @@ def test_apfl_adaptive_alpha_follows_its_gradient_and_resumes(data, tmp_path):
     class Spy(APFL):
         log: list[tuple[int, float, float, float]] = []
 
-        def move_alpha(self, client, grad):
+        def move_alpha(self, client, grad, rate):
             before = self.alphas[client]
-            super().move_alpha(client, grad)
+            super().move_alpha(client, grad, rate)
+            assert rate == 0.5, "method.alpha_lr given"
             Spy.log.append((client, before, grad, self.alphas[client]))
 
     cfg = toy_config(2, alpha=0.5, adaptive=True, alpha_lr=0.5)
@@ -224,7 +225,17 @@ def replay_apfl(fed, client: int, start: dict, alpha_lr: float) -> tuple[dict, f
 
 
 def test_apfl_refuses_bad_settings_by_name():
-    for key, value in (("alpha", 1.5), ("alpha", -0.1), ("adaptive", 1), ("alpha_lr", -1.0)):
+    bad = (
+        ("alpha", 1.5),
+        ("alpha", -0.1),
+        ("adaptive", 1),
+        ("alpha_lr", -1.0),
+        ("alpha_lr", "fast"),
+        ("alpha_lr", True),
+        ("alpha_lr", float("nan")),
+    )
+    for key, value in bad:
         with pytest.raises(FedbenchError, match=f"method.{key}"):
             APFL.check_settings(toy_config(1, **{key: value}))
     APFL.check_settings(toy_config(1, **APFL.defaults))
+    APFL.check_settings(toy_config(1, alpha_lr="0.05"))  # as `--set method.alpha_lr=0.05` gives it

@@ -168,8 +168,9 @@ class UniformPrior(FedRoD):
 def test_fedrod_without_personal_head_scores_the_generic_model(data):
     fed = toy_rounds(FedRoD, sgd_config(2, personal_head=False), data, 2)
     assert fed.method.personal == [None] * len(data.sites)
+    generic = fed.method.unseen_site_state(fed.global_state)  # adjusted to the pooled prior
     for i in range(len(data.sites)):
-        assert same_states(fed.personalized(i), fed.global_state)
+        assert same_states(fed.personalized(i), generic)
     fedavg = toy_rounds(FedAvg, sgd_config(2), data, 2)
     assert not same_states(fed.global_state, fedavg.global_state), (
         "the balanced risk is not FedAvg's"
@@ -207,12 +208,14 @@ def test_fedrod_server_never_receives_the_personal_head(data):
     fed = toy_rounds(spy, toy_config(2), data, 2)
     head = output_layer_keys(fed.model)
     every = set(fed.model.state_dict())
-    for updates in spy.received:
+    for round_index, updates in enumerate(spy.received):
         for update in updates:
-            assert set(update.state) == every and update.extras == {}
+            assert set(update.state) == every
+            assert set(update.extras) == ({"class_counts"} if round_index == 0 else set())
     fedavg = toy_rounds(FedAvg, toy_config(2), data, 2)
+    counts = len(data.sites) * 2 * 8  # C = 2 int64 label counts per client, sent once
     assert (fed.cost["bytes_up"], fed.cost["bytes_down"]) == (
-        fedavg.cost["bytes_up"],
+        fedavg.cost["bytes_up"] + counts,
         fedavg.cost["bytes_down"],
     )
     for i, personal in enumerate(fed.method.personal):
@@ -288,13 +291,14 @@ def test_fedrod_one_step_by_hand_balanced_network_plain_summed_head(data):
             torch.testing.assert_close(got, -LR * grad, rtol=1e-4, atol=1e-6)
 
 
-def test_fedrod_personal_heads_survive_a_resume(data):
+def test_fedrod_personal_heads_and_counts_survive_a_resume(data):
     whole = toy_rounds(FedRoD, toy_config(3), data, 3)
     resumed = toy_training(data, data.sites, FedRoD, toy_config(3), seed=0, device=CPU)
     resumed.restore(copy.deepcopy(toy_rounds(FedRoD, toy_config(3), data, 2).snapshot()))
     resumed.run_round()
     for i in range(len(data.sites)):
         assert same_states(resumed.personalized(i), whole.personalized(i))
+    assert same_states(resumed.unseen_site_model()[0], whole.unseen_site_model()[0])
 
 
 def test_fedrod_checks_its_settings():

@@ -49,7 +49,9 @@ def test_silobn_shares_the_affine_weights_and_keeps_the_statistics(data):
         assert torch.equal(state[key], fed.client_states[i][key])
 
 
-def test_lg_fedavg_shares_only_the_output_layer(data):
+def test_lg_fedavg_on_a_two_level_unet_shares_its_one_layer_after_the_bottom(data):
+    """The toy U-Net's only layer run after its bottom block is the output layer (deeper
+    networks share their whole decoder: test_methods_fidelity.py)."""
     fed, updates = spied_round(LGFedAvg, data)
     head = output_layer_keys(fed.model)
     assert head and all(set(u.state) == head for u in updates)

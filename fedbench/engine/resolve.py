@@ -90,8 +90,9 @@ class Run:
         )
 
     def build_model(self, task: Task) -> nn.Module:
-        """A fresh network of the configured model for `task`."""
-        return self.model().build(task, self.config["model"])
+        """A fresh network of the configured model for `task`, as the method trains it."""
+        network = self.model().build(task, self.config["model"])
+        return self.method.network(network, task, self.config)
 
     def federation_identity(self, holdout: str | None, data: str) -> dict[str, Any]:
         """Everything that changes a trained federation, `data` the data's fingerprint; adapter
