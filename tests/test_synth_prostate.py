@@ -127,5 +127,5 @@ def test_settings_are_validated() -> None:
         ds.site_names({"cases_per_site": 2})
     assert ds.preset("quick")["data"]["size"] == 32
     assert ds.preset("paper")["data"] == {"size": 384, "loss": "soft_dice_batch"}
-    assert ds.preset("default") == {}
+    assert ds.preset("default") == {"data": {"size": 32}, "train": {"rounds": 24}}
     assert sp.fedbench_datasets() == [sp.SynthProstate]
