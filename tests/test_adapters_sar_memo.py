@@ -21,9 +21,18 @@ from fedbench_plugins.memo import (
     invert,
     marginal_entropy,
     transform,
+    use_prior_statistics,
     views_loss,
 )
-from fedbench_plugins.sar import SAR, ascend, reliable_entropy, restore, sar_step
+from fedbench_plugins.sar import (
+    SAR,
+    Recovery,
+    ascend,
+    reliable_entropy,
+    restore,
+    sar_step,
+    source_level,
+)
 
 CPU = torch.device("cpu")
 REGISTRY = load_registry()
@@ -110,15 +119,16 @@ def test_sar_step_by_hand():
     loss = sar_step(model, torch.zeros(1, 1, 1, 4), [model.w], optimizer, 0.4, rho)
     p = sigmoid(2.5)  # (rel 1e-9: SAM's 1e-12 in rho / (||g|| + 1e-12) moves w' a hair)
     assert model.w.item() == pytest.approx(-lr * (-2.5 * p * (1 - p)) / 2, rel=1e-9)
-    expected = (entropy_of(sigmoid(5.0)) + entropy_of(p)) / 2 / math.log(2)  # over ln C
+    expected = (entropy_of(sigmoid(5.0)) + entropy_of(p)) / 2  # in nats
     assert loss == pytest.approx(expected, rel=1e-9)
 
 
 def test_sar_optimizers():
     w = [torch.nn.Parameter(torch.zeros(1))]
-    sgd = SAR({}).optimizer(w)
+    sgd = SAR({"optimizer": "sgd"}).optimizer(w)
     assert type(sgd) is torch.optim.SGD and sgd.defaults["momentum"] == 0.9
-    assert type(SAR({"optimizer": "adam"}).optimizer(w)) is torch.optim.Adam
+    adam = SAR({}).optimizer(w)  # the default: tent's Adam and lr
+    assert type(adam) is torch.optim.Adam and adam.defaults["lr"] == 1e-3
 
 
 def test_sam_ascent_by_hand_and_exact_restore():
@@ -133,10 +143,31 @@ def test_sam_ascent_by_hand_and_exact_restore():
 
 
 def test_sar_recovered_after_every_batch_is_bn_adapt(toy):
-    # the normalised loss is below 0.4, so reset = 1 restores the initial weights every batch
-    recovered = predict(SAR({"reset": 1.0, "epochs": 2}), toy)
+    # a threshold above any loss ratio restores the initial weights after every batch
+    sar = SAR({"reset": 1e9, "epochs": 2})
+    recovered = predict(sar, toy)
     assert torch.equal(recovered, predict(builtin("bn-adapt"), toy))
+    assert sar.recoveries == sar.updates == 2 * 4  # 16 images in batches of 4, two passes
     assert not torch.equal(predict(SAR({"reset": 0.0}), toy), predict(builtin("bn-adapt"), toy))
+
+
+def test_recovery_average_by_hand():
+    recovery = Recovery(threshold=0.5)
+    assert not recovery.collapsed(2.0, 2.0)  # ratio 1: the average starts there
+    assert not recovery.collapsed(0.1, 1.0)  # 0.9 * 1 + 0.1 * 0.1 = 0.91
+    assert recovery.ema == pytest.approx(0.91)
+    assert not recovery.collapsed(5.0, None)  # no source level: the batch is left out
+    assert recovery.ema == pytest.approx(0.91)
+    fresh = Recovery(threshold=0.5)
+    assert fresh.collapsed(0.4, 1.0) and fresh.ema is None  # 0.4 < 0.5: reset, restart
+
+
+def test_source_level_is_the_source_models_filtered_entropy():
+    # pixels z = 0, 5, 3, 2 (as above): 0 and 2 are unreliable at E0 = 0.4 ln 2
+    source = ShiftedLogits([0.0, 5.0, 3.0, 2.0], [0.0] * 4)
+    level = source_level(source, torch.zeros(1, 1, 1, 4), 0.4)
+    assert level == pytest.approx((entropy_of(sigmoid(5.0)) + entropy_of(sigmoid(3.0))) / 2)
+    assert source_level(source, torch.zeros(1, 1, 1, 4), 1e-12) is None  # nothing reliable
 
 
 def test_sar_steps_nowhere_without_a_reliable_pixel(toy):
@@ -157,14 +188,15 @@ def test_sar_settings_are_validated(setting, value):
 
 
 @pytest.mark.parametrize("params", [{"steps": 0}, {"lr": 0.0}], ids=["steps0", "lr0"])
-def test_memo_without_a_step_is_none(toy, params):
-    memo = predict(MEMO(params), toy)
+def test_memo_without_a_step_or_bn_prior_is_none(toy, params):
+    memo = predict(MEMO({**params, "prior_strength": -1.0}), toy)
     assert torch.equal(memo, predict(builtin("none"), toy, batch_size=1))  # one image a pass
     assert torch.allclose(memo, predict(builtin("none"), toy), atol=1e-5)  # batches of four
 
 
 def test_memo_steps_change_the_prediction(toy):
-    assert not torch.equal(predict(MEMO({"lr": 0.1}), toy), predict(builtin("none"), toy, 1))
+    memo = MEMO({"lr": 0.1, "prior_strength": -1.0})
+    assert not torch.equal(predict(memo, toy), predict(builtin("none"), toy, 1))
 
 
 def test_marginal_entropy_by_hand():
@@ -210,6 +242,58 @@ def test_augment_without_intensity_is_the_views():
     assert not torch.equal(jittered, copies)
 
 
+def test_memo_step_by_hand():
+    # a per-pixel two-class model, logits (w0 x + c0, w1 x + c1). Mapped back, copy i at a pixel
+    # sees x (1 + a_i) + b_i s (gain a_i, offset b_i, s the image's std), so with d_i = (w1 -
+    # w0) x_i + c1 - c0 and q_i = sigmoid(d_i) the marginal is m = mean_i q_i and, per pixel,
+    # dH(m)/d(w1 - w0) = log((1 - m) / m) mean_i q_i (1 - q_i) x_i (and without x_i for c1 -
+    # c0); the loss is the mean over pixels. w1 gets -lr g, w0 gets +lr g.
+    views, lr, intensity = 8, 0.5, 0.3
+    image = torch.randn(1, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    model = torch.nn.Conv2d(1, 2, 1).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([0.3, -0.8], dtype=torch.float64).view(2, 1, 1, 1))
+        model.bias.copy_(torch.tensor([0.1, 0.4], dtype=torch.float64))
+    draws = (torch.rand(views, 2, generator=torch.Generator().manual_seed(9)) * 2 - 1) * intensity
+    gain, offset = draws[:, 0].double().view(-1, 1, 1), draws[:, 1].double().view(-1, 1, 1)
+    x = image[0] * (1 + gain) + offset * image.std()  # [B, H, W], each copy mapped back
+    q = torch.sigmoid((-0.8 - 0.3) * x + (0.4 - 0.1))
+    m = q.mean(0)
+    slope = ((1 - m) / m).log()
+    g_w = (slope * (q * (1 - q) * x).mean(0)).mean().item()
+    g_c = (slope * (q * (1 - q)).mean(0)).mean().item()
+    memo = MEMO({"lr": lr, "augmentations": views, "intensity": intensity, "prior_strength": -1})
+    out = memo.adapt_and_predict(model, image, torch.Generator().manual_seed(9))
+    expected_w = [0.3 + lr * g_w, -0.8 - lr * g_w]
+    expected_c = [0.1 + lr * g_c, 0.4 - lr * g_c]
+    assert abs(g_w) > 1e-3 and abs(g_c) > 1e-3  # the step moves the weights
+    assert model.weight.flatten().tolist() == pytest.approx(expected_w, rel=1e-9)
+    assert model.bias.tolist() == pytest.approx(expected_c, rel=1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(image.unsqueeze(0)).float())
+
+
+def test_single_point_batch_norm_by_hand():
+    # N = 16: statistics 16/17 running + 1/17 the input's own (unbiased variance)
+    bn = torch.nn.BatchNorm2d(2).double().eval()
+    bn.running_mean.copy_(torch.tensor([1.0, -1.0]))
+    bn.running_var.copy_(torch.tensor([4.0, 0.25]))
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([2.0, 0.5]))
+        bn.bias.copy_(torch.tensor([0.0, 1.0]))
+    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    running = bn(x)
+    mean = (16 * bn.running_mean + x.mean((0, 2, 3))) / 17
+    var = (16 * bn.running_var + x.var((0, 2, 3))) / 17
+    scale = (bn.weight / (var + bn.eps).sqrt()).view(1, 2, 1, 1)
+    expected = (x - mean.view(1, 2, 1, 1)) * scale + bn.bias.view(1, 2, 1, 1)
+    model = torch.nn.Sequential(bn)
+    assert torch.equal(use_prior_statistics(model, -1.0)(x), running)  # < 0: running only
+    assert torch.equal(use_prior_statistics(model, math.inf)(x), running)  # and inf
+    torch.testing.assert_close(use_prior_statistics(model, 16.0)(x), expected)
+    assert bn.running_mean.tolist() == [1.0, -1.0]  # the running statistics are not updated
+
+
 def test_memo_resets_between_images(toy):
     data, federation, images = toy
     same = UnlabeledImages(images.inputs[:1].repeat(3, 1, 1, 1))
@@ -219,7 +303,14 @@ def test_memo_resets_between_images(toy):
 
 
 @pytest.mark.parametrize(
-    ("setting", "value"), [("steps", -1), ("augmentations", 0), ("lr", -1.0), ("intensity", -1.0)]
+    ("setting", "value"),
+    [
+        ("steps", -1),
+        ("augmentations", 0),
+        ("lr", -1.0),
+        ("intensity", -1.0),
+        ("prior_strength", math.nan),
+    ],
 )
 def test_memo_settings_are_validated(setting, value):
     model = toy_builder(toy_data())()
