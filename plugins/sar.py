@@ -23,9 +23,9 @@ top blocks of its networks; here all are adapted, as `tent` does), with
     pixels is far below any absolute level (about 0.01 nats on synth-prostate), so an absolute
     threshold fires after every step and SAR becomes bn-adapt; the ratio keeps the meaning:
     collapse to one class drives it to 0 (measured without recovery, synth-prostate at 64
-    pixels and 12 rounds, HK held out: at Adam lr 1e-2 the average crosses 0.2 in the third pass, Dice down
-    from 0.64 to 0.09, and the mask is empty in the fourth; at lr 1e-3 it stays above 0.4 for
-    10 passes).
+    pixels and 12 rounds, HK held out: at Adam lr 1e-2 the average crosses 0.2 in the third
+    pass, Dice down from 0.64 to 0.09, and the mask is empty in the fourth; at lr 1e-3 it
+    stays above 0.4 for 10 passes).
 A batch without a reliable pixel makes no step. Per batch: one update, then that batch is
 predicted with the updated (or just recovered) model, as `tent` here (the paper's code returns
 the pre-update forward); `epochs` passes, the last one returned, as every adapter's
