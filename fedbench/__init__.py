@@ -17,6 +17,8 @@ _PUBLIC = {
     "hookimpl": "fedbench.hookspecs",
     "hookspec": "fedbench.hookspecs",
     "Method": "fedbench.method",
+    "ServerOptimizer": "fedbench.method",
+    "trainable_keys": "fedbench.method",
     "ClientUpdate": "fedbench.method",
     "State": "fedbench.method",
     "weighted_mean": "fedbench.method",

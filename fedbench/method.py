@@ -235,8 +235,15 @@ class ServerOptimizer(Method):
         """FedAvg's mean for every key, then `server_step` on each parameter's float64 mean."""
         import torch
 
+        from fedbench.errors import FedbenchError
+
         weights = [u.num_samples for u in updates]
         new = weighted_mean([u.state for u in updates], weights)
+        if not self.parameter_keys and any(v.dtype.is_floating_point for v in new.values()):
+            raise FedbenchError(
+                f"{type(self).__name__}: server_update before shared_keys(model) named the "
+                "parameters (call super().shared_keys in an override)"
+            )
         keys = [k for k in new if k in self.parameter_keys and new[k].dtype.is_floating_point]
         if not keys:
             return new

@@ -102,9 +102,9 @@ def test_cd_diagram_and_heatmap_are_pngs_of_the_planned_size(three, tmp_path):
 
 
 def test_a_cd_diagram_of_two_rows_is_one_clear_line(tmp_path):
-    for method in ("a", "b"):
+    for method, x in (("a", 0.5), ("b", 0.4)):
         for seed in (0, 1):
-            write(tmp_path, make_record(f"{method}{seed}", method, seed, {"x": 0.5, "y": 0.6}))
+            write(tmp_path, make_record(f"{method}{seed}", method, seed, {"x": x, "y": 0.6}))
     result = runner.invoke(
         app, ["leaderboard", "--results-dir", str(tmp_path), "--cd", str(tmp_path / "cd.png")]
     )
@@ -123,3 +123,14 @@ def test_heatmap_scale_is_shared_and_labels_mark_significance(three):
     assert colour_range(hd) == pytest.approx((inside.min(), outside.max()))
     assert outside.max() > inside.max(), "one scale for both panels, not each its own"
     assert row_labels(lb.boards[0])[0] == "1. best"
+
+
+def test_a_cd_diagram_counts_a_repeated_result_once(tmp_path):
+    """Rows that are one result under two names take one place in the ranking."""
+    for method, x in (("a", 0.5), ("b", 0.4), ("c", 0.5)):
+        for seed in (0, 1):
+            write(tmp_path, make_record(f"{method}{seed}", method, seed, {"x": x, "y": 0.6}))
+    result = runner.invoke(
+        app, ["leaderboard", "--results-dir", str(tmp_path), "--cd", str(tmp_path / "cd.png")]
+    )
+    assert result.exit_code != 0 and "it has 2 rows" in result.stderr

@@ -11,6 +11,7 @@ import pytest
 from scipy.stats import wilcoxon
 from test_leaderboard import board_row, make_record, write
 
+from fedbench.results.compute import fedavg_reference
 from fedbench.results.formats import legend_lines, to_markdown
 from fedbench.results.leaderboard import build_leaderboard, load_records
 from fedbench.results.statistics import bootstrap_ci, same_results, shared_ranks, smallest_p
@@ -128,3 +129,27 @@ def test_records_without_seconds_show_none(tmp_path):
     write(tmp_path, make_record("a0", "a", 0, {"x": 0.5}))
     row = board_row(build_leaderboard(load_records(tmp_path)[0]), "inside", "a")
     assert math.isnan(row["seconds"])
+
+
+def test_the_reference_is_plain_fedavg_whatever_a_variant_of_it_scores():
+    """A study board holds FedAvg at twice the steps too, possibly ranked above plain FedAvg."""
+    frame = pd.DataFrame(
+        {
+            "method": ["ditto", "fedavg", "fedavg", "apfl"],
+            "adapter": ["none"] * 4,
+            "variant": ["methods", "fedavg 2x steps", "methods", "methods"],
+            "client_steps": [1152.0, 1152.0, 576.0, 1152.0],
+            "seconds": [20.0, 20.0, 10.0, 20.0],
+        }
+    )
+    assert fedavg_reference(frame)["variant"] == "methods"
+
+
+def test_off_by_less_than_a_fifth_either_way_is_not_noted(tmp_path):
+    for seed in (0, 1):
+        write(tmp_path, costed(f"f{seed}", "fedavg", seed, 100, 10.0))
+        write(tmp_path, costed(f"c{seed}", "cheap", seed, 83, 8.3))  # 17% fewer
+        write(tmp_path, costed(f"v{seed}", "verycheap", seed, 79, 7.9))  # 21% fewer
+    lb = build_leaderboard(load_records(tmp_path)[0])
+    (note,) = [line for line in lb.notes if line.startswith("inside: compute unlike")]
+    assert "verycheap (0.8x steps" in note and "cheap (0.8x" not in note.replace("verycheap", "")

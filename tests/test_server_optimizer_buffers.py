@@ -64,3 +64,13 @@ def test_running_variances_stay_positive_and_eval_outputs_finite(cls):
     fed.model.eval()
     with torch.no_grad():
         assert torch.isfinite(fed.model(data.sites[0].test.inputs)).all()
+
+
+def test_a_server_step_before_the_parameters_are_known_is_refused():
+    """Without shared_keys the rule cannot tell parameters from statistics: it must not quietly
+    become FedAvg."""
+    from fedbench.errors import FedbenchError
+
+    update = ClientUpdate({"w": torch.ones(2)}, 1, client=0)
+    with pytest.raises(FedbenchError, match="shared_keys"):
+        FedAdam(FedAdam.defaults, 1).server_update({"w": torch.zeros(2)}, [update])

@@ -156,7 +156,7 @@ class Scoring:
         self.fingerprint = fingerprint
         self.val_best_rounds: dict[str, dict[str, int]] = {}
         self.rows: list[dict[str, Any]] = []
-        self.costs: dict[str, dict[str, int]] = {}
+        self.costs: dict[str, dict[str, Any]] = {}
         self.history: dict[str, list[dict[str, Any]]] = {}
         self.kept: predictions.Kept = {}
         self.rgb = bool(getattr(run.dataset, "display_rgb", False))

@@ -79,9 +79,13 @@ def legend_lines(lb: Leaderboard) -> list[str]:
         f"p < {ALPHA}; p is '-' when there are no pairs to compare; '= ROW': the same value in "
         "every (site, seed) block as a higher row (one result under two names: its rank, no "
         "comparison of its own)",
+        "the Wilcoxon test counts each (site, seed) pair as independent, but the seeds of one "
+        "site are not, so its p is optimistic; the 95% CI resamples sites: read the two together",
         "95% CI = percentile interval of the mean from a two-stage bootstrap (sites with "
         "replacement, then seeds within each site; 2000 resamples); steps = client optimizer "
-        "steps and wall s = training (+ adaptation) seconds of the regime's federations, per run",
+        "steps and wall s = seconds of training (with its per-round validation where it ran) "
+        "and of adaptation (every selection scored) of the regime's federations, per run; "
+        "seconds depend on the machine's load, steps do not",
         *smallest_p_lines(lb),
         *pooled_lines(lb),
         *lb.notes,

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from fedbench.errors import FedbenchError
+from fedbench.results.compute import compute_notes, regime_cost
 from fedbench.results.record import read_records
 from fedbench.results.statistics import (
     bootstrap_ci,
@@ -94,24 +95,6 @@ def pick_dataset(records: list[dict[str, Any]], dataset: str | None) -> str:
     if dataset not in counts.index:
         raise FedbenchError(f"no records for dataset '{dataset}'; found: {', '.join(counts.index)}")
     return dataset
-
-
-def regime_cost(record: dict[str, Any], regime: str, key: str) -> float:
-    """One cost (bytes, steps, seconds) summed over the federations of one regime; the whole
-    run's when the record does not split it; nan when the record lacks it."""
-    cost = record.get("cost") or {}
-    feds = cost.get("federations")
-    if isinstance(feds, dict) and feds:
-        parts = [c for k, c in feds.items() if (k == "inside") == (regime == "inside")]
-    else:
-        parts = [cost]
-    if key == "bytes":
-        return float(sum(c.get("bytes_up", 0) + c.get("bytes_down", 0) for c in parts))
-    if key == "seconds":  # training of the regime's federations, then adaptation
-        if not all("train_s" in c for c in parts):
-            return math.nan
-        return float(sum(c["train_s"] + c.get("adapt_s", 0.0) for c in parts))
-    return float(sum(c.get(key, math.nan) for c in parts))
 
 
 FRAME_COLUMNS = (
@@ -307,38 +290,6 @@ def board_rank_by(
         )
     notes.append(f"the {regime} board has no pooled test (each unseen site alone): by mean")
     return "mean"
-
-
-#: a row's compute differs from FedAvg's when a ratio leaves [1 / LIMIT, LIMIT]
-COMPUTE_LIMIT = 1.2
-
-
-def compute_notes(board: Board) -> list[str]:
-    """Rows whose client steps or wall seconds differ from FedAvg's by more than 20%, with the
-    ratios: in a budget far from convergence, compute alone can decide a row."""
-    frame = board.frame
-    fedavg = frame[frame["method"] == "fedavg"]
-    if "adapter" in frame and (fedavg["adapter"] == "none").any():
-        fedavg = fedavg[fedavg["adapter"] == "none"]
-    if fedavg.empty:
-        return []
-    reference = fedavg.iloc[0]
-    unlike = []
-    for row in frame.to_dict("records"):
-        ratios = {
-            unit: row[column] / reference[column]
-            for column, unit in (("client_steps", "steps"), ("seconds", "wall s"))
-            if reference[column] > 0 and pd.notna(row[column])
-        }
-        if any(not 1 / COMPUTE_LIMIT <= r <= COMPUTE_LIMIT for r in ratios.values()):
-            shown = ", ".join(f"{r:.1f}x {unit}" for unit, r in ratios.items())
-            unlike.append(f"{board.label(row)} ({shown})")
-    if not unlike:
-        return []
-    return [
-        f"{board.regime}: compute unlike fedavg's (client steps or wall seconds off by more "
-        f"than 20%): {'; '.join(unlike)}"
-    ]
 
 
 def other_datasets(records: list[dict[str, Any]], chosen: str) -> list[str]:
