@@ -110,6 +110,25 @@ def expand_names(names: Sequence[str], kind: str, registry: Registry) -> list[st
     return out
 
 
+#: at most this many cells in one grid or study, counted before any is expanded (a product of
+#: sweeps, seeds and parts that no machine could run is refused, not expanded into memory)
+MAX_CELLS = 10_000
+
+
+def check_cell_count(count: int, what: str = "the grid") -> None:
+    """Refuse a plan of more than MAX_CELLS cells, before it is expanded."""
+    if count > MAX_CELLS:
+        raise FedbenchError(
+            f"{what} asks for {count:,} cells; at most {MAX_CELLS:,} (fewer seeds, sweep values "
+            "or methods)"
+        )
+
+
+def adapter_choices(base: RunSpec, adapters: list[str]) -> list[str | None]:
+    """The adapters a grid crosses: those given (never with --holdout none), else the default."""
+    return list(adapters) if adapters and base.holdout != "none" else [None]
+
+
 def cell_specs(
     base: RunSpec,
     methods: list[str],
@@ -119,7 +138,8 @@ def cell_specs(
 ) -> list[RunSpec]:
     """The cross product methods x adapters x variants x seeds as RunSpecs; no adapters given
     means each method's default adapter; a variant adds its settings and names its cells."""
-    choices: list[str | None] = list(adapters) if adapters and base.holdout != "none" else [None]
+    choices = adapter_choices(base, adapters)
+    check_cell_count(len(methods) * len(choices) * len(variants) * len(seeds))
     return [
         replace(
             base,

@@ -119,6 +119,8 @@ def load_study(path: Path) -> Study:
         raise FedbenchError(f"cannot read study {path}: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise FedbenchError(f"study {path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise FedbenchError(f"study {path} nests its tables too deeply to read") from None
     where = f"study {path}"
     unknown_keys(raw, STUDY_KEYS | PART_KEYS, where)
     name = text_value(raw, "name", where, default=Path(path).stem)

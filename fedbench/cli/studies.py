@@ -33,11 +33,22 @@ def labelled_specs(path: Path, base: Any, reg: Any) -> list[tuple[Any, Variant]]
         study=found.name,
     )
     seeds = grid.parse_seeds(found.seeds)
+    parts = [
+        (
+            grid.expand_names(part.methods, "methods", reg),
+            grid.expand_names(part.adapters, "adapters", reg),
+            part_variants(part),
+        )
+        for part in found.parts
+    ]
+    total = sum(
+        len(methods) * len(grid.adapter_choices(base, adapters)) * len(variants) * len(seeds)
+        for methods, adapters, variants in parts
+    )
+    grid.check_cell_count(total, f"study {path}")
     out: list[tuple[Any, Variant]] = []
-    for part in found.parts:
-        methods = grid.expand_names(part.methods, "methods", reg)
-        adapters = grid.expand_names(part.adapters, "adapters", reg)
-        for variant in part_variants(part):
+    for methods, adapters, variants in parts:
+        for variant in variants:
             specs = grid.cell_specs(base, methods, adapters, seeds, [variant])
             out += [(spec, variant) for spec in specs]
     return out
