@@ -6,8 +6,10 @@ from __future__ import annotations
 import time
 
 from test_bad_settings import one_line
+from typer.testing import CliRunner
 
 from fedbench.backends.grid import MAX_CELLS
+from fedbench.cli import app
 
 MU = ",".join(str(i / 1000) for i in range(1, 1000))  # 999 values
 
@@ -42,3 +44,42 @@ def test_a_study_nested_thousands_deep_is_one_line(tmp_path):
     )
     line = one_line(["grid", "--study", str(study), "--dry-run"], tmp_path)
     assert line.startswith(f"error: study {study}")
+
+
+# issue 31, item 7: settings that silently lose, and labels that mean nothing
+
+
+def test_a_sweep_of_a_key_that_set_also_gives_is_refused(tmp_path):
+    args = ["grid", "--method", "fedprox", "--set", "method.mu=0.5", "--sweep", "method.mu=0,0.1"]
+    line = one_line([*args, "--dry-run"], tmp_path)
+    assert "setting method.mu is given twice" in line
+
+
+def test_a_study_part_sweeping_a_key_its_settings_fix_is_refused(tmp_path):
+    study = tmp_path / "clash.toml"
+    study.write_text(
+        'methods = ["fedprox"]\n[[part]]\nname = "p"\nsettings = { "method.mu" = 0.5 }\n'
+        'sweep = { "method.mu" = [0.0, 0.1] }\n'
+    )
+    line = one_line(["grid", "--study", str(study), "--dry-run"], tmp_path)
+    assert "setting method.mu is given twice" in line
+
+
+def test_a_study_sweep_repeating_a_value_is_refused(tmp_path):
+    study = tmp_path / "again.toml"
+    study.write_text('methods = ["fedprox"]\nsweep = { "method.mu" = [0.1, 0.1] }\n')
+    line = one_line(["grid", "--study", str(study), "--dry-run"], tmp_path)
+    assert line.endswith("sweep 'method.mu' repeats a value")
+
+
+def test_group_by_a_setting_no_record_has_is_one_line(tmp_path):
+    from test_leaderboard import make_record, write
+
+    write(tmp_path, make_record("a0", "a", 0, {"x": 0.5}))
+    result = CliRunner().invoke(
+        app, ["leaderboard", "--results-dir", str(tmp_path), "--group-by", "method.nope"]
+    )
+    assert result.exit_code != 0
+    assert result.stderr.strip() == (
+        "error: --group-by method.nope: no record has that setting (e.g. method.mu)"
+    )

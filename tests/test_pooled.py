@@ -152,7 +152,7 @@ def test_rank_by_pooled_ranks_rows_and_compares_the_seeds_pooled_values(records)
 def test_rank_by_pooled_keeps_the_variants_rows(records):
     for record in records:
         record["config"]["method"]["mu"] = 0.1 if record["method"] == "beta" else 0.0
-    lb = build_leaderboard(records, rank_by=POOLED, variants=setting_variants("method.mu"))
+    lb = build_leaderboard(records, rank_by=POOLED, variants=setting_variants("method.mu", records))
     inside = board(lb).frame
     assert list(zip(inside["method"], inside["variant"], strict=True))[0] == (
         "alpha",

@@ -349,3 +349,37 @@ def test_find_record_names_the_bad_field(results):
     write(results, record)
     with pytest.raises(FedbenchError, match=r"extra\.json is not a valid record: bad field seed"):
         find_record(results, "extra")
+
+
+# issue 31, item 7: scores no metric can take put an inf row first on the board
+OUT_OF_RANGE = [
+    ("dice", math.inf),
+    ("dice", 1e308),
+    ("dice", -0.5),
+    ("dice_release", 1.5),
+    ("hd95", -1.0),
+    ("hd95", math.inf),
+    ("c_index", 2.0),
+    ("some_loss", -math.inf),
+]
+
+
+@pytest.mark.parametrize(("metric", "value"), OUT_OF_RANGE)
+def test_a_score_outside_its_metrics_range_is_named_and_skipped(
+    results, clean_board, metric, value
+):
+    record = valid()
+    record["metrics"][0].update(metric=metric, value=value)
+    (results / "runs" / "wild.json").write_text(json.dumps(record))
+    after = board_csv(results)
+    assert after.exit_code == 0, after.output
+    (warning,) = warnings_of(after)
+    assert "wild.json" in warning and "metrics[0]" in warning and "outside" in warning
+    assert after.stdout == clean_board
+
+
+@pytest.mark.parametrize(("metric", "value"), [("dice", 1.0), ("dice", 0.0), ("hd95", 0.0)])
+def test_scores_at_the_ends_of_the_range_pass(metric, value):
+    record = valid()
+    record["metrics"][0].update(metric=metric, value=value)
+    assert validate_record(record) is None

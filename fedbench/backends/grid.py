@@ -124,6 +124,20 @@ def check_cell_count(count: int, what: str = "the grid") -> None:
         )
 
 
+def check_one_value_per_key(overrides: list[str]) -> None:
+    """Refuse two values for one setting in a cell (a --sweep of a key --set also gives, or a
+    study part's settings and sweep naming one key): the later would silently win."""
+    seen: dict[str, str] = {}
+    for text in overrides:
+        key = text.partition("=")[0].strip()
+        if key in seen and seen[key] != text:
+            raise FedbenchError(
+                f"setting {key} is given twice ({seen[key]!r} and {text!r}): --set and --sweep "
+                "(or a part's settings and its sweep) must not name the same key"
+            )
+        seen[key] = text
+
+
 def adapter_choices(base: RunSpec, adapters: list[str]) -> list[str | None]:
     """The adapters a grid crosses: those given (never with --holdout none), else the default."""
     return list(adapters) if adapters and base.holdout != "none" else [None]
@@ -140,6 +154,8 @@ def cell_specs(
     means each method's default adapter; a variant adds its settings and names its cells."""
     choices = adapter_choices(base, adapters)
     check_cell_count(len(methods) * len(choices) * len(variants) * len(seeds))
+    for variant in variants:
+        check_one_value_per_key([*base.overrides, *variant.overrides])
     return [
         replace(
             base,

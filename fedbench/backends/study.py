@@ -160,6 +160,8 @@ def read_part(top: dict[str, Any], table: dict[str, Any], label: str, where: str
         if not isinstance(values, list) or not values:
             raise FedbenchError(f"{where}: sweep '{key}' must be a non-empty list of values")
         sweep[key] = [setting_text(v) for v in values]
+        if len(set(sweep[key])) != len(sweep[key]):
+            raise FedbenchError(f"{where}: sweep '{key}' repeats a value")
     return Part(
         name=label,
         methods=methods,

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fedbench.cli.app import app, fail, out, registry, say, user_errors
+from fedbench.cli.app import app, fail, literal, out, registry, say, user_errors
 from fedbench.errors import FedbenchError
 
 FORMAT_BY_SUFFIX = {".md": "md", ".csv": "csv", ".html": "html", ".htm": "html", ".json": "json"}
@@ -89,7 +89,7 @@ def leaderboard_command(
     if study is not None:
         dataset, variants, study_notes = _study_board(study, dataset, records)
     elif group_by is not None:
-        variants = lbm.setting_variants(group_by)
+        variants = lbm.setting_variants(group_by, records)
     board = lbm.build_leaderboard(records, dataset, metric, selection, variants, rank_by)
     board.notes += study_notes
     if out is not None:
@@ -146,7 +146,7 @@ def _print_tables(board: Any) -> None:
     for table in tables:
         console.print(table)
     for line in legend_lines(board):
-        console.print(line, soft_wrap=True)
+        console.print(literal(line), soft_wrap=True)
 
 
 def curves_command(

@@ -326,17 +326,25 @@ def settings_notes(records: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def setting_variants(key: str) -> Variants:
+def setting_of(record: dict[str, Any], key: str) -> Any:
+    """The value of a dotted setting in a record's config (None where it has none)."""
+    node: Any = record.get("config") or {}
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def setting_variants(key: str, records: list[dict[str, Any]]) -> Variants:
     """Rows by the value of one setting (`--group-by method.mu`): an ablation table. Inside,
-    an adapter setting does not change the federation, so it makes no rows there."""
-    path = key.split(".")
+    an adapter setting does not change the federation, so it makes no rows there. A key no
+    record sets is refused (it would label every row KEY=-)."""
+    if all(setting_of(r, key) is None for r in records):
+        raise FedbenchError(f"--group-by {key}: no record has that setting (e.g. method.mu)")
 
     def variants(record: dict[str, Any], regime: str) -> list[str]:
-        if regime == "inside" and path[0] == "adapter":
+        if regime == "inside" and key.startswith("adapter."):
             return ["-"]
-        node: Any = record.get("config") or {}
-        for part in path:
-            node = node.get(part) if isinstance(node, dict) else None
-        return [f"{key}={'-' if node is None else node}"]
+        value = setting_of(record, key)
+        return [f"{key}={'-' if value is None else value}"]
 
     return variants

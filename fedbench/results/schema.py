@@ -7,6 +7,7 @@ than JSON Schema: a JSON Schema "integer" accepts 1.0, and the models sit beside
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -69,6 +70,15 @@ class Cost(Part):
     federations: dict[str, FederationCost] = {}
 
 
+def metric_range(metric: str) -> tuple[float, float]:
+    """The values a metric can take, by its name: dice* and c_index in [0, 1], hd* at least 0."""
+    if metric.startswith("dice") or metric == "c_index":
+        return 0.0, 1.0
+    if metric.startswith("hd"):
+        return 0.0, math.inf
+    return -math.inf, math.inf
+
+
 class MetricRow(Part):
     """One figure of one site; `value` may be NaN (json writes it), never null or text."""
 
@@ -78,6 +88,18 @@ class MetricRow(Part):
     metric: Name
     value: float
     selection: Literal["final", "val-best"]
+
+    @model_validator(mode="after")
+    def value_in_range(self) -> MetricRow:
+        """A score its metric can take: overlaps and concordance in [0, 1], distances finite and
+        not negative, anything else finite; NaN is 'no value' (an unscorable split)."""
+        value = self.value
+        if math.isnan(value):
+            return self
+        low, high = metric_range(self.metric)
+        if not (low <= value <= high and math.isfinite(value)):
+            raise ValueError(f"{self.metric} value {value!r} is outside [{low}, {high}]")
+        return self
 
     @model_validator(mode="after")
     def holdout_matches_regime(self) -> MetricRow:
