@@ -2,7 +2,8 @@
 
 Raw files are converted once into one `.npz` per site plus `manifest.json` (sha256 of every
 file, the settings, the orphans found). The folder is built under a temporary name next to its
-destination and renamed at the end, so a half-written folder never looks like a good one.
+destination and renamed at the end, so a half-written folder never looks like a good one; it
+replaces only a folder that is provably fedbench's, never the raw files or a user's folder.
 Case-level splits are written as JSON under `splits/` next to the prepared files.
 """
 
@@ -24,6 +25,7 @@ from fedbench_datasets.prepared_folder import (
     FORMAT_VERSION,
     MANIFEST,
     read_prepared,
+    refuse_unowned,
     verify_prepared,
     write_prepared,
 )
@@ -179,17 +181,21 @@ def split_label(seed: int, settings: dict[str, Any]) -> str:
 
 
 def refuse_foreign_target(out: Path, source: Path) -> None:
-    """Never replace what fedbench did not create: `out` may be missing, empty, or a folder
-    fedbench prepared (it holds our manifest); anything else is one clear error."""
-    if out.resolve() == source.resolve():
-        raise FedbenchError(f"--out {out} is the --source folder; nothing was changed")
-    if out.exists() and not out.is_dir():
-        raise FedbenchError(f"--out {out} is a file; nothing was changed")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+    """Never replace what fedbench did not create: `out` may not be the raw files' folder, hold
+    it or lie inside it, nor be a link; an existing `out` must be empty or provably ours
+    (`refuse_unowned`). Anything else is one clear error, before any work."""
+    where, raw = out.resolve(), source.resolve()
+    if where == raw:
         raise FedbenchError(
-            f"--out {out} holds files fedbench did not prepare; nothing was changed "
-            "(name a new or empty folder)"
+            f"cannot prepare into {out}: it is the --source folder; nothing was changed"
         )
+    for inner, outer, how in ((raw, where, "contains"), (where, raw, "is inside")):
+        if outer in inner.parents:
+            raise FedbenchError(
+                f"cannot prepare into {out}: it {how} the --source folder {source}; "
+                "nothing was changed (name a folder outside it)"
+            )
+    refuse_unowned(out)
 
 
 class PreparedDataset(Dataset):

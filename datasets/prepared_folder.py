@@ -1,14 +1,19 @@
 """The prepared folder of a dataset: one .npz per site and a manifest with each file's sha256,
-written into a temp folder and renamed into place; read back and verified against the manifest."""
+written into a temp folder and renamed into place; read back and verified against the manifest.
+
+A folder is replaced only when it is provably fedbench's: a manifest of ours that lists every
+site file in it, our split files, nothing else and no links. Whatever else sits there is the
+user's, and preparing into it is refused, naming it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
-import tempfile
+import sys
 import zipfile
 import zlib
 from datetime import UTC, datetime
@@ -18,14 +23,18 @@ from typing import Any
 import numpy as np
 
 from fedbench.errors import FedbenchError
+from fedbench.storage import StorageError, cannot_write
 
 MANIFEST = "manifest.json"
+SPLITS = "splits"
 #: 2: prostate volumes keep each case's voxel size; 3: 16-bit images read by their real range
 FORMAT_VERSION = 3
 #: what every manifest holds (write_prepared), and what every site file holds at least
 MANIFEST_KEYS = ("dataset", "sites", "files")
 SITE_ARRAYS = ("image", "mask")
 AGAIN = "run fedbench datasets prepare again"
+#: what write_split_file leaves under splits/: seed0-1a2b3c4d.json, or its temp file if killed
+SPLIT_FILE = re.compile(r"seed-?\d+-[0-9a-f]{8}\.json|\.seed-?\d+-[0-9a-f]{8}\.json\.[^/]+\.tmp")
 
 
 def sha256_file(path: Path) -> str:
@@ -36,10 +45,94 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def plain_name(name: object) -> bool:
+    """Whether `name` is one file right inside a folder: no separator, no `..`, not absolute."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(char in name for char in "/\\\0")
+    )
+
+
+def regular(path: Path) -> bool:
+    """A plain file, not a link (a link's target was never ours to replace)."""
+    return path.is_file() and not path.is_symlink()
+
+
+def not_ours(folder: Path) -> str | None:
+    """Why `folder` may hold something fedbench did not write, or None when everything in it is
+    ours (the manifest, the site files it lists, our split files), so replacing it loses nothing.
+    Names alone prove it: a cut or tampered site file is still ours, and preparing again is
+    what every error about one advises."""
+    try:
+        return _stray_entry(folder)
+    except OSError as exc:
+        return f"cannot list it: {exc.strerror or exc}"
+
+
+def _stray_entry(folder: Path) -> str | None:
+    """The first entry of `folder` that no manifest of ours accounts for (see `not_ours`)."""
+    entries = sorted(folder.iterdir())
+    if not entries:
+        return None
+    path = folder / MANIFEST
+    if not regular(path):
+        return f"no {MANIFEST}"
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError:
+        manifest = None
+    if manifest is None or manifest_problems(manifest, path):
+        return f"its {MANIFEST} is not one fedbench wrote"
+    for entry in entries:
+        if entry.is_symlink():
+            return f"{entry.name} is a link"
+        if entry.name == SPLITS and entry.is_dir():
+            stray = [
+                p for p in entry.iterdir() if not (SPLIT_FILE.fullmatch(p.name) and regular(p))
+            ]
+            if stray:
+                return f"{SPLITS}/{stray[0].name} is not a split file of fedbench"
+        elif entry.name != MANIFEST and not (entry.name in manifest["files"] and regular(entry)):
+            return f"{entry.name} is not in its {MANIFEST}"
+    return None
+
+
+def refuse_unowned(out: Path) -> None:
+    """One error, changing nothing, unless `out` is missing, empty or provably fedbench's."""
+    if out.is_symlink():
+        raise FedbenchError(
+            f"cannot prepare into {out}: it is a link (to {os.readlink(out)}); nothing was "
+            "changed (name the folder itself, or a new one)"
+        )
+    if out.exists() and not out.is_dir():
+        raise FedbenchError(f"cannot prepare into {out}: it is a file; nothing was changed")
+    reason = not_ours(out) if out.is_dir() else None
+    if reason:
+        raise FedbenchError(
+            f"cannot prepare into {out}: it holds files fedbench did not prepare ({reason}); "
+            "nothing was changed (name a new or empty folder)"
+        )
+
+
+def remove_old(old: Path) -> None:
+    """Delete the replaced folder (ours, checked); one warning if it cannot be, never silent."""
+    try:
+        shutil.rmtree(old)
+    except OSError as exc:
+        print(
+            f"warning: could not delete the replaced folder {old}: {exc.strerror or exc}; "
+            "delete it yourself",
+            file=sys.stderr,
+        )
+
+
 def _swap_into_place(tmp: Path, out: Path, replace: bool) -> Path:
-    """Rename the finished temp folder to `out`; an existing `out` is replaced or kept."""
+    """Rename the finished temp folder to `out`; an existing `out` is replaced (checked again
+    here: it may have changed while the raw files were read) or kept."""
     old = None
-    if out.exists() and replace:
+    if replace and (out.exists() or out.is_symlink()):
+        refuse_unowned(out)
         old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
         os.rename(out, old)
     try:
@@ -52,20 +145,35 @@ def _swap_into_place(tmp: Path, out: Path, replace: bool) -> Path:
             return out
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_old(old)
     return out
+
+
+def temp_folder(out: Path) -> Path:
+    """A new folder beside `out`, made as `mkdir` makes one (the umask's permissions, where
+    `tempfile.mkdtemp` would give 0700 to the folder users then read)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
+        tmp.mkdir()
+    except OSError as exc:
+        raise cannot_write(out, exc) from exc
+    return tmp
 
 
 def write_prepared(
     out: Path, manifest: dict[str, Any], sites: dict[str, dict[str, np.ndarray]], replace: bool
 ) -> Path:
-    """Write one .npz per site and the manifest into a temp folder, then rename it to `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    """Write one .npz per site and the manifest into a temp folder, then rename it to `out`. A
+    write the OS refuses (a full disk) is one StorageError naming the file, and nothing half
+    written is left: the temp folder goes, and the old `out` stays as it was."""
+    tmp = temp_folder(out)
+    writing = out
     try:
         files = {}
         for site, arrays in sites.items():
-            path = tmp / f"{site}.npz"
+            writing = out / f"{site}.npz"
+            path = tmp / writing.name
             np.savez(path, **arrays)
             files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         full = {
@@ -74,8 +182,15 @@ def write_prepared(
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "files": files,
         }
+        writing = out / MANIFEST
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2))
+        writing = out
         return _swap_into_place(tmp, out, replace)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, StorageError):
+            raise
+        raise cannot_write(writing, exc) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -109,6 +224,9 @@ def manifest_problems(manifest: Any, path: Path) -> list[str]:
     for key in ("sites", "files"):
         if not isinstance(manifest[key], dict):
             return [broken(path, f"its {key} are a {type(manifest[key]).__name__}, not a mapping")]
+    for name in [*manifest["files"], *(f"{site}.npz" for site in manifest["sites"])]:
+        if not plain_name(name):
+            return [broken(path, f"its file name '{name}' leads outside the folder")]
     problems = []
     for name, entry in manifest["files"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):

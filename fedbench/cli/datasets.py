@@ -116,7 +116,12 @@ def prepare_command(
     name: Annotated[str, typer.Argument(help="Dataset name.")],
     source: Annotated[Path, typer.Option(help="Folder with the raw files.")],
     out_dir: Annotated[
-        Path | None, typer.Option("--out", help="Prepared folder (default: where runs look).")
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Prepared folder (default: where runs look). An existing one is replaced only "
+            "when fedbench prepared everything in it; never the --source folder or a link.",
+        ),
     ] = None,
     preset: Annotated[str, typer.Option(help="Preset whose data settings apply.")] = "default",
     set_: SetOption = None,
