@@ -181,3 +181,29 @@ def test_missing_ray_is_one_line(tmp_path, monkeypatch):
     result = grid(tmp_path, "--method", "fedavg", "--backend", "ray")
     assert result.exit_code == 2
     assert result.stderr == f"error: {MISSING_RAY}\n"
+
+
+def test_a_full_disk_in_a_worker_stops_the_grid_instead_of_a_failed_record(monkeypatch, tmp_path):
+    """As the local backend: a StorageError is no cell's failure, every next cell would hit it."""
+    from types import SimpleNamespace
+
+    from fedbench.backends import ray_backend
+    from fedbench.backends.grid import Cell
+    from fedbench.engine.resolve import RunSpec
+    from fedbench.storage import StorageError
+
+    def full(*args, **kwargs):
+        raise StorageError(f"cannot write {tmp_path}/x.npz: No space left on device")
+
+    monkeypatch.setattr(ray_backend, "compute", full)
+    monkeypatch.setattr(ray_backend, "worker_registry", lambda plugins: None)
+    monkeypatch.setattr(ray_backend, "resolve", lambda spec, registry: None)
+    outcome = ray_backend.run_in_worker(RunSpec("fedavg", results_dir=tmp_path), (), 1)
+    assert outcome == {"storage_error": f"cannot write {tmp_path}/x.npz: No space left on device"}
+    fake_ray = SimpleNamespace(
+        get=lambda ref: ref, exceptions=SimpleNamespace(RayError=RuntimeError)
+    )
+    cell = Cell(RunSpec("fedavg", results_dir=tmp_path), "hash")
+    with pytest.raises(StorageError, match="No space left"):
+        ray_backend.collect(fake_ray, outcome, cell, None, "2024-01-01T00:00:00+00:00", 0.0)
+    assert not (tmp_path / "runs").exists(), "no failed record was written"

@@ -38,6 +38,7 @@ from fedbench.engine.resolve import RunSpec, resolve
 from fedbench.engine.run import CACHE_FOLDERS, Outcome, check_folders, compute, save_outcome
 from fedbench.errors import FedbenchError
 from fedbench.results.record import now_iso
+from fedbench.storage import StorageError
 
 MISSING_RAY = "the ray backend needs Ray: pip install 'fedbench-med[ray]'"
 
@@ -82,6 +83,8 @@ def run_in_worker(spec: RunSpec, plugins: tuple[str, ...], threads: int) -> dict
         registry = worker_registry(plugins)
         outcome = compute(resolve(spec, registry), registry, Reporter())
         return {"record": outcome.record, "kept": outcome.kept}
+    except StorageError as exc:  # a full disk or unwritable folder: the driver stops the grid
+        return {"storage_error": str(exc)}
     except Exception as exc:
         return {"error": error_message(exc)}
 
@@ -178,6 +181,8 @@ def collect(
         outcome = ray.get(ref)
     except ray.exceptions.RayError as exc:
         outcome = {"error": task_death(exc)}
+    if "storage_error" in outcome:  # as the local backend: every next cell would fail too
+        raise StorageError(outcome["storage_error"])
     record = outcome.get("record")
     if record is None:
         record = failed_record(cell, outcome["error"], registry, started, wall_s)
