@@ -91,12 +91,73 @@ def require_library(tracker: Tracker) -> None:
         ) from None
 
 
+#: seconds a tracking server has to answer the probe, and MLflow's retries of a request
+PROBE_TIMEOUT_S = 5
+MLFLOW_RETRIES = "2"
+
+
+def probe_folder(folder: Path, tracker: str) -> None:
+    """A local tracker's folder must be a folder fedbench can create and write in: found now,
+    not as a warning per round with nothing tracked."""
+    import tempfile
+
+    if folder.exists() and not folder.is_dir():
+        raise FedbenchError(f"--track {tracker}: {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise FedbenchError(
+            f"--track {tracker}: cannot write in {folder}: {exc.strerror or exc}"
+        ) from None
+
+
+def probe_mlflow(uri: str) -> None:
+    """The MLflow store answers now: a local file store is a writable folder; any other URI is
+    asked for one experiment, once, with a short timeout (a dead server would otherwise make
+    every round retry for minutes)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        probe_folder(Path(parsed.path), "mlflow")
+        return
+    from mlflow.tracking import MlflowClient
+
+    probe_settings = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PROBE_TIMEOUT_S),
+    }
+    saved = {key: os.environ.get(key) for key in probe_settings}
+    os.environ.update(probe_settings)
+    try:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as exc:  # MLflow raises its own, requests' and ValueError alike
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FedbenchError(f"--track mlflow: the store {uri} does not answer: {first}") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+PROBES: dict[str, Callable[[str], None]] = {
+    "mlflow": probe_mlflow,
+    "tensorboard": lambda destination: probe_folder(Path(destination), "tensorboard"),
+}
+
+
 def enable_trackers(names: Sequence[str], results_dir: Path) -> list[str]:
-    """Check each named tracker and its library, then set the environment to exactly these
-    trackers; returns one line per tracker saying where it writes."""
+    """Check each named tracker, its library and (as the Ray address is) its store before any
+    training, then set the environment to exactly these trackers; returns one line per tracker
+    saying where it writes."""
     chosen = [tracker_named(name) for name in dict.fromkeys(names)]
     for tracker in chosen:
         require_library(tracker)
+        PROBES[tracker.name](tracker.destination(results_dir))
+    if any(t.name == "mlflow" for t in chosen):  # a server that dies later: minutes, not hours
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", MLFLOW_RETRIES)
     for tracker in TRACKERS.values():
         os.environ.pop(tracker.env, None)
     lines = []
