@@ -280,9 +280,12 @@ def test_tensorboard_scalars_are_on_disk_after_each_round(tmp_path, monkeypatch)
 def test_mlflow_goes_where_mlflow_tracking_uri_says_else_to_the_results_folder(
     tmp_path, monkeypatch
 ):
+    from fedbench.cli import tracking
     from fedbench.cli.tracking import enable_trackers, mlflow_destination
 
     monkeypatch.setattr("fedbench.cli.tracking.require_library", lambda tracker: None)
+    # no server listens here: the wiring is tested, the probe in tests/test_tracker_probes.py
+    monkeypatch.setitem(tracking.PROBES, "mlflow", lambda uri: None)
     assert mlflow_destination(tmp_path) == (tmp_path / "mlruns").as_uri()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "elsewhere/mlruns")
