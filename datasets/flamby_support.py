@@ -105,8 +105,9 @@ def import_line(dataset: str, module: str, exc: ImportError) -> str:
 
 @contextlib.contextmanager
 def pandas_values_for_torch() -> Iterator[None]:
-    """FLamby's items written for pandas 2 pass a pandas Series to torch.tensor, which pandas 3
-    breaks (a Series' [0] is by label now): meanwhile torch.tensor gets the Series' values."""
+    """FLamby's items pass a pandas Series to torch.tensor, which pandas 3 breaks (a Series' [0]
+    is by label now) and pandas 2 too where the row of a frame with a text column is an object
+    Series (Fed-TCGA-BRCA's `pid`): meanwhile torch.tensor gets the Series' values as numbers."""
     import torch
 
     original = torch.tensor
@@ -114,6 +115,8 @@ def pandas_values_for_torch() -> Iterator[None]:
     def tensor(data: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         if type(data).__module__.partition(".")[0] == "pandas":
             data = data.to_numpy()
+            if data.dtype == object:  # numbers held as objects: their own numeric type
+                data = np.asarray(data.tolist())
         return original(data, *args, **kwargs)
 
     torch.tensor = tensor

@@ -218,3 +218,22 @@ def test_a_stand_in_dataset_runs_end_to_end(flamby, tmp_path):
     outside = {r["site"] for r in record["metrics"] if r["regime"] == "outside"}
     assert inside - {"pooled"} == outside == {"center0", "center1", "center2"}
     assert {r["metric"] for r in record["metrics"]} == {"flamby_metric"}
+
+
+def test_a_row_of_numbers_held_as_objects_reaches_torch_as_numbers():
+    """Under pandas 2, FLamby's TCGA item `data.iloc[i, 1:40]` is an object Series (the frame
+    has a text column, `pid`), and torch.tensor refused it (issue 31, item 8). The row is built
+    here as pandas 2 builds it, so the test holds whatever pandas is installed."""
+    import pandas as pd
+
+    from fedbench_datasets.flamby_support import pandas_values_for_torch
+
+    row = pd.Series([90, 1, 0, 0.5], dtype=object)
+    with pytest.raises(TypeError):
+        torch.tensor(row.to_numpy(), dtype=torch.float32)
+    with pandas_values_for_torch():
+        x = torch.tensor(row, dtype=torch.float32)
+    assert torch.equal(x, torch.tensor([90.0, 1.0, 0.0, 0.5]))
+    text = pd.Series(["TCGA-01", 3], dtype=object)
+    with pandas_values_for_torch(), pytest.raises((TypeError, ValueError)):
+        torch.tensor(text, dtype=torch.float32)  # text stays an error, reported by the bridge
