@@ -1,5 +1,7 @@
 """Errors that reach the user as one clear line instead of a traceback."""
 
+from __future__ import annotations
+
 
 class FedbenchError(Exception):
     """Bad input or an unusable environment: the CLI prints the message and exits non-zero."""
@@ -17,3 +19,18 @@ def unknown_name(kind: str, name: str, known: list[str]) -> FedbenchError:
 class PluginFailure(Exception):
     """A plugin raised during training, aggregation or adaptation: the run is recorded as failed
     with the plugin's name and error, and a grid goes on."""
+
+
+def one_line(text: str) -> str:
+    """`text` with each unprintable character (newline, carriage return, tab, escape codes)
+    written as Python writes it in a repr (a newline as the two characters \\n): a value or
+    a file name holding one can then never split a one-line message, or act on the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def exit_text(exc: SystemExit) -> str:
+    """What a plugin's sys.exit did, for the one line that reports it: 'called sys.exit(3)'."""
+    code = "" if exc.code is None else repr(exc.code)
+    return f"called sys.exit({code})"

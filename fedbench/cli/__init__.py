@@ -8,6 +8,7 @@ import sys
 
 from fedbench.cli import datasets, grid, plugin, results, run  # noqa: F401  (each registers)
 from fedbench.cli.app import app
+from fedbench.errors import one_line
 
 GLOBAL_FLAGS = ("--debug",)
 GLOBAL_OPTIONS = ("--plugin",)
@@ -54,7 +55,8 @@ def run_app(argv: list[str]) -> int:
     except usage_error as exc:
         if exc.format_message():  # no message: the help was shown for a bare group
             command = exc.ctx.command_path if exc.ctx is not None else "fedbench"
-            print(f"error: {exc.format_message()} (see: {command} --help)", file=sys.stderr)
+            line = f"error: {exc.format_message()} (see: {command} --help)"
+            print(one_line(line), file=sys.stderr)
         return exc.exit_code
     except typer.Abort:
         print("error: interrupted", file=sys.stderr)

@@ -10,8 +10,9 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from fedbench.errors import FedbenchError
+from fedbench.errors import FedbenchError, exit_text, one_line
 
 app = typer.Typer(
     help="Benchmark personalized federated learning on multi-site medical image segmentation.",
@@ -25,8 +26,17 @@ STATE: dict[str, Any] = {"debug": False, "plugins": ()}
 
 
 def fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
+    """One error line on stderr (a newline in a value shows as \\n), then exit with `code`."""
+    typer.echo(f"error: {one_line(message)}", err=True)
     raise typer.Exit(code)
+
+
+def fail_all(messages: list[str], code: int = 1) -> None:
+    """One error line per message, then exit with `code`; nothing when there is none."""
+    for message in messages[:-1]:
+        say(f"error: {message}")
+    if messages:
+        fail(messages[-1], code)
 
 
 def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -44,18 +54,33 @@ def user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             if STATE["debug"]:
                 raise
             fail("interrupted; records already written are intact", code=130)
+        except SystemExit as exc:  # fedbench exits through typer.Exit: this is a plugin's code
+            if STATE["debug"]:
+                raise
+            fail(f"a plugin {exit_text(exc)}; records already written are intact", code=1)
 
     return wrapper
 
 
 def say(message: str) -> None:
-    """One line for the person at the terminal, on stderr (stdout stays for data)."""
-    typer.echo(message, err=True)
+    """One line for the person at the terminal, on stderr (stdout stays for data); a newline in
+    a value or file name shows as \\n, so the line stays one line."""
+    typer.echo(one_line(message), err=True)
 
 
 def echo(text: str) -> None:
-    """One line of output; never wrapped by rich, so a long path stays whole for copy and paste."""
-    out.print(text, highlight=False, soft_wrap=True)
+    """One line of output, as given: no rich markup or wrapping (a long path stays whole for
+    copy and paste) and a newline in a value shows as \\n."""
+    typer.echo(one_line(text))
+
+
+def literal(value: object, style: str = "") -> Text:
+    """A string for a rich Table cell, title or line that rich prints exactly as it is: a path,
+    record field, plugin text or study label such as `r[/]` or `:smile:` is never read as
+    markup or an emoji code (a plain str would be), and a newline or escape code in it shows
+    as \\n or \\x1b instead of breaking the cell or acting on the terminal. A title passes
+    style="table.title": rich styles only the titles it parses itself."""
+    return Text(one_line(str(value)), style=style)
 
 
 def registry() -> Any:
@@ -64,6 +89,7 @@ def registry() -> Any:
 
     reg = load_registry(tuple(STATE["plugins"]))
     reg.warn = lambda line: say(f"warning: {line}")
+    reg.warn_exits = False  # an observer's sys.exit: an error line at the end (fail_all)
     for line in reg.failures:
         say(f"warning: {line}")
     return reg

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fedbench.cli.app import STATE, app, err, fail, registry, say, user_errors
+from fedbench.cli.app import STATE, app, echo, err, fail, fail_all, registry, say, user_errors
 from fedbench.errors import unknown_name
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def grid_command(
         )
 
     run_cells(plan.pending, on_result)
-    _summary(results + ran, results_dir)
+    _summary(results + ran, results_dir, reg.exits)
 
 
 def _refuse_beside_study(**options: Any) -> None:
@@ -184,29 +184,31 @@ def _announce(plan: GridPlan) -> None:
 def _print_cells(plan: GridPlan) -> None:
     """The --dry-run listing: one line per cell with its state."""
     for result in plan.done:
-        typer.echo(f"done     {result.cell.label} ({result.run_id})")
+        echo(f"done     {result.cell.label} ({result.run_id})")
     for cell in plan.pending:
-        typer.echo(f"to run   {cell.label} ({cell.config_hash})")
+        echo(f"to run   {cell.label} ({cell.config_hash})")
     for result in plan.earlier:
-        typer.echo(f"{result.status:<8} {result.cell.label} earlier ({result.run_id})")
+        echo(f"{result.status:<8} {result.cell.label} earlier ({result.run_id})")
     for result in plan.failed:
-        typer.echo(f"failed   {result.cell.label}: {result.error}")
+        echo(f"failed   {result.cell.label}: {result.error}")
 
 
-def _summary(results: list[CellResult], results_dir: Path) -> None:
-    """Counts per status, the failures one per line, and a non-zero exit if any cell failed."""
+def _summary(results: list[CellResult], results_dir: Path, exits: list[str]) -> None:
+    """Counts per status, the failures one per line, and a non-zero exit if any cell failed or
+    an observer plugin called sys.exit (`exits`: one line each)."""
     from collections import Counter
 
     from fedbench.backends.grid import failures
 
     counts = Counter(r.status for r in results)
     line = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    typer.echo(f"grid finished: {line}; records in {results_dir / 'runs'}")
+    echo(f"grid finished: {line}; records in {results_dir / 'runs'}")
     bad = failures(results)
     for result in bad:
-        typer.echo(f"  {result.status}: {result.cell.label}: {result.error or 'no message'}")
+        echo(f"  {result.status}: {result.cell.label}: {result.error or 'no message'}")
     if bad:
-        fail(f"{len(bad)} of {len(results)} cell(s) did not finish ok", code=1)
+        exits = [*exits, f"{len(bad)} of {len(results)} cell(s) did not finish ok"]
+    fail_all(exits)
 
 
 app.command("grid")(user_errors(grid_command))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fedbench.cli.app import app, echo, registry, say, user_errors
+from fedbench.cli.app import app, echo, fail_all, registry, say, user_errors
 
 plugin_app = typer.Typer(help="Check plugins against fedbench's rules.", no_args_is_help=True)
 
@@ -27,9 +27,11 @@ def check_command(
     server receives, the byte counts, and label-freedom for adapters."""
     from fedbench.conformance import check_plugin
 
-    problems = check_plugin(name, registry(), list(set_ or []), dataset)
+    reg = registry()
+    problems = check_plugin(name, reg, list(set_ or []), dataset)
     for line in problems:
         say(f"error: {name}: {line}")
+    fail_all(reg.exits)  # an observer that called sys.exit during the checks' runs
     if problems:
         raise typer.Exit(1)
     echo(f"ok: {name} conforms")

@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedbench.engine.reporter import Reporter
+from fedbench.errors import one_line
 
 
 class RichReporter(Reporter):
@@ -13,7 +14,7 @@ class RichReporter(Reporter):
 
     def __init__(self, console: Console) -> None:
         self.progress = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),  # labels name sites: literal
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
@@ -24,7 +25,7 @@ class RichReporter(Reporter):
         self.task = None
 
     def start(self, label: str, total: int | None) -> None:
-        self.task = self.progress.add_task(label, total=total)
+        self.task = self.progress.add_task(one_line(label), total=total)
 
     def advance(self) -> None:
         if self.task is not None:

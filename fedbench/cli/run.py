@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedbench.cli.app import app, err, fail, out, registry, say, user_errors
+from fedbench.cli.app import app, echo, err, fail_all, literal, out, registry, say, user_errors
 from fedbench.errors import FedbenchError
 
 
@@ -78,13 +78,16 @@ def run_command(
         print_summary(record, results_dir)
     if profile:
         print_profile(record, console=err if json_ else out)
+    problems = list(reg.exits)  # observers that called sys.exit: the record is written
     if record["status"] != "ok":
-        fail(f"run {record['status']}: {record.get('error', '')}", code=1)
+        problems.append(f"run {record['status']}: {record.get('error', '')}")
+    fail_all(problems)
 
 
 def print_summary(record: dict[str, Any], results_dir: Path) -> None:
-    """The per-site table a person reads after a run."""
-    table = Table(title=f"{record['method']} on {record['dataset']} (seed {record['seed']})")
+    """The per-site table a person reads after a run; names and the path are literal text."""
+    title = f"{record['method']} on {record['dataset']} (seed {record['seed']})"
+    table = Table(title=literal(title, "table.title"))
     table.add_column("site")
     values: dict[tuple[str, str, str], float] = {
         (r["site"], r["regime"], r["metric"]): r["value"]
@@ -98,20 +101,18 @@ def print_summary(record: dict[str, Any], results_dir: Path) -> None:
         columns += [("outside", m) for m in shown]
     for regime, metric in columns:
         label = f"{regime} {metric}" + (f" ({record['adapter']})" if regime == "outside" else "")
-        table.add_column(label, justify="right")
+        table.add_column(literal(label), justify="right")
     sites = list(dict.fromkeys(r["site"] for r in record["metrics"]))
     for site in sites:
         cells = [values.get((site, regime, metric)) for regime, metric in columns]
-        table.add_row(site, *("-" if v is None else f"{v:.3f}" for v in cells))
+        table.add_row(literal(site), *("-" if v is None else f"{v:.3f}" for v in cells))
     out.print(table)
     cost = record["cost"]
     path = results_dir / "runs" / f"{record['run_id']}.json"
-    out.print(
+    echo(
         f"status {record['status']} in {record['wall_s']:.1f} s; "
         f"sent {cost['bytes_up'] / 1e6:.1f} MB up, {cost['bytes_down'] / 1e6:.1f} MB down; "
-        f"record {path}",
-        highlight=False,
-        soft_wrap=True,
+        f"record {path}"
     )
 
 
@@ -124,7 +125,7 @@ def print_profile(record: dict[str, Any], console: Console) -> None:
     phases = dict(record["profile"])
     phases["other (imports, setup, records)"] = max(0.0, total - sum(phases.values()))
     for phase, seconds in phases.items():
-        table.add_row(phase, f"{seconds:.2f}", f"{100 * seconds / total:.1f}%")
+        table.add_row(literal(phase), f"{seconds:.2f}", f"{100 * seconds / total:.1f}%")
     console.print(table)
 
 
@@ -153,5 +154,5 @@ def list_command(
     for column in rows[0] if rows else ["name"]:
         table.add_column(column.replace("_", " "))
     for row in rows:
-        table.add_row(*row.values())
+        table.add_row(*(literal(value) for value in row.values()))
     out.print(table)

@@ -14,10 +14,18 @@ from types import ModuleType
 import pluggy
 
 from fedbench import hookspecs
-from fedbench.errors import FedbenchError, unknown_name
+from fedbench.errors import FedbenchError, exit_text, unknown_name
 
 KINDS = ("methods", "adapters", "datasets", "models")
 HOOKS = tuple(n for n in dir(hookspecs) if n.startswith("fedbench_"))
+
+
+def failure_text(exc: BaseException) -> str:
+    """What went wrong in a plugin's code, for one line: 'ValueError: bad' or, for a plugin that
+    called sys.exit, 'it called sys.exit(3)' (never a silent exit of the whole command)."""
+    if isinstance(exc, SystemExit):
+        return f"it {exit_text(exc)}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def print_warning(line: str) -> None:
@@ -35,6 +43,12 @@ class Registry:
     #: by kind and name: the plugin (entry-point name or file) the component came from
     sources: dict[str, dict[str, str]] = field(default_factory=lambda: {k: {} for k in KINDS})
     warn: Callable[[str], None] = print_warning
+    #: one line per observer that called sys.exit: the command that ran it exits non-zero
+    exits: list[str] = field(default_factory=list)
+    #: the plugins of those observers, not called again
+    exited: set[str] = field(default_factory=set)
+    #: whether `notify` warns of an exit at once; the CLI reports them itself, as errors, last
+    warn_exits: bool = True
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.components[kind])
@@ -59,8 +73,12 @@ class Registry:
 
     def notify(self, hook_name: str, kwargs: dict[str, object]) -> None:
         """Call each observer on its own: one that raises is one warning naming its plugin, and
-        neither the other observers nor the run's status are touched."""
+        neither the other observers nor the run's status are touched. One that calls sys.exit
+        is not called again and is listed in `exits`: the run goes on and its record is
+        written, and the command then exits non-zero."""
         for impl in getattr(self.manager.hook, hook_name).get_hookimpls():
+            if impl.plugin_name in self.exited:
+                continue
             try:
                 impl.function(**{k: kwargs[k] for k in impl.argnames})
             except Exception as exc:
@@ -68,6 +86,15 @@ class Registry:
                     f"observer plugin '{impl.plugin_name}' failed in {hook_name}: "
                     f"{type(exc).__name__}: {exc}"
                 )
+            except SystemExit as exc:
+                line = (
+                    f"observer plugin '{impl.plugin_name}' {exit_text(exc)} in {hook_name}; "
+                    "it is not called again"
+                )
+                self.exits.append(line)
+                self.exited.add(impl.plugin_name)
+                if self.warn_exits:
+                    self.warn(line)
 
 
 def load_module_from_path(path: Path) -> ModuleType:
@@ -82,9 +109,9 @@ def load_module_from_path(path: Path) -> ModuleType:
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         sys.modules.pop(module_name, None)
-        raise FedbenchError(f"plugin {path} failed to import: {type(exc).__name__}: {exc}") from exc
+        raise FedbenchError(f"plugin {path} failed to import: {failure_text(exc)}") from exc
     return module
 
 
@@ -116,10 +143,9 @@ def _collect(registry: Registry, kind: str) -> None:
     for impl in hook.get_hookimpls():  # in registration order: the first one keeps a name
         try:
             classes = impl.function() or []
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             registry.failures.append(
-                f"plugin '{impl.plugin_name}' failed in fedbench_{kind}: "
-                f"{type(exc).__name__}: {exc}"
+                f"plugin '{impl.plugin_name}' failed in fedbench_{kind}: {failure_text(exc)}"
             )
             continue
         for cls in classes:
@@ -198,10 +224,8 @@ def load_registry(plugin_paths: tuple[Path, ...] = ()) -> Registry:
     for ep in entry_points(group=hookspecs.PROJECT):
         try:
             module = ep.load()
-        except Exception as exc:
-            registry.failures.append(
-                f"plugin '{ep.name}' failed to import: {type(exc).__name__}: {exc}"
-            )
+        except (Exception, SystemExit) as exc:
+            registry.failures.append(f"plugin '{ep.name}' failed to import: {failure_text(exc)}")
             continue
         _register(registry, module, ep.name)
     for path in plugin_paths:

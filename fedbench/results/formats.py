@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from html import escape
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from fedbench.errors import FedbenchError
+from fedbench.errors import FedbenchError, one_line
 from fedbench.results.leaderboard import (
     POOLED,
     TITLES,
@@ -123,20 +125,64 @@ def pooled_lines(lb: Leaderboard) -> list[str]:
     return lines
 
 
+#: Markdown's inline marks (code, emphasis, links, strikethrough, table pipes) and its escape
+MARKDOWN_MARKS = re.compile(r"[\\`*_\[\]|~]")
+#: where raw HTML could begin (a tag, comment or declaration) and a character reference
+HTML_START = re.compile(r"<(?=[A-Za-z/!?])")
+ENTITY = re.compile(r"&(?=#?\w+;)")
+#: the display columns whose cells carry names (the twin a row equals is one)
+NAME_COLUMNS = ("method", "adapter", "variant", "p vs best (Holm)")
+
+
+def md_text(value: object) -> str:
+    """A name from a record or study (method, site, dataset, variant) as Markdown that renders
+    exactly as it is: one line, no raw HTML, no emphasis, link or table pipe."""
+    text = escape(one_line(str(value)), quote=False)
+    return MARKDOWN_MARKS.sub(lambda mark: "\\" + mark.group(), text)
+
+
+def md_line(text: str) -> str:
+    """fedbench's own sentence (numbers, or names in it) as one Markdown line without raw HTML;
+    its own marks and a plain 'p < 0.05' stay as they read."""
+    text = ENTITY.sub("&amp;", one_line(text))
+    return HTML_START.sub("&lt;", text)
+
+
 def to_markdown(lb: Leaderboard) -> str:
-    """GitHub-flavoured Markdown: one heading and table per board, then the legend."""
-    parts = [f"# Leaderboard: {lb.dataset}, {lb.metric} ({lb.selection})", ""]
+    """GitHub-flavoured Markdown: one heading and table per board, then the legend. Every name
+    from a record is escaped (md_text), so a cell is one line that renders as it reads."""
+    name = f"{md_text(lb.dataset)}, {md_text(lb.metric)} ({md_text(lb.selection)})"
+    parts = [f"# Leaderboard: {name}", ""]
     for board in lb.boards:
         shown = display_frame(board, lb.metric)
-        cells = [[str(c).replace("|", "\\|") for c in row] for row in shown.to_numpy()]
-        header = [str(c) for c in shown.columns]
-        align = [":---" if c in ("method", "adapter", "variant") else "---:" for c in header]
+        names = [c in board.keys or c in NAME_COLUMNS for c in shown.columns]
+        cells = [
+            [
+                md_text(c) if is_name else md_line(str(c)).replace("|", "\\|")
+                for c, is_name in zip(row, names)
+            ]
+            for row in shown.to_numpy()
+        ]
+        header = [md_text(c) for c in shown.columns]
+        align = [":---" if c in ("method", "adapter", "variant") else "---:" for c in shown.columns]
         lines = [header, align, *cells]
         parts += [f"## {TITLES[board.regime]}", ""]
         parts += ["| " + " | ".join(line) + " |" for line in lines]
         parts.append("")
-    parts += [f"- {line}" for line in legend_lines(lb)]
+    parts += [f"- {md_line(line)}" for line in legend_lines(lb)]
     return "\n".join(parts) + "\n"
+
+
+#: what makes a spreadsheet read a cell as a formula (OWASP's CSV injection list)
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: Any) -> Any:
+    """A text cell that a spreadsheet would run as a formula, behind a single quote (OWASP):
+    '=cmd' becomes "'=cmd"; numbers, a negative one included, are left as they are."""
+    if isinstance(value, str) and value.startswith(FORMULA_START):
+        return "'" + value
+    return value
 
 
 def to_csv(lb: Leaderboard) -> str:
@@ -151,7 +197,10 @@ def to_csv(lb: Leaderboard) -> str:
     if "adapter" not in frame:
         frame["adapter"] = None
     first = ["regime", "dataset", "metric", "selection", "rank", "method", "adapter"]
-    return frame[first + [c for c in frame.columns if c not in first]].to_csv(index=False)
+    frame = frame[first + [c for c in frame.columns if c not in first]]
+    texts = frame.select_dtypes(include=["object", "string"]).columns
+    frame = frame.assign(**{str(c): frame[c].map(csv_text) for c in texts})
+    return frame.rename(columns=csv_text).to_csv(index=False)
 
 
 def _clean(value: Any) -> Any:
