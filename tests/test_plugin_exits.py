@@ -154,3 +154,51 @@ def test_an_observer_exiting_in_a_grid_runs_every_cell_then_fails(tmp_path, monk
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1  # called once: an observer that exited is not called again
     assert f"observer plugin '{path}' called sys.exit(3) in {hook}" in errors[0]
+
+
+QUITTING_METHOD = """
+import sys
+from fedbench.hookspecs import hookimpl
+from fedbench.method import Method
+
+class Quitter(Method):
+    name = "quitter"
+
+    def local_update(self, model, ctx):
+        sys.exit(3)
+
+@hookimpl
+def fedbench_methods():
+    return [Quitter]
+"""
+
+
+def test_a_method_exiting_in_training_is_a_failed_record_naming_it(tmp_path):
+    path = plugin(tmp_path, "quitter", QUITTING_METHOD)
+    args = ["--plugin", str(path), "run", "--method", "quitter", *QUICK, "--json"]
+    result = cli.invoke(app, [*args, "--results-dir", str(tmp_path / "r")])
+    assert result.exit_code != 0
+    record = json.loads(result.stdout)
+    assert record["status"] == "failed"
+    assert record["error"] == "method 'quitter' failed in training: it called sys.exit(3)"
+
+
+ODD_DATASET = """
+from fedbench.hookspecs import hookimpl
+from fedbench_datasets.synth_prostate import SynthProstate
+
+class Odd(SynthProstate):
+    name = "odd-data"
+    description = "closes [/] and [bold]x"
+
+@hookimpl
+def fedbench_datasets():
+    return [Odd]
+"""
+
+
+def test_datasets_list_prints_a_description_with_markup_as_it_is(tmp_path):
+    path = plugin(tmp_path, "odd", ODD_DATASET)
+    result = cli.invoke(app, ["--plugin", str(path), "datasets", "list"])
+    assert result.exit_code == 0, result.output
+    assert "closes [/] and [bold]x" in result.stdout

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from fedbench.cli.app import app, echo, out, registry, user_errors
+from fedbench.cli.app import app, echo, literal, out, registry, user_errors
 from fedbench.errors import FedbenchError
 
 datasets_app = typer.Typer(
@@ -94,7 +94,8 @@ def list_command(
         table.add_column(column)
     for row in rows:
         prepare = "yes" if row["prepare"] else "-"
-        table.add_row(row["name"], row["description"], prepare, ", ".join(row["settings"]))
+        cells = (row["name"], row["description"], prepare, ", ".join(row["settings"]))
+        table.add_row(*(literal(cell) for cell in cells))
     out.print(table)
 
 

@@ -40,6 +40,8 @@ def blamed_on(plugin: str) -> Iterator[None]:
         yield
     except (Diverged, FedbenchError, KeyboardInterrupt):
         raise
+    except SystemExit as exc:  # a plugin that exits is that plugin's failure, not the run's end
+        raise PluginFailure(f"{plugin}: it called sys.exit({exc.code!r})") from None
     except Exception as exc:
         raise PluginFailure(f"{plugin}: {type(exc).__name__}: {exc}") from exc
 
