@@ -83,3 +83,21 @@ def test_group_by_a_setting_no_record_has_is_one_line(tmp_path):
     assert result.stderr.strip() == (
         "error: --group-by method.nope: no record has that setting (e.g. method.mu)"
     )
+
+
+def test_a_dry_run_with_a_bad_sweep_value_exits_non_zero(tmp_path):
+    args = ["grid", "--method", "fedprox", "--sweep", "method.mu=0.1,abc", "--dry-run"]
+    result = CliRunner().invoke(app, [*args, "--results-dir", str(tmp_path)])
+    assert result.exit_code != 0
+    assert (
+        result.stderr.strip().splitlines()[-1] == "error: 3 cell(s) cannot run (listed above)"
+    )  # 3 seeds
+
+
+def test_a_dry_run_writes_nothing(tmp_path):
+    """So it works on a results folder it could not write to (a read-only copy of records)."""
+    results = tmp_path / "fresh"
+    args = ["grid", "--method", "fedavg", "--dry-run", "--track", "tensorboard"]
+    result = CliRunner().invoke(app, [*args, "--results-dir", str(results)])
+    assert result.exit_code == 0, result.output
+    assert not results.exists()

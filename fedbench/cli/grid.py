@@ -110,13 +110,16 @@ def grid_command(
             say("note: --holdout none runs no adapter, so --adapter is ignored")
         variants = sweep_variants(parse_sweep(sweep or []))
         specs = grid.cell_specs(base, methods, adapters, grid.parse_seeds(seeds), variants)
-    for line in enable_trackers(track or [], results_dir):
-        say(line)
-    runs_dir(results_dir)
+    if not dry_run:  # a dry run reads what is there and writes nothing, not even a folder
+        for line in enable_trackers(track or [], results_dir):
+            say(line)
+        runs_dir(results_dir)
     plan = grid.plan_grid(specs, reg, retry_failed=retry_failed)
     _announce(plan)
     if dry_run:
         _print_cells(plan)
+        if plan.failed:
+            fail(f"{len(plan.failed)} cell(s) cannot run (listed above)")
         return
     results: list[CellResult] = [*plan.done, *plan.failed, *plan.earlier]
     ran: list[CellResult] = []
