@@ -134,3 +134,16 @@ def test_a_cd_diagram_counts_a_repeated_result_once(tmp_path):
         app, ["leaderboard", "--results-dir", str(tmp_path), "--cd", str(tmp_path / "cd.png")]
     )
     assert result.exit_code != 0 and "it has 2 rows" in result.stderr
+
+
+def test_names_with_dollar_signs_are_drawn_as_text_not_formulas(tmp_path):
+    """A record's method `a$\\frac$` is a name; read as mathtext it failed to draw (issue 31)."""
+    for method, x in (("a$\\frac$", 0.5), ("b$x$", 0.4), ("c", 0.3)):
+        for seed in (0, 1):
+            write(tmp_path, make_record(f"{x}{seed}", method, seed, {"x": x, "y": 0.6}))
+    plot, cd = tmp_path / "board.png", tmp_path / "cd.png"
+    result = runner.invoke(
+        app, ["leaderboard", "--results-dir", str(tmp_path), "--plot", str(plot), "--cd", str(cd)]
+    )
+    assert result.exit_code == 0, result.output
+    assert png_size(plot)[0] > 0 and png_size(cd)[0] > 0

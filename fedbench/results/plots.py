@@ -21,10 +21,12 @@ DPI = 130
 
 
 def pyplot() -> Any:
-    """pyplot on the Agg backend (no display, same output everywhere)."""
+    """pyplot on the Agg backend (no display, same output everywhere), with mathtext off: names
+    in the pictures come from records and plugins, and `a$x$b` is a name, not a formula."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
+    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt
