@@ -207,3 +207,41 @@ def test_a_full_disk_in_a_worker_stops_the_grid_instead_of_a_failed_record(monke
     with pytest.raises(StorageError, match="No space left"):
         ray_backend.collect(fake_ray, outcome, cell, None, "2024-01-01T00:00:00+00:00", 0.0)
     assert not (tmp_path / "runs").exists(), "no failed record was written"
+
+
+def test_an_observer_exiting_in_a_worker_fails_the_grid_on_the_driver(monkeypatch, tmp_path):
+    """The worker's registry lists the observer that called sys.exit; the driver's must too,
+    or the grid exits 0 (issue 31, item 6)."""
+    from types import SimpleNamespace
+
+    from fedbench.backends import ray_backend
+    from fedbench.backends.grid import Cell
+    from fedbench.engine.resolve import RunSpec
+
+    line = "observer plugin 'x.py' called sys.exit(3) in fedbench_round_end; it is not called again"
+    record = {"run_id": "r1", "status": "ok", "wall_s": 1.0}
+    monkeypatch.setattr(ray_backend, "save_outcome", lambda *args: None)
+    driver = SimpleNamespace(exits=[])
+    fake_ray = SimpleNamespace(
+        get=lambda ref: ref, exceptions=SimpleNamespace(RayError=RuntimeError)
+    )
+    cell = Cell(RunSpec("fedavg", results_dir=tmp_path), "hash")
+    outcome = {"record": record, "kept": {}, "exits": [line]}
+    for _ in range(2):  # two cells, one line
+        ray_backend.collect(fake_ray, outcome, cell, driver, "2024-01-01T00:00:00+00:00", 0.0)
+    assert driver.exits == [line]
+
+
+def test_a_worker_sends_back_the_observers_that_exited(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from fedbench.backends import ray_backend
+    from fedbench.engine.resolve import RunSpec
+    from fedbench.engine.run import Outcome
+
+    worker = SimpleNamespace(exits=["observer plugin 'x.py' called sys.exit(3)"])
+    monkeypatch.setattr(ray_backend, "worker_registry", lambda plugins: worker)
+    monkeypatch.setattr(ray_backend, "resolve", lambda spec, registry: None)
+    monkeypatch.setattr(ray_backend, "compute", lambda run, reg, rep: Outcome({"run_id": "r"}, {}))
+    outcome = ray_backend.run_in_worker(RunSpec("fedavg", results_dir=tmp_path), (), 1)
+    assert outcome["exits"] == worker.exits

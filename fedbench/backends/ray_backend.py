@@ -82,7 +82,7 @@ def run_in_worker(spec: RunSpec, plugins: tuple[str, ...], threads: int) -> dict
     try:
         registry = worker_registry(plugins)
         outcome = compute(resolve(spec, registry), registry, Reporter())
-        return {"record": outcome.record, "kept": outcome.kept}
+        return {"record": outcome.record, "kept": outcome.kept, "exits": list(registry.exits)}
     except StorageError as exc:  # a full disk or unwritable folder: the driver stops the grid
         return {"storage_error": str(exc)}
     except Exception as exc:
@@ -183,6 +183,9 @@ def collect(
         outcome = {"error": task_death(exc)}
     if "storage_error" in outcome:  # as the local backend: every next cell would fail too
         raise StorageError(outcome["storage_error"])
+    for line in outcome.get("exits", []):  # a worker's observer that exited fails the grid too
+        if line not in registry.exits:
+            registry.exits.append(line)
     record = outcome.get("record")
     if record is None:
         record = failed_record(cell, outcome["error"], registry, started, wall_s)
