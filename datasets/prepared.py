@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from fedbench.data import Dataset, FederatedData, Site, Split
-from fedbench.errors import FedbenchError
+from fedbench.errors import FedbenchError, one_line
 from fedbench.storage import stable_hash, write_text_atomic
 from fedbench_datasets.prepared_folder import (
     AGAIN,
@@ -45,7 +45,7 @@ class DataProblems(FedbenchError):
 
 def warn(message: str) -> None:
     """One warning line on stderr (stdout stays clean for --json)."""
-    print(f"warning: {message}", file=sys.stderr)
+    print(f"warning: {one_line(message)}", file=sys.stderr)
 
 
 def require_path(cfg: dict[str, Any], dataset: str) -> Path:
@@ -180,16 +180,19 @@ def split_label(seed: int, settings: dict[str, Any]) -> str:
     return f"seed{seed}-{stable_hash(settings)[:8]}"
 
 
-def refuse_foreign_target(out: Path, source: Path) -> None:
+def refuse_foreign_target(out: Path, source: Path, replace: bool = True) -> None:
     """Never replace what fedbench did not create: `out` may not be the raw files' folder, hold
-    it or lie inside it, nor be a link; an existing `out` must be empty or provably ours
-    (`refuse_unowned`). Anything else is one clear error, before any work."""
+    it or (when it would replace a folder) lie inside it, nor be a link; an existing `out` must
+    be empty or provably ours (`refuse_unowned`). Anything else is one clear error, before any
+    work. A run's first preparation (`replace=False`) only adds a new folder, so a results
+    folder inside data.path (`cd DATA && fedbench run --set data.path=.`) is fine."""
     where, raw = out.resolve(), source.resolve()
     if where == raw:
         raise FedbenchError(
             f"cannot prepare into {out}: it is the --source folder; nothing was changed"
         )
-    for inner, outer, how in ((raw, where, "contains"), (where, raw, "is inside")):
+    checks = [(raw, where, "contains")] + ([(where, raw, "is inside")] if replace else [])
+    for inner, outer, how in checks:
         if outer in inner.parents:
             raise FedbenchError(
                 f"cannot prepare into {out}: it {how} the --source folder {source}; "
@@ -275,7 +278,7 @@ class PreparedDataset(Dataset):
         """Convert the raw files under `source` into the prepared folder `out` (orphans are
         listed in its manifest and warned about on every load)."""
         source = require_path({"path": source}, self.name)
-        refuse_foreign_target(Path(out), source)
+        refuse_foreign_target(Path(out), source, replace)
         scan = self.scan(source, cfg)
         if scan.problems:
             raise DataProblems(scan.problems)

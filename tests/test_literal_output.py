@@ -221,3 +221,16 @@ def test_a_usage_error_with_a_newline_is_one_line(capsys):
     assert run_app(["run", "--met\nhod", "x"]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and all(line.startswith("error: ") for line in lines)
+
+
+def test_csv_leaves_numbers_and_the_placeholder_as_they_are():
+    from fedbench.results.formats import csv_text
+
+    assert [csv_text(v) for v in ("-", "-0.5", "+1e-3", -2.0, "fedavg-ft")] == [
+        "-",
+        "-0.5",
+        "+1e-3",
+        -2.0,
+        "fedavg-ft",
+    ]
+    assert [csv_text(v) for v in ("-cmd", "=1+2", "-inf x")] == ["'-cmd", "'=1+2", "'-inf x"]

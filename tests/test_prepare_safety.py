@@ -113,6 +113,17 @@ def test_out_inside_the_source_is_refused(source, tmp_path):
     assert tree(tmp_path) == before and not (source / "prepared").exists()
 
 
+def test_a_run_whose_results_folder_lies_inside_data_path_still_prepares(source):
+    """`cd DATA && fedbench run --set data.path=.`: the cache is a new folder inside the raw
+    one; adding it replaces nothing, so it is allowed (only replacing is refused there)."""
+    from test_real_data import prostate_cfg
+
+    cfg = prostate_cfg(source, sites=list(SITES))
+    data = Prostate().load(cfg, 0, source / "results" / "cache")
+    assert [s.name for s in data.sites] == list(SITES)
+    assert prepare(source, source / "results" / "again").exit_code != 0  # --out: refused
+
+
 @pytest.mark.parametrize(
     ("manifest", "reason"),
     [

@@ -79,3 +79,30 @@ def test_an_unwritable_tracker_folder_is_one_line(tmp_path):
     (tmp_path / "tensorboard").chmod(0o555)
     line = refused(tmp_path, "tensorboard")
     assert "cannot write in" in line
+
+
+def test_the_probe_checks_the_folder_mlflow_writes_even_with_a_space(tmp_path):
+    """The file URI quotes a space as %20; the probe must decode it, not make `my%20results`."""
+    needs("mlflow")
+    from fedbench.cli.tracking import mlflow_destination, probe_mlflow
+
+    environment = dict(os.environ)
+    try:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        probe_mlflow(mlflow_destination(tmp_path / "my results"))
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my results"]
+    assert (tmp_path / "my results" / "mlruns").is_dir()
+
+
+def test_a_dry_run_still_refuses_an_unknown_tracker(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedbench.cli import app
+
+    args = ["grid", "--method", "fedavg", "--dry-run", "--track", "nope"]
+    result = CliRunner().invoke(app, [*args, "--results-dir", str(tmp_path / "r")])
+    assert result.exit_code != 0 and "unknown tracker 'nope'" in result.stderr
+    assert not (tmp_path / "r").exists()

@@ -18,7 +18,7 @@ import typer
 from rich.table import Table
 
 from fedbench.cli.app import app, echo, literal, out, registry, user_errors
-from fedbench.errors import FedbenchError
+from fedbench.errors import FedbenchError, one_line
 
 datasets_app = typer.Typer(
     help="List, prepare, verify and show datasets.", no_args_is_help=True, add_completion=False
@@ -64,7 +64,7 @@ def require_preparable(dataset: Any) -> None:
 def report_problems(lines: list[str]) -> None:
     """One line per problem on stderr, then a non-zero exit."""
     for line in lines:
-        typer.echo(f"error: {line}", err=True)
+        typer.echo(f"error: {one_line(line)}", err=True)
     raise typer.Exit(1)
 
 
@@ -141,7 +141,7 @@ def prepare_command(
         report_problems(getattr(exc, "lines", None) or [str(exc)])
     manifest = read_json(directory / "manifest.json")
     for line in manifest.get("orphans", []):
-        typer.echo(f"warning: left out: {line}", err=True)
+        typer.echo(f"warning: left out: {one_line(line)}", err=True)
     sites = manifest.get("sites", {})
     counts = ", ".join(f"{s} {v.get('samples', '?')}" for s, v in sites.items())
     echo(f"prepared {name}: {counts} samples")

@@ -70,7 +70,7 @@ def grid_command(
     from fedbench.backends.ray_backend import RayOptions
     from fedbench.backends.study import parse_sweep, sweep_variants
     from fedbench.cli.studies import study_specs
-    from fedbench.cli.tracking import enable_trackers
+    from fedbench.cli.tracking import check_trackers, enable_trackers
     from fedbench.engine.resolve import RunSpec
     from fedbench.results.record import runs_dir
 
@@ -110,7 +110,9 @@ def grid_command(
             say("note: --holdout none runs no adapter, so --adapter is ignored")
         variants = sweep_variants(parse_sweep(sweep or []))
         specs = grid.cell_specs(base, methods, adapters, grid.parse_seeds(seeds), variants)
-    if not dry_run:  # a dry run reads what is there and writes nothing, not even a folder
+    if dry_run:  # a dry run reads what is there and writes nothing, not even a folder
+        check_trackers(track or [])
+    else:
         for line in enable_trackers(track or [], results_dir):
             say(line)
         runs_dir(results_dir)

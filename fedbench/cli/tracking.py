@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from fedbench.errors import FedbenchError, unknown_name
 
@@ -118,8 +119,8 @@ def probe_mlflow(uri: str) -> None:
     asked for one experiment, once, with a short timeout (a dead server would otherwise make
     every round retry for minutes)."""
     parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        probe_folder(Path(parsed.path), "mlflow")
+    if parsed.scheme == "file":  # the folder MLflow writes: the URI's path, decoded
+        probe_folder(Path(url2pathname(parsed.path)), "mlflow")
         return
     from mlflow.tracking import MlflowClient
 
@@ -148,13 +149,20 @@ PROBES: dict[str, Callable[[str], None]] = {
 }
 
 
+def check_trackers(names: Sequence[str]) -> list[Tracker]:
+    """The named trackers, each known and its library importable (nothing probed or written)."""
+    chosen = [tracker_named(name) for name in dict.fromkeys(names)]
+    for tracker in chosen:
+        require_library(tracker)
+    return chosen
+
+
 def enable_trackers(names: Sequence[str], results_dir: Path) -> list[str]:
     """Check each named tracker, its library and (as the Ray address is) its store before any
     training, then set the environment to exactly these trackers; returns one line per tracker
     saying where it writes."""
-    chosen = [tracker_named(name) for name in dict.fromkeys(names)]
+    chosen = check_trackers(names)
     for tracker in chosen:
-        require_library(tracker)
         PROBES[tracker.name](tracker.destination(results_dir))
     if any(t.name == "mlflow" for t in chosen):  # a server that dies later: minutes, not hours
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", MLFLOW_RETRIES)

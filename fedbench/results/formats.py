@@ -179,8 +179,13 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 def csv_text(value: Any) -> Any:
     """A text cell that a spreadsheet would run as a formula, behind a single quote (OWASP):
-    '=cmd' becomes "'=cmd"; numbers, a negative one included, are left as they are."""
-    if isinstance(value, str) and value.startswith(FORMULA_START):
+    '=cmd' becomes "'=cmd"; numbers (a negative one included, as text too) and the '-'
+    placeholder are left as they are."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_START) or value == "-":
+        return value
+    try:
+        float(value)
+    except ValueError:
         return "'" + value
     return value
 
