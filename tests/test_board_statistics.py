@@ -119,7 +119,7 @@ def test_compute_columns_and_the_note_on_rows_unlike_fedavg(tmp_path):
     outside = board_row(lb, "outside", "ditto")
     assert outside["client_steps"] == 400  # two held-out sites, each a federation
     assert outside["seconds"] == pytest.approx(2 * (20.0 + 0.5))
-    note = [line for line in lb.notes if line.startswith("inside: compute unlike fedavg")]
+    note = [line for line in lb.notes if line.startswith("inside: client steps unlike fedavg")]
     assert note and "ditto (2.0x steps" in note[0] and "fedprox" not in note[0]
     markdown = to_markdown(lb)
     assert "steps" in markdown and "wall s" in markdown
@@ -143,6 +143,26 @@ def test_the_reference_is_plain_fedavg_whatever_a_variant_of_it_scores():
         }
     )
     assert fedavg_reference(frame)["variant"] == "methods"
+    sgd = pd.DataFrame(  # FedAvg on SGD has FedAvg's steps too, and may rank first
+        {
+            "method": ["fedavg", "fedavg", "ditto", "apfl"],
+            "adapter": ["none"] * 4,
+            "variant": ["sgd", "methods", "methods", "methods"],
+            "client_steps": [576.0, 576.0, 1152.0, 1152.0],
+            "seconds": [5.0, 10.0, 20.0, 20.0],
+        }
+    )
+    assert fedavg_reference(sgd)["variant"] == "methods"
+
+
+def test_seconds_alone_never_flag_a_row(tmp_path):
+    """Seconds depend on the machine's load: a row with FedAvg's steps is not flagged however
+    long it took."""
+    for seed in (0, 1):
+        write(tmp_path, costed(f"f{seed}", "fedavg", seed, 100, 10.0))
+        write(tmp_path, costed(f"s{seed}", "slow", seed, 100, 30.0))
+    lb = build_leaderboard(load_records(tmp_path)[0])
+    assert not [line for line in lb.notes if "unlike fedavg" in line]
 
 
 def test_off_by_less_than_a_fifth_either_way_is_not_noted(tmp_path):
@@ -151,5 +171,5 @@ def test_off_by_less_than_a_fifth_either_way_is_not_noted(tmp_path):
         write(tmp_path, costed(f"c{seed}", "cheap", seed, 83, 8.3))  # 17% fewer
         write(tmp_path, costed(f"v{seed}", "verycheap", seed, 79, 7.9))  # 21% fewer
     lb = build_leaderboard(load_records(tmp_path)[0])
-    (note,) = [line for line in lb.notes if line.startswith("inside: compute unlike")]
+    (note,) = [line for line in lb.notes if line.startswith("inside: client steps unlike")]
     assert "verycheap (0.8x steps" in note and "cheap (0.8x" not in note.replace("verycheap", "")
