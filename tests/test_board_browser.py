@@ -35,7 +35,10 @@ ROWS_JS = "return [...arguments[0].rows].map(r => [...r.cells].map(c => c.textCo
 
 
 def site_dice(method: str, seed: int) -> dict[str, float]:
-    """Each method's inside dice per site, a little different per seed and site."""
+    """Each method's inside dice per site, a little different per seed and site (local's 0 at
+    every site: a Dice below 0 is no score a record may hold)."""
+    if BASE[method] == 0:
+        return dict.fromkeys(SITES, 0.0)
     return {site: BASE[method] + 0.01 * seed - 0.004 * i for i, site in enumerate(SITES)}
 
 

@@ -38,10 +38,11 @@ def make_record(
     dataset: str = "toy",
     finished_at: str = "2024-01-01T00:00:00+00:00",
 ) -> dict:
-    """A valid record: dice and hd95 (= 10 * (1 - dice)) inside, and outside at dice - 0.1."""
+    """A valid record: dice and hd95 (= 10 * (1 - dice)) inside, and outside at dice - 0.1 (not
+    below 0)."""
     rows = []
     for site, dice in inside.items():
-        for regime, value in (("inside", dice), ("outside", dice - 0.1)):
+        for regime, value in (("inside", dice), ("outside", max(0.0, dice - 0.1))):
             if regime == "outside" and adapter is None:
                 continue
             holdout = site if regime == "outside" else None

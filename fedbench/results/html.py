@@ -29,8 +29,8 @@ margin:1.5em auto;padding:0 1.5em;max-width:96em}
 h1{font-size:1.45em;margin:0 0 .2em}h2{font-size:1.15em;margin:1.6em 0 .4em}
 .lead{color:#57606a;margin:0 0 1em}
 .scroll{overflow-x:auto;max-width:100%}
-table{border-collapse:collapse;font-variant-numeric:tabular-nums;white-space:nowrap}
-th,td{padding:4px 8px;border-bottom:1px solid #d8dee4;text-align:right}
+table{border-collapse:collapse;font-variant-numeric:tabular-nums;white-space:nowrap;font-size:13px}
+th,td{padding:4px 5px;border-bottom:1px solid #d8dee4;text-align:right}
 th.text,td.text{text-align:left}
 thead th{background:#f6f8fa;border-bottom:2px solid #afb8c1;vertical-align:bottom}
 th button{background:none;border:0;padding:0;font:inherit;color:inherit;cursor:pointer}
@@ -142,8 +142,13 @@ def header_row(board: Board, shown: pd.DataFrame, keys: dict, lower_is_better: b
 
 
 def number_cell(text: str) -> str:
-    """'0.812 ± 0.013' as the mean with the std on a smaller line below, so wide boards fit."""
-    mean, plus, std = str(text).partition(" ± ")
+    """'0.812 ± 0.013' as the mean with the std on a smaller line below, and an interval's upper
+    bound below its lower one, so wide boards fit."""
+    text = str(text)
+    if text.startswith("[") and ", " in text:  # an interval: its bounds on two lines
+        low, _, high = text.partition(", ")
+        return f'{escape(low)},<span class="sd"> {escape(high)}</span>'
+    mean, plus, std = text.partition(" ± ")
     if not plus:
         return escape(mean)
     return f'{escape(mean)}<span class="sd"> ± {escape(std)}</span>'
