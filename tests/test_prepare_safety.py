@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_faults_storage import error_line
 from test_real_data import make_slice_source
 from typer.testing import CliRunner
 
@@ -39,15 +40,6 @@ def prepare(source: Path, out: Path):
     """`fedbench datasets prepare prostate --source SOURCE --out OUT` on three small sites."""
     args = ["datasets", "prepare", "prostate", "--source", str(source), "--out", str(out)]
     return CliRunner().invoke(app, [*args, *DATA])
-
-
-def error_line(result) -> str:
-    """The one line a refused command printed: non-zero exit, no traceback, nothing else."""
-    assert result.exit_code != 0, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 def tree(folder: Path) -> dict[str, bytes | str]:
