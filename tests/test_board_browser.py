@@ -17,6 +17,8 @@ from fedbench.cli import app
 from fedbench.results.formats import display_frame, legend_lines
 from fedbench.results.leaderboard import TITLES, Leaderboard, build_leaderboard, load_records
 
+pytestmark = pytest.mark.slow  # behind the slow marker: CI runs it, the quick loop does not
+
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
 if not (CHROMIUM and CHROMEDRIVER):

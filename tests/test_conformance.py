@@ -29,6 +29,7 @@ NEEDS = {
 }
 
 
+@pytest.mark.slow  # the whole kit on every built-in: CI runs it, the quick loop does not
 @pytest.mark.parametrize("name", [n for n in BUILT_IN if n != "dataset-baseline"])
 def test_every_built_in_plugin_conforms(name):
     assert check_plugin(name, REGISTRY, NEEDS.get(name)) == []

@@ -143,6 +143,7 @@ def test_a_holdout_that_leaves_one_training_site_is_one_line(plugin, tmp_path):
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_the_checkpoint_resumes(tmp_path):
     stopped_dir, clean_dir = tmp_path / "stopped", tmp_path / "clean"
     process = subprocess.Popen(

@@ -25,10 +25,13 @@ from fedbench_datasets.fed_tcga_brca import CENTRES
 from fedbench_datasets.flamby_support import carve_val, label_strata
 
 VENDOR = SHARED / "vendor" / "FLamby"
-pytestmark = pytest.mark.skipif(
-    not VENDOR.is_dir() or importlib.util.find_spec("flamby") is None,
-    reason="../shared/vendor/FLamby is absent or flamby is not installed",
-)
+pytestmark = [
+    pytest.mark.slow,  # behind the slow marker: CI runs it, the quick loop does not
+    pytest.mark.skipif(
+        not VENDOR.is_dir() or importlib.util.find_spec("flamby") is None,
+        reason="../shared/vendor/FLamby is absent or flamby is not installed",
+    ),
+]
 TCGA = "flamby-tcga-brca"
 
 

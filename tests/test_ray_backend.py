@@ -85,6 +85,7 @@ def records(results: Path) -> dict[tuple[str, int], list[dict[str, Any]]]:
     return out
 
 
+@pytest.mark.slow
 @needs_data
 def test_ray_records_equal_local_records(ray_session, tmp_path):
     cells = ["--method", "fedavg", "--method", "fedbn", "--seeds", "0,1", *SMALL]

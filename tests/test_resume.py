@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import toy_config, toy_data, toy_train
 
@@ -69,6 +70,7 @@ def wait_for_round(checkpoints: Path, round_index: int, process: subprocess.Pope
     raise AssertionError("the run never reached the round to kill it at")
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_gives_the_uninterrupted_record(tmp_path):
     killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
     process = subprocess.Popen(
@@ -92,6 +94,7 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_record(tmp_path):
     assert not list((killed_dir / "cache" / "checkpoints").glob("*.pt")), "removed when done"
 
 
+@pytest.mark.slow
 def test_keep_checkpoints_flag(tmp_path):
     out = subprocess.run(
         fedbench(tmp_path, "--keep-checkpoints", "--holdout", "none"),

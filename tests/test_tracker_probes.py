@@ -48,6 +48,7 @@ def refused(results: Path, tracker: str, **env: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_dead_mlflow_server_is_one_line_before_training(tmp_path):
     needs("mlflow")
     uri = f"http://127.0.0.1:{closed_port()}"
@@ -55,12 +56,14 @@ def test_a_dead_mlflow_server_is_one_line_before_training(tmp_path):
     assert f"the store {uri} does not answer" in line
 
 
+@pytest.mark.slow
 def test_a_uri_mlflow_cannot_use_is_one_line(tmp_path):
     needs("mlflow")
     line = refused(tmp_path, "mlflow", MLFLOW_TRACKING_URI="garbage://nowhere")
     assert "the store garbage://nowhere does not answer" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("tracker", "folder"), [("mlflow", "mlruns"), ("tensorboard", "tensorboard")]
 )
