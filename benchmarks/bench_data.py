@@ -8,12 +8,12 @@
    The engine's own profiler (`PROFILE`, "data loading" against "local training") is printed
    next to it as a cross-check.
 2. The embedded dataset: time to generate and cache it in a fresh cache directory, and to load
-   it back from that cache (median of CACHED_LOADS loads, which must not regenerate it).
+   it back from a cache (which must not regenerate it), interleaved for CACHED_LOADS rounds
+   after a warm-up round (benchmarks/interleave.py); best rounds and the per-round spread.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
+from interleave import interleaved
 
 import fedbench.engine.training as engine
 import fedbench_datasets.synth_phantom as phantom
@@ -131,36 +132,38 @@ def test_data_wait_share(benchmark: Any, tmp_path: Path, monkeypatch: pytest.Mon
 def test_dataset_generate_and_cache(
     benchmark: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preset: str
 ) -> None:
-    """Generating and caching the dataset in a fresh directory against loading it from cache."""
+    """Generating and caching the dataset in a fresh directory against loading it from a cache
+    written before, the two interleaved round by round."""
     dataset, cfg = synth.SynthProstate(), preset_data_config(preset)
     generating = Clock()
-    phantom._upsampler.cache_clear()  # as cold as a new process, whatever ran before in this one
-    monkeypatch.setattr(phantom, "generate", timed_call(phantom.generate, generating))
-    start = time.perf_counter()
-    dataset.load(cfg, 0, tmp_path)
-    fresh_s = time.perf_counter() - start
-    cache_files = list((tmp_path / synth.CACHE_SUBDIR).glob("*.npz"))
-    assert len(cache_files) == 1, "the fresh load did not write exactly one cache file"
+    generated = timed_call(phantom.generate, generating)
+    cached_dir, fresh_dirs = tmp_path / "cached", iter(range(1000))
+    dataset.load(cfg, 0, cached_dir)
 
     def must_not_generate(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a cached load regenerated the dataset")
 
-    monkeypatch.setattr(phantom, "generate", must_not_generate)
-    times: list[float] = []
+    def fresh_load() -> FederatedData:
+        phantom._upsampler.cache_clear()  # as cold as a new process, whatever ran before
+        monkeypatch.setattr(phantom, "generate", generated)
+        return dataset.load(cfg, 0, tmp_path / f"fresh-{next(fresh_dirs)}")
 
     def cached_load() -> FederatedData:
-        begin = time.perf_counter()
-        loaded = dataset.load(cfg, 0, tmp_path)
-        times.append(time.perf_counter() - begin)
-        return loaded
+        monkeypatch.setattr(phantom, "generate", must_not_generate)
+        return dataset.load(cfg, 0, cached_dir)
 
+    timings = interleaved(
+        {"fresh": fresh_load, "cached": cached_load}, rounds=CACHED_LOADS, iterations=4
+    )
     benchmark.pedantic(cached_load, rounds=CACHED_LOADS, iterations=1)
-    cached_s = statistics.median(times)
-    size_mib = cache_files[0].stat().st_size / 2**20
+    cache_files = list((cached_dir / synth.CACHE_SUBDIR).glob("*.npz"))
+    assert len(cache_files) == 1, "the fresh load did not write exactly one cache file"
+    fresh_s, generate_s = timings.best("fresh"), generating.seconds / (4 * (CACHED_LOADS + 1))
     print(
         f"\nsynth-prostate {preset} ({cfg['size']} px, {cfg['num_sites']} sites x "
         f"{cfg['cases_per_site']} cases x {cfg['slices_per_case']} slices): fresh cache "
-        f"{fresh_s:.2f} s (generate {generating.seconds:.2f} s, write and split "
-        f"{fresh_s - generating.seconds:.2f} s), from cache {cached_s:.3f} s "
-        f"(median of {CACHED_LOADS}), ratio {fresh_s / cached_s:.1f}; cache file {size_mib:.2f} MiB"
+        f"{fresh_s:.2f} s (generate {generate_s:.2f} s on average), from cache "
+        f"{timings.best('cached'):.3f} s (best of {CACHED_LOADS}), fresh/cached "
+        f"{timings.describe('fresh', 'cached')}; cache file "
+        f"{cache_files[0].stat().st_size / 2**20:.2f} MiB"
     )

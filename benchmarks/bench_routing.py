@@ -1,7 +1,8 @@
 """Cost of IOP-FL routing: forward + backward of the routed U-Net (vectorised grouped convs)
 against the plain U-Net and against per-image loops, at batch sizes 1, 5 and 16 (and batch 16 at
-the default preset's widths). The four are timed interleaved, round by round, in one process, so
-a machine that slows down slows them all; the ratios of their medians are printed (run with -s).
+the default preset's widths). The four are timed interleaved, round by round, in one process
+(benchmarks/interleave.py), so a machine that slows down slows them all; the ratios of their best
+rounds, with the per-round spread, are printed (run with -s).
 
 The loops: `released` is the release's layer, image by image, each routed (pooling, router) and
 convolved with its own mixed kernel; `conv-loop` routes the batch at once and loops only over the
@@ -9,12 +10,11 @@ convolutions, a lower bound for any per-image loop."""
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import pytest
 import torch
+from interleave import interleaved
 from torch import nn
 
 from fedbench.task import SegmentationTask
@@ -25,7 +25,7 @@ BENCH_WIDTHS = [8, 16, 32, 64]
 TASK = SegmentationTask(in_channels=1)
 SIZE = 64
 EXPERTS = 5  # personalized models; "both" mixes 6
-ROUNDS = 15
+ROUNDS = 10
 Forward = Callable[[rc.RoutedConv, torch.Tensor], torch.Tensor]
 
 
@@ -46,27 +46,29 @@ def forward_backward(model: nn.Module, x: torch.Tensor) -> None:
     model(x).softmax(1).square().mean().backward()
 
 
-def interleaved_medians(
-    variants: dict[str, tuple[nn.Module, Forward]], x: torch.Tensor, patch: pytest.MonkeyPatch
-) -> dict[str, float]:
-    """Median seconds of each variant's step, timed in turn each round after one warm-up round."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for round_index in range(ROUNDS + 1):
-        for name, (model, forward) in variants.items():
-            patch.setattr(rc.RoutedConv, "forward", forward)
-            start = time.perf_counter()
-            forward_backward(model, x)
-            if round_index:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+def patched_step(
+    model: nn.Module, forward: Forward, x: torch.Tensor, patch: pytest.MonkeyPatch
+) -> Callable[[], None]:
+    """One forward + backward of `model` with RoutedConv's forward set to `forward`."""
+
+    def step() -> None:
+        patch.setattr(rc.RoutedConv, "forward", forward)
+        forward_backward(model, x)
+
+    return step
 
 
 @pytest.mark.parametrize(
-    ("batch_size", "widths"),
-    [(1, BENCH_WIDTHS), (5, BENCH_WIDTHS), (16, BENCH_WIDTHS), (16, UNet.defaults["channels"])],
+    ("batch_size", "widths", "iterations"),  # iterations: a sample of each variant ~50 ms
+    [
+        (1, BENCH_WIDTHS, 16),
+        (5, BENCH_WIDTHS, 6),
+        (16, BENCH_WIDTHS, 4),
+        (16, UNet.defaults["channels"], 2),
+    ],
 )
 def test_routing_cost(
-    benchmark, monkeypatch: pytest.MonkeyPatch, batch_size: int, widths: list[int]
+    benchmark, monkeypatch: pytest.MonkeyPatch, batch_size: int, widths: list[int], iterations: int
 ) -> None:
     torch.manual_seed(0)
     cfg = {"channels": widths, "res_units": 0}
@@ -81,14 +83,17 @@ def test_routing_cost(
         "released": (routed, released_forward),
     }
     with monkeypatch.context() as patch:
-        t = interleaved_medians(variants, x, patch)
+        steps = {name: patched_step(*pair, x, patch) for name, pair in variants.items()}
+        timings = interleaved(steps, rounds=ROUNDS, iterations=iterations)
+    t = {name: timings.best(name) for name in variants}
     benchmark.pedantic(forward_backward, (routed, x), rounds=5, warmup_rounds=1)
 
     ms = ", ".join(f"{name} {seconds * 1e3:6.1f} ms" for name, seconds in t.items())
     print(
         f"\nwidths {widths} batch {batch_size:2d}: {ms} | routed/plain "
-        f"{t['routed'] / t['plain']:4.2f}x, released/routed {t['released'] / t['routed']:4.2f}x, "
-        f"conv-loop/routed {t['conv-loop'] / t['routed']:4.2f}x"
+        f"{timings.describe('routed', 'plain')}, released/routed "
+        f"{timings.describe('released', 'routed')}, conv-loop/routed "
+        f"{timings.describe('conv-loop', 'routed')}"
     )
     benchmark.extra_info.update({f"{name}_s": seconds for name, seconds in t.items()})
     assert all(seconds > 0 for seconds in t.values())
