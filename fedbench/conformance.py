@@ -62,6 +62,7 @@ def subject_for(
         rounds=ROUNDS,
         results_dir=results_dir,
         overrides=list(overrides or []),
+        workers=1,  # the checks watch training in this process
     )
     if dataset is not None:
         spec = replace(spec, dataset=dataset)
@@ -222,8 +223,8 @@ def label_problems(subject: Subject, registry: Registry, scratch: Path) -> list[
 
     from fedbench.adapter import AdaptContext
     from fedbench.data import UnlabeledImages
+    from fedbench.engine.federations import load_or_train
     from fedbench.engine.resolve import resolve
-    from fedbench.engine.run import load_or_train
 
     run = resolve(replace(subject.spec, results_dir=scratch), registry)
     data = run.dataset.load(run.config["data"], run.spec.seed, scratch / "cache")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class FedbenchError(Exception):
     """Bad input or an unusable environment: the CLI prints the message and exits non-zero."""
@@ -34,3 +37,17 @@ def exit_text(exc: SystemExit) -> str:
     """What a plugin's sys.exit did, for the one line that reports it: 'called sys.exit(3)'."""
     code = "" if exc.code is None else repr(exc.code)
     return f"called sys.exit({code})"
+
+
+@contextmanager
+def blamed_on(plugin: str) -> Iterator[None]:
+    """Turn an unexpected exception raised inside a plugin's code into a PluginFailure that
+    names the plugin (`plugin` reads e.g. "method 'fedavg' failed in training")."""
+    try:
+        yield
+    except (Diverged, FedbenchError, KeyboardInterrupt):
+        raise
+    except SystemExit as exc:  # a plugin that exits is that plugin's failure, not the run's end
+        raise PluginFailure(f"{plugin}: it called sys.exit({exc.code!r})") from None
+    except Exception as exc:
+        raise PluginFailure(f"{plugin}: {type(exc).__name__}: {exc}") from exc

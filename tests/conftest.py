@@ -20,6 +20,13 @@ from fedbench_plugins.unet import UNet
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+@pytest.fixture(autouse=True)
+def one_process_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs in this process train every federation here, where a test's patches and spies
+    are; tests of the worker processes ask for them with RunSpec.workers or --workers."""
+    monkeypatch.setattr("fedbench.engine.federations.cpu_count", lambda: 1)
+
+
 def toy_split(n: int, size: int, seed: int, shift: float = 0.0) -> Split:
     """Bright squares on noise: a segmentation problem a tiny U-Net can start to learn."""
     gen = torch.Generator().manual_seed(seed)

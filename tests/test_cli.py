@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from fedbench.cli import app
-from fedbench.engine import run as engine_run
+from fedbench.engine import federations
 
 QUICK = ["--preset", "quick", "--set", "train.rounds=1"]
 
@@ -55,7 +55,7 @@ def test_second_adapter_reuses_cached_federations(tmp_path, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a cached federation was trained again")
 
-    monkeypatch.setattr(engine_run, "train_federation", no_training)
+    monkeypatch.setattr(federations, "train_federation", no_training)
     second = run_json(tmp_path, "--method", "fedavg", "--holdout", "UCL", "--adapter", "ensemble")
     assert second["adapter"] == "ensemble"
     inside = [r for r in first["metrics"] if r["regime"] == "inside"]

@@ -13,7 +13,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from fedbench.cli import app
-from fedbench.engine import run as engine_run
+from fedbench.engine import federations
 from fedbench_plugins import routed_conv as rc
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -60,7 +60,7 @@ def test_iopfl_runs_on_cuda_and_a_second_adapter_reuses_its_federations(tmp_path
     def no_training(*args, **kwargs):
         raise AssertionError("a cached federation was trained again")
 
-    monkeypatch.setattr(engine_run, "train_federation", no_training)
+    monkeypatch.setattr(federations, "train_federation", no_training)
     second = run_json(tmp_path, "--method", "iopfl", "--holdout", "HK", "--adapter", "tent")
     assert second["status"] == "ok" and second["adapter"] == "tent"
 

@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from fedbench.cli import app
 from fedbench.engine import cache
+from fedbench.engine.federations import data_fingerprint, load_or_train
 from fedbench.engine.registry import load_registry
 from fedbench.engine.resolve import RunSpec, resolve
-from fedbench.engine.run import data_fingerprint, load_or_train
 from fedbench.errors import FedbenchError
 from fedbench.storage import write_atomic, write_text_atomic
 

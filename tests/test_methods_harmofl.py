@@ -13,9 +13,9 @@ from conftest import LR, same_states, sgd_config, toy_builder, toy_config, toy_r
 
 from fedbench.adapter import predict_batched
 from fedbench.conformance import counted
+from fedbench.engine.federations import load_or_train
 from fedbench.engine.registry import load_registry
 from fedbench.engine.resolve import RunSpec, resolve
-from fedbench.engine.run import load_or_train
 from fedbench.engine.training import Training
 from fedbench.errors import FedbenchError
 from fedbench.method import clone_state, state_nbytes, weighted_mean

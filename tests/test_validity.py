@@ -10,9 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from fedbench.cli import app
+from fedbench.engine.federations import data_fingerprint, load_or_train
 from fedbench.engine.registry import load_registry
 from fedbench.engine.resolve import RunSpec, resolve
-from fedbench.engine.run import data_fingerprint, load_or_train
 
 TINY = ["model.channels=[4,8]", "data.cases_per_site=3", "data.size=16"]
 

@@ -164,11 +164,13 @@ def task_death(exc: BaseException) -> str:
 
 
 def worker_spec(spec: RunSpec, gpus_per_run: float) -> RunSpec:
-    """The spec sent to a worker: the results folder (its cache/) made absolute, and --device auto
-    pinned to cpu when a task reserves no GPU (whatever Ray masks or not)."""
+    """The spec sent to a worker: the results folder (its cache/) made absolute, --device auto
+    pinned to cpu when a task reserves no GPU (whatever Ray masks or not), and one process
+    per cell (the task's CPUs are its torch threads)."""
     device = "cpu" if spec.device == "auto" and gpus_per_run == 0 else spec.device
     results_dir = Path(spec.results_dir).resolve()
-    return replace(spec, device=device, results_dir=results_dir, overrides=[*spec.overrides])
+    overrides = [*spec.overrides]
+    return replace(spec, device=device, results_dir=results_dir, overrides=overrides, workers=1)
 
 
 def collect(

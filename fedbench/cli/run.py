@@ -35,6 +35,10 @@ def run_command(
     profile: Annotated[bool, typer.Option(help="Show where the time went.")] = False,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N rounds.", min=1)] = 1,
     keep_checkpoints: Annotated[bool, typer.Option(help="Keep checkpoints after the run.")] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Processes training the federations; default: one per CPU.", min=1),
+    ] = None,
     track: Annotated[
         list[str] | None,
         typer.Option("--track", help="Experiment tracker: mlflow or tensorboard (repeat)."),
@@ -62,6 +66,7 @@ def run_command(
         results_dir=results_dir,
         checkpoint_every=checkpoint_every,
         keep_checkpoints=keep_checkpoints,
+        workers=workers,
     )
     reg = registry()
     resolved = resolve(spec, reg)

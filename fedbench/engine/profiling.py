@@ -15,6 +15,7 @@ PHASES = (
     "evaluation",
     "adaptation",
     "checkpointing",
+    "waiting for workers",  # for a federation another process is training (engine.federations)
 )
 
 

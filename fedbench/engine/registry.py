@@ -49,6 +49,8 @@ class Registry:
     exited: set[str] = field(default_factory=set)
     #: whether `notify` warns of an exit at once; the CLI reports them itself, as errors, last
     warn_exits: bool = True
+    #: the plugin files loaded besides the installed plugins (worker processes load them too)
+    plugin_files: tuple[str, ...] = ()
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.components[kind])
@@ -220,7 +222,7 @@ def load_registry(plugin_paths: tuple[Path, ...] = ()) -> Registry:
     """Load installed plugins and plugin files; a broken plugin is reported, not fatal."""
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
-    registry = Registry(manager)
+    registry = Registry(manager, plugin_files=tuple(str(Path(p).resolve()) for p in plugin_paths))
     for ep in entry_points(group=hookspecs.PROJECT):
         try:
             module = ep.load()

@@ -53,6 +53,8 @@ class RunSpec:
     results_dir: Path = Path("results")
     checkpoint_every: int = 1
     keep_checkpoints: bool = False
+    #: processes training the federations (fedbench.engine.federations); None: one per CPU
+    workers: int | None = None
     #: the study file's name and this cell's variant label, kept in the record (not hashed)
     study: str | None = None
     variant: str | None = None

@@ -3,10 +3,7 @@ score the outside regime, and write the run record with its kept predictions."""
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,14 +12,13 @@ import torch
 
 from fedbench.adapter import AdaptContext, TrainedFederation, predict_batched
 from fedbench.data import FederatedData, Split, UnlabeledImages
-from fedbench.engine import cache
+from fedbench.engine.federations import data_fingerprint, load_or_train, side_by_side
 from fedbench.engine.precision import deterministic_mode
 from fedbench.engine.profiling import PROFILE
 from fedbench.engine.registry import Registry
 from fedbench.engine.reporter import Reporter
 from fedbench.engine.resolve import Run, holdout_sites
-from fedbench.engine.training import RoundCallback, train_federation
-from fedbench.errors import Diverged, FedbenchError, PluginFailure
+from fedbench.errors import Diverged, PluginFailure, blamed_on
 from fedbench.results import predictions
 from fedbench.results.record import build_record, new_run_id, now_iso, runs_dir, write_record
 from fedbench.storage import check_writable
@@ -30,90 +26,6 @@ from fedbench.task import POOLED, Task
 
 #: the folders of RESULTS a run writes in (data, federation and checkpoint caches)
 CACHE_FOLDERS = ("cache", "cache/federations", "cache/checkpoints")
-
-
-@contextmanager
-def blamed_on(plugin: str) -> Iterator[None]:
-    """Turn an unexpected exception raised inside a plugin's code into a PluginFailure that
-    names the plugin (`plugin` reads e.g. "method 'fedavg' failed in training")."""
-    try:
-        yield
-    except (Diverged, FedbenchError, KeyboardInterrupt):
-        raise
-    except SystemExit as exc:  # a plugin that exits is that plugin's failure, not the run's end
-        raise PluginFailure(f"{plugin}: it called sys.exit({exc.code!r})") from None
-    except Exception as exc:
-        raise PluginFailure(f"{plugin}: {type(exc).__name__}: {exc}") from exc
-
-
-def data_fingerprint(data: FederatedData) -> str:
-    """A hash of every site's name and samples (inputs, targets, cases, with shapes and
-    dtypes): federations trained on other data are never reused from the cache."""
-    digest = hashlib.sha256()
-    for site in data.sites:
-        digest.update(site.name.encode())
-        for split in (site.train, site.val, site.test):
-            for tensor in (split.inputs, split.targets, split.cases):
-                digest.update(f"{tuple(tensor.shape)} {tensor.dtype}".encode())
-                flat = tensor.detach().cpu().contiguous().reshape(-1)
-                digest.update(flat.view(torch.uint8).numpy())
-    return digest.hexdigest()[:16]
-
-
-def check_finite(federation: TrainedFederation, method: str) -> None:
-    """A federation whose global or personalized weights hold NaN or inf has diverged."""
-    states = [federation.global_state or {}, *federation.personalized]
-    for state in states:
-        for key, tensor in state.items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise Diverged(f"method '{method}' left non-finite values in {key}")
-
-
-def load_or_train(
-    run: Run,
-    data: FederatedData,
-    holdout: str | None,
-    on_round: RoundCallback,
-    fingerprint: str | None = None,
-) -> TrainedFederation:
-    """The federation trained without `holdout` (None: on all sites): from the cache, or
-    trained (resuming from the checkpoint a killed run left), checked for non-finite weights
-    and then cached."""
-    identity = run.federation_identity(holdout, fingerprint or data_fingerprint(data))
-    results_dir = Path(run.spec.results_dir)
-    path = cache.cache_path(results_dir, identity)
-
-    def build_model() -> torch.nn.Module:
-        return run.build_model(data.task)
-
-    sites = [s for s in data.sites if s.name != holdout]
-    cached = cache.load(path, run.device, build_model, [s.name for s in sites])
-    if cached is not None:
-        return cached
-    checkpoint = cache.cache_path(results_dir, identity, "checkpoints")
-    with (
-        blamed_on(f"method '{run.method.name}' failed in training"),
-        deterministic_mode(run.config["train"]),
-    ):
-        federation = train_federation(
-            data,
-            sites,
-            run.method,
-            build_model,
-            run.config,
-            run.spec.seed,
-            run.device,
-            on_round,
-            checkpoint_path=checkpoint,
-            checkpoint_every=run.spec.checkpoint_every,
-            history=holdout is None,  # nobody reads a leave-one-site-out federation's curve
-            for_unseen_site=holdout is not None,
-        )
-    check_finite(federation, run.method.name)
-    cache.save(path, federation)
-    if not run.spec.keep_checkpoints:
-        checkpoint.unlink(missing_ok=True)
-    return federation
 
 
 def metric_rows(
@@ -296,6 +208,20 @@ def check_folders(results_dir: Path, folders: tuple[str, ...]) -> None:
         check_writable(Path(results_dir) / folder)
 
 
+def scored(scoring: Scoring, data: FederatedData, holdouts: list[str]) -> tuple[str, str | None]:
+    """Both regimes into `scoring`, and the run's status: a divergence or a plugin's failure
+    ends the run there."""
+    try:
+        scoring.inside(data)
+        for holdout in holdouts:
+            scoring.outside(data, holdout)
+    except Diverged as exc:
+        return "diverged", str(exc)
+    except PluginFailure as exc:
+        return "failed", str(exc)
+    return "ok", None
+
+
 def compute(run: Run, registry: Registry, reporter: Reporter) -> Outcome:
     """Run everything and return the outcome, writing nothing to the records (a Ray worker
     sends it back to the driver, which writes it)."""
@@ -312,36 +238,29 @@ def compute(run: Run, registry: Registry, reporter: Reporter) -> Outcome:
         run.adapter(run.config["adapter"]).check(run.method, probe, data.task)
     fingerprint = data_fingerprint(data)
     scoring = Scoring(run, registry, reporter, run_id_for(run), fingerprint)
-    status, error = "ok", None
-    try:
-        scoring.inside(data)
-        for holdout in holdouts:
-            scoring.outside(data, holdout)
-    except Diverged as exc:
-        status, error = "diverged", str(exc)
-    except PluginFailure as exc:
-        status, error = "failed", str(exc)
-    record = build_record(
-        run_id=scoring.run_id,
-        status=status,
-        identity={
-            **run_identity(run),
-            "data_fingerprint": fingerprint,
-            "hd95_unit": getattr(data.task, "hd95_unit", None),
-        },
-        holdouts=holdouts,
-        config=run.config,
-        config_hash=run.config_hash,
-        device=str(run.device),
-        started_at=started,
-        wall_s=time.perf_counter() - clock,
-        cost=scoring.cost(),
-        metrics=scoring.rows,
-        history=scoring.history,
-        val_best_rounds=scoring.val_best_rounds,
-        profile=PROFILE.summary(),
-        error=error,
-    )
+    with side_by_side(run, registry, holdouts):  # torch's threads: this process's share
+        status, error = scored(scoring, data, holdouts)
+        record = build_record(
+            run_id=scoring.run_id,
+            status=status,
+            identity={
+                **run_identity(run),
+                "data_fingerprint": fingerprint,
+                "hd95_unit": getattr(data.task, "hd95_unit", None),
+            },
+            holdouts=holdouts,
+            config=run.config,
+            config_hash=run.config_hash,
+            device=str(run.device),
+            started_at=started,
+            wall_s=time.perf_counter() - clock,
+            cost=scoring.cost(),
+            metrics=scoring.rows,
+            history=scoring.history,
+            val_best_rounds=scoring.val_best_rounds,
+            profile=PROFILE.summary(),
+            error=error,
+        )
     return Outcome(record, scoring.kept)
 
 
