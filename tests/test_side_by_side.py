@@ -5,6 +5,7 @@ the one a single process writes (same torch threads, so the same floating-point 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 
 import pytest
@@ -21,7 +22,9 @@ from fedbench.engine.resolve import RunSpec, resolve
 from fedbench.engine.run import compute
 
 TINY = ["data.size=16", "data.cases_per_site=4", "data.slices_per_case=4", "data.num_sites=4"]
-SPEC = RunSpec(method="fedavg", preset="quick", rounds=2, holdout="all", overrides=TINY)
+SPEC = RunSpec(
+    method="fedavg", preset="quick", rounds=2, holdout="all", device="cpu", overrides=TINY
+)
 
 
 @pytest.fixture
@@ -84,7 +87,20 @@ def test_how_many_processes(monkeypatch):
 
 
 @pytest.mark.slow
-def test_worker_processes_give_the_single_process_record(tmp_path, one_thread):
+def test_worker_processes_train_and_the_record_is_the_single_process_one(
+    tmp_path, monkeypatch, one_thread
+):
+    """Through the CLI, the workers spawned for real. This process pauses before each
+    federation it trains (the patch does not reach the workers), so that the workers, which
+    take seconds to start, get held-out sites to train: it must train fewer than all."""
+    trained_here: list[int] = []
+    original = federations.train_federation
+
+    def slow_here(data, sites, *args, **kwargs):
+        trained_here.append(len(sites))
+        time.sleep(4)
+        return original(data, sites, *args, **kwargs)
+
     def run(folder: str, workers: str) -> dict:
         args = ["run", "--method", "fedavg", "--preset", "quick", "--rounds", "2", "--json"]
         args += ["--workers", workers, "--results-dir", str(tmp_path / folder)]
@@ -93,6 +109,10 @@ def test_worker_processes_give_the_single_process_record(tmp_path, one_thread):
         assert result.exit_code == 0, result.output
         return json.loads(result.stdout)
 
-    alone, side_by_side = run("alone", "1"), run("both", "3")
+    alone = run("alone", "1")
+    monkeypatch.setattr(federations, "train_federation", slow_here)
+    side_by_side = run("both", "3")
     assert same_record(alone, side_by_side)
     assert side_by_side["environment"]["threads"] == 1
+    federation_count = 1 + len(side_by_side["holdouts"])
+    assert 0 < len(trained_here) < federation_count, "no worker trained a federation"

@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 
@@ -75,6 +77,8 @@ def claimed(entry: Path, wait: bool = True) -> Iterator[bool]:
         except BlockingIOError:
             yield False
             return
+        except OSError:  # a file system without flock: no claim, at worst trained twice
+            pass
         yield True
     finally:
         os.close(fd)  # closing releases the lock
@@ -138,8 +142,10 @@ def cached_or_trained(
 
 
 def cpu_count() -> int:
-    """The CPUs this process may use (its affinity mask, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    """The CPUs this process may use (its affinity mask where the system has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def process_count(run: Run, holdouts: list[str]) -> int:
@@ -160,26 +166,14 @@ def process_count(run: Run, holdouts: list[str]) -> int:
 def side_by_side(run: Run, registry: Registry, holdouts: list[str]) -> Iterator[None]:
     """Start worker processes that train the leave-one-site-out federations, last site first,
     while this process goes through them first site first (see `load_or_train`). Each process
-    gets an equal share of the CPUs as torch threads, this one included, for the whole run."""
+    gets an equal share of the CPUs as torch threads, this one included, for the whole run.
+    Workers ignore Ctrl-C (this process stops them); if they cannot start, one process runs."""
     processes = process_count(run, holdouts)
-    if processes == 1:
-        yield
-        return
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // processes))
-    spec = replace(run.spec, workers=1)
-    context = multiprocessing.get_context("spawn")
-    workers = [
-        context.Process(
-            target=worker_main,
-            args=(spec, registry.plugin_files, holdouts[::-1], torch.get_num_threads()),
-            daemon=True,
-        )
-        for _ in range(processes - 1)
-    ]
+    workers = started_workers(run, registry, holdouts, processes, max(1, threads // processes))
+    if workers:
+        torch.set_num_threads(max(1, threads // processes))
     try:
-        for worker in workers:
-            worker.start()
         yield
     finally:
         for worker in workers:
@@ -188,17 +182,49 @@ def side_by_side(run: Run, registry: Registry, holdouts: list[str]) -> Iterator[
         torch.set_num_threads(threads)
 
 
+def started_workers(
+    run: Run, registry: Registry, holdouts: list[str], processes: int, threads: int
+) -> list[multiprocessing.process.BaseProcess]:
+    """`processes` - 1 running workers, or none (with one warning) when one cannot start."""
+    if processes == 1 or threading.current_thread() is not threading.main_thread():
+        return []  # signals can be set from the main thread only
+    context = multiprocessing.get_context("spawn")
+    args = (replace(run.spec, workers=1), registry.plugin_files, holdouts[::-1], threads)
+    workers = [
+        context.Process(target=worker_main, args=args, daemon=True) for _ in range(processes - 1)
+    ]
+    interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the workers
+    try:
+        for worker in workers:
+            worker.start()
+    except Exception as exc:  # a process limit, or a script without a __main__ guard
+        registry.warn(f"training in one process: a worker could not start ({exc})")
+        for worker in workers:
+            if worker.pid is not None:
+                worker.terminate()
+                worker.join()
+        return []
+    finally:
+        signal.signal(signal.SIGINT, interrupt)
+    return workers
+
+
 def worker_main(
     spec: RunSpec, plugin_files: tuple[str, ...], holdouts: list[str], threads: int
 ) -> None:
     """A worker process of `side_by_side`. It says nothing, and stops when its run dies; a
     failure here is met again, and reported, by the run itself."""
-    sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(AttributeError, OSError, ValueError):  # no such stream
+            stream.flush()
+            os.dup2(quiet, stream.fileno())  # torch's own warnings too
     torch.set_num_threads(threads)
     parent = os.getppid()
 
     def orphaned(*_: object) -> None:
-        """Each round: a worker whose run was killed stops (its checkpoint stays)."""
+        """Before each federation and each round: a worker whose run was killed stops (the
+        checkpoint of its federation stays)."""
         if os.getppid() != parent:
             os._exit(0)
 
@@ -215,6 +241,7 @@ def train_held_out(run: Run, holdouts: list[str], on_round: RoundCallback) -> No
     data = run.dataset.load(run.config["data"], run.spec.seed, results_dir / "cache")
     fingerprint = data_fingerprint(data)
     for holdout in holdouts:
+        on_round(0, {})  # round 0: before anything of this federation
         identity = run.federation_identity(holdout, fingerprint)
         with claimed(cache.cache_path(results_dir, identity), wait=False) as mine:
             if mine:
