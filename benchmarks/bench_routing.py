@@ -10,7 +10,7 @@ convolutions, a lower bound for any per-image loop."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -25,7 +25,7 @@ BENCH_WIDTHS = [8, 16, 32, 64]
 TASK = SegmentationTask(in_channels=1)
 SIZE = 64
 EXPERTS = 5  # personalized models; "both" mixes 6
-ROUNDS = 10
+ROUNDS = 20
 Forward = Callable[[rc.RoutedConv, torch.Tensor], torch.Tensor]
 
 
@@ -58,6 +58,17 @@ def patched_step(
     return step
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread, as each process of a run trains (fedbench.engine.federations): on two,
+    millisecond convolutions mostly time the threads' wake-ups, and rounds scatter."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(
     ("batch_size", "widths", "iterations"),  # iterations: a sample of each variant ~50 ms
     [

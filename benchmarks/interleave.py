@@ -1,7 +1,8 @@
 """Timing variants so that a busy machine cannot fake a ratio: every round runs each variant once,
 in an order that rotates from round to round (no variant always pays the warm-up or always
-follows the same neighbour), after warm-up rounds that are not kept. A ratio is reported as the
-ratio of the variants' best rounds, with the spread of the per-round ratios beside it."""
+follows the same neighbour), after warm-up rounds that are not kept, on this process's CPU clock.
+A ratio is reported as the ratio of the variants' best rounds, with the spread of the per-round
+ratios beside it."""
 
 from __future__ import annotations
 
@@ -48,18 +49,23 @@ def interleaved(
     rounds: int,
     warmup: int = 1,
     iterations: int = 1,
+    clock: Callable[[], float] | None = None,
 ) -> Timings:
     """Run each variant `iterations` times in a row per round, the order rotating, and keep the
     seconds per call of the last `rounds` rounds. Several iterations per round make a sample of
-    a millisecond-long call long enough that one descheduling does not decide it."""
+    a millisecond-long call long enough that one descheduling does not decide it. The clock is by
+    default this process's CPU time: on one torch thread it is the wall time of a quiet machine,
+    and other jobs on a busy one do not add to it while they hold the cores (a GPU's work needs
+    the wall clock, `time.perf_counter`)."""
+    clock = clock or time.process_time
     names = list(variants)
     timings = Timings({name: [] for name in names})
     for round_index in range(warmup + rounds):
         for name in rotated(names, round_index):
-            start = time.perf_counter()
+            start = clock()
             for _ in range(iterations):
                 variants[name]()
-            elapsed = (time.perf_counter() - start) / iterations
+            elapsed = (clock() - start) / iterations
             if round_index >= warmup:
                 timings.seconds[name].append(elapsed)
     return timings
