@@ -88,6 +88,6 @@ def test_engine_overhead_against_plain_loop(benchmark, tmp_path):
     benchmark.pedantic(engine_run, rounds=1, iterations=1)
     benchmark.extra_info.update({f"{name}_best_s": timings.best(name) for name in timings.seconds})
     print(
-        f"\nengine {timings.best('engine'):.2f} CPU s, plain loop {timings.best('plain'):.2f} CPU s, "
-        f"engine/plain {timings.describe('engine', 'plain')}"
+        f"\nengine {timings.best('engine'):.2f} CPU s, plain loop "
+        f"{timings.best('plain'):.2f} CPU s, engine/plain {timings.describe('engine', 'plain')}"
     )
