@@ -46,7 +46,7 @@ def data_fingerprint(data: FederatedData) -> str:
             for tensor in (split.inputs, split.targets, split.cases):
                 digest.update(f"{tuple(tensor.shape)} {tensor.dtype}".encode())
                 flat = tensor.detach().cpu().contiguous().reshape(-1)
-                digest.update(flat.view(torch.uint8).numpy().tobytes())
+                digest.update(flat.view(torch.uint8).numpy())
     return digest.hexdigest()[:16]
 
 
