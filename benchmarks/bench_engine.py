@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 from interleave import interleaved
+from plain_loop import plain_fedavg
 
 from fedbench.data import FederatedData
 from fedbench.engine.config import preset_config
 from fedbench.engine.training import train_federation
-from fedbench.method import weighted_mean
 from fedbench_datasets.synth_prostate import SynthProstate
 from fedbench_plugins.fedavg import FedAvg
 from fedbench_plugins.unet import UNet
@@ -38,29 +38,6 @@ def unet(data: FederatedData, config: dict) -> Callable[[], torch.nn.Module]:
     return lambda: UNet().build(data.task, config["model"])
 
 
-def plain_fedavg(data: FederatedData, config: dict, seed: int) -> dict:
-    """The same work written as a bare PyTorch loop: the physical limit of this workload."""
-    torch.manual_seed(seed)
-    model = unet(data, config)()
-    generator = torch.Generator().manual_seed(seed)
-    global_state = {k: v.clone() for k, v in model.state_dict().items()}
-    train = config["train"]
-    for _ in range(ROUNDS):
-        states, sizes = [], []
-        for site in data.sites:
-            model.load_state_dict(global_state)
-            model.train()
-            optimizer = torch.optim.Adam(model.parameters(), lr=train["lr"])
-            for inputs, targets in site.train.batches(train["batch_size"], generator):
-                optimizer.zero_grad(set_to_none=True)
-                data.task.loss(model(inputs), targets).backward()
-                optimizer.step()
-            states.append({k: v.clone() for k, v in model.state_dict().items()})
-            sizes.append(len(site.train))
-        global_state = weighted_mean(states, sizes)
-    return global_state
-
-
 def test_engine_overhead_against_plain_loop(benchmark, tmp_path):
     """The engine and the plain loop alternate, round by round (rotated order, one warm-up
     round), so neither pays the warm-up and a machine that slows down slows both."""
@@ -76,7 +53,7 @@ def test_engine_overhead_against_plain_loop(benchmark, tmp_path):
         return states["engine"]
 
     def plain_run() -> dict:
-        states["plain"] = plain_fedavg(data, config, seed=0)
+        states["plain"] = plain_fedavg(data, unet(data, config), config["train"], seed=0)
         return states["plain"]
 
     try:

@@ -33,11 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from interleave import interleaved  # noqa: E402
+from plain_loop import plain_fedavg  # noqa: E402
 
 from fedbench.engine.registry import load_registry  # noqa: E402
 from fedbench.engine.resolve import RunSpec, resolve  # noqa: E402
-from fedbench.engine.training import optimizer_factory, train_federation  # noqa: E402
-from fedbench.method import weighted_mean  # noqa: E402
+from fedbench.engine.training import train_federation  # noqa: E402
 
 PROTOCOL = {"seeds": 3, "rounds": 100}  # inside + every fold, the paper's rounds, 3 seeds
 HOLDOUT = "BIDMC"  # the one fold each packed cell trains besides the inside federation
@@ -53,30 +53,6 @@ def resolved(args: argparse.Namespace, method: str, rounds: int) -> Any:
         results_dir=args.out / "data",
     )
     return resolve(spec, load_registry(()))
-
-
-def plain_fedavg(data: Any, run: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    """FedAvg as a bare PyTorch loop: the same model, optimizer, batches and precision."""
-    torch.manual_seed(run.spec.seed)
-    model = run.build_model(data.task).to(device)
-    generator = torch.Generator().manual_seed(run.spec.seed)
-    train = run.config["train"]
-    global_state = {k: v.clone() for k, v in model.state_dict().items()}
-    for _ in range(train["rounds"]):
-        states, sizes = [], []
-        for site in data.sites:
-            model.load_state_dict(global_state)
-            model.train()
-            optimizer = optimizer_factory(train)(model.parameters())
-            for inputs, targets in site.train.batches(train["batch_size"], generator):
-                inputs, targets = inputs.to(device), targets.to(device)
-                optimizer.zero_grad(set_to_none=True)
-                data.task.loss(model(inputs), targets).backward()
-                optimizer.step()
-            states.append({k: v.clone() for k, v in model.state_dict().items()})
-            sizes.append(len(site.train))
-        global_state = weighted_mean(states, sizes)
-    return global_state
 
 
 def synchronized(step: Any, device: torch.device) -> Any:
@@ -96,15 +72,17 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     run = resolved(args, "fedavg", args.rounds)
     data = run.dataset.load(run.config["data"], run.spec.seed, args.out / "data" / "cache")
     config = {**run.config, "eval": {**run.config["eval"], "history": False}}
-
     states: dict[str, dict[str, torch.Tensor]] = {}
+
+    def build() -> torch.nn.Module:
+        return run.build_model(data.task)
 
     def engine() -> None:
         states["engine"] = train_federation(
             data,
             data.sites,
             run.method,
-            lambda: run.build_model(data.task),
+            build,
             config,
             run.spec.seed,
             run.device,
@@ -113,7 +91,7 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
         ).global_state
 
     def plain() -> None:
-        states["plain"] = plain_fedavg(data, run, run.device)
+        states["plain"] = plain_fedavg(data, build, run.config["train"], run.spec.seed, run.device)
 
     variants = {"engine": engine, "plain": plain}
     variants = {name: synchronized(step, run.device) for name, step in variants.items()}

@@ -170,9 +170,10 @@ def side_by_side(run: Run, registry: Registry, holdouts: list[str]) -> Iterator[
     Workers ignore Ctrl-C (this process stops them); if they cannot start, one process runs."""
     processes = process_count(run, holdouts)
     threads = torch.get_num_threads()
-    workers = started_workers(run, registry, holdouts, processes, max(1, threads // processes))
+    share = max(1, threads // processes)
+    workers = started_workers(run, registry, holdouts, processes, share)
     if workers:
-        torch.set_num_threads(max(1, threads // processes))
+        torch.set_num_threads(share)
     try:
         yield
     finally:
