@@ -53,7 +53,7 @@ registry = load_registry()
 registry.manager.register(RoundMemory())
 run = resolve(RunSpec(**spec), registry)
 if train:
-    status = execute(run, registry, Reporter())["status"]
+    status = execute(run, registry, Reporter()).record["status"]
 else:  # the floor: data loaded and the model built, nothing trained
     data = run.dataset.load(run.config["data"], 0, Path(spec["results_dir"]) / "cache")
     run.build_model(data.task)

@@ -98,7 +98,7 @@ class Bench:
             RunSpec(method=method, dataset=DATASET, holdout="none", seed=seed, **where),
             self.registry,
         )
-        record = execute(run, self.registry, Reporter())
+        record = execute(run, self.registry, Reporter()).record
         if record["status"] != "ok":
             raise SystemExit(f"{method} seed {seed}: {record['status']}: {record.get('error')}")
         return run, record
@@ -108,7 +108,8 @@ class Bench:
         every centre's test set pooled; checks each model's own-test score against the record."""
         from fedbench.adapter import predict_batched
         from fedbench.engine import cache
-        from fedbench.engine.run import data_fingerprint, pooled_scores
+        from fedbench.engine.federations import data_fingerprint
+        from fedbench.engine.scoring import pooled_scores
 
         data = run.dataset.load(run.config["data"], run.spec.seed, self.results_dir / "cache")
         identity = run.federation_identity(None, data_fingerprint(data))

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from fedbench.data import FederatedData
-from fedbench.engine.training import optimizer_factory
+from fedbench.engine.clients import optimizer_factory
 from fedbench.method import weighted_mean
 
 

@@ -125,19 +125,21 @@ def run_problems(subject: Subject, registry: Registry, scratch: Path) -> list[st
 
 
 def spy_class(method: type) -> tuple[type, list[dict[str, Any]]]:
-    """A subclass of `method` that records what the server sends and receives each round."""
-    rounds: list[dict[str, Any]] = []
+    """A subclass of `method` that records what the server sends and receives each round: the
+    payloads it sent each client, the global state and the updates it aggregated."""
+    rounds: list[dict[str, Any]] = [{"payloads": [], "previous": None, "updates": []}]
 
     class Spy(method):  # type: ignore[misc, valid-type]
         name = method.name
 
-        def server_payload(self) -> Any:
-            payload = super().server_payload()
-            rounds.append({"payload": payload, "previous": None, "updates": []})
+        def server_payload(self, client: int) -> Any:
+            payload = super().server_payload(client)
+            rounds[-1]["payloads"].append(payload)
             return payload
 
         def server_update(self, previous: Any, updates: Any) -> Any:
             rounds[-1].update(previous=previous, updates=list(updates))
+            rounds.append({"payloads": [], "previous": None, "updates": []})
             return super().server_update(previous, updates)
 
     return Spy, rounds
@@ -167,8 +169,9 @@ def server_problems(run: Run, data: Any, rounds: list[dict[str, Any]], cost: dic
             if any(carries_data(t, model_shapes, sample_shapes) for t in sent.values()):
                 problems.append("privacy: a client sent an image- or mask-shaped tensor")
             up += nbytes(update.state) + nbytes(update.extras)
+        down += sum(nbytes(payload) for payload in entry["payloads"])
         if entry["previous"] is not None:
-            down += len(entry["updates"]) * (nbytes(entry["previous"]) + nbytes(entry["payload"]))
+            down += len(entry["updates"]) * nbytes(entry["previous"])
     if run.method.pooled:
         return problems
     updates = [u for entry in rounds for u in entry["updates"]]

@@ -45,7 +45,7 @@ def blamed_on(plugin: str) -> Iterator[None]:
     names the plugin (`plugin` reads e.g. "method 'fedavg' failed in training")."""
     try:
         yield
-    except (Diverged, FedbenchError, KeyboardInterrupt):
+    except (Diverged, FedbenchError, PluginFailure, KeyboardInterrupt):  # already named
         raise
     except SystemExit as exc:  # a plugin that exits is that plugin's failure, not the run's end
         raise PluginFailure(f"{plugin}: it called sys.exit({exc.code!r})") from None

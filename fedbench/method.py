@@ -1,11 +1,20 @@
-"""The Method base class. The engine owns the loop; a method owns what differs between FL methods,
-one overridable hook each: which state is shared (`shared_keys`), the client's local update
-(`local_update`, with `local_penalty` and `adjust_gradients` for the common variants), extra
-tensors each way (returned by `local_update`, sent by `server_payload`), the server's step
-(`server_update`, by default `aggregate`), what each client keeps (`personalized_state`, after an
-optional `final_update` such as fine-tuning), what an unseen site receives
-(`unseen_site_state`), the network it trains around the configured model (`network`), the
-method's own state across rounds (`state_dict`) and the settings it needs (`check_settings`).
+"""The Method base class (plugin API v3). The engine owns the loop; a method owns what differs
+between FL methods, one overridable hook each.
+
+The engine makes one instance of the method for the server and one for each client, as a
+deployment would (`self.client` is None on the server's, the client's index on a client's). An
+attribute set on one instance is seen by no other: all that passes between them is counted
+messages, the shared state and `ClientUpdate.extras` up, the global state and
+`server_payload(client)` down, each a copy. Each instance's `state_dict` is checkpointed.
+
+- Client side: `local_update` (with `local_penalty` and `adjust_gradients` for the common
+  variants), `after_local_update`, `final_update` (e.g. fine-tuning), `personalized_state` (the
+  model the client keeps and is scored with).
+- Server side: `server_payload` (extra tensors for one client), `server_update` (by default
+  `aggregate`), `unseen_site_state` (what an unseen site receives).
+- Both: `shared_keys` (which state is shared), `state_dict`/`load_state_dict`; on the class:
+  `network` (the network it trains around the configured model) and `check_settings`.
+
 The base class is FedAvg; `ServerOptimizer` is the base of server rules on the parameters."""
 
 from __future__ import annotations
@@ -40,23 +49,31 @@ class ClientUpdate:
 
 @dataclass
 class LocalContext:
-    """What a client's local update may use. `batches()` yields one epoch of shuffled
-    (inputs, targets) batches of the client's train split (exactly `train.local_steps` batches
-    when that is set); add every optimizer step to `steps` (the engine reports it as the
-    client's cost)."""
+    """What a client's local update may use, all of it the client's own. `batches()` yields one
+    epoch of shuffled (inputs, targets) batches of the client's train split (exactly
+    `train.local_steps` batches when that is set); add every optimizer step to `steps` (the
+    engine reports it as the client's cost)."""
 
     client: int
     split: Split
     task: Task
     train: dict[str, Any]
-    #: the shared global state the client received this round (not to be modified)
+    #: the shared global state the client received this round (its own copy)
     global_state: State
-    #: the extra tensors the server sent this round (`Method.server_payload`)
+    #: the extra tensors the server sent this client this round (`Method.server_payload`)
     received: State
+    #: the client's own random stream (its batches are drawn from it too)
     generator: torch.Generator
     make_optimizer: Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer]
     batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
     steps: int = 0
+    #: the round, counting from 1 (`final_update`: the last round)
+    round: int = 0
+    #: the client's validation split (may be empty)
+    val: Split | None = None
+    #: the client's own full state as it ended its previous local update, before this round's
+    #: global state was merged in (the initial model before its first round)
+    own_state: State = field(default_factory=dict)
     #: the context the forward pass and loss run in (`train.precision`: bf16 autocast or none)
     autocast: Callable[[], AbstractContextManager] = nullcontext
 
@@ -105,6 +122,8 @@ class Method:
     pooled: ClassVar[bool] = False
     #: methods a subclass must override (FedAvg, the base, needs none)
     required: ClassVar[tuple[str, ...]] = ()
+    #: whose instance this is: None for the server's, the client's index for a client's
+    client: int | None = None
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         self.params = {**self.defaults, **params}
@@ -116,7 +135,8 @@ class Method:
         return model
 
     def shared_keys(self, model: nn.Module) -> list[str]:
-        """State-dict keys sent to and averaged by the server."""
+        """State-dict keys sent to and averaged by the server. Called once on every instance
+        (server and clients), which must agree."""
         return list(model.state_dict())
 
     @classmethod
@@ -173,9 +193,9 @@ class Method:
         """Change the gradients after backward, before the optimizer steps (SCAFFOLD's
         control-variate correction); nothing by default."""
 
-    def server_payload(self) -> State:
-        """Extra tensors the server sends every client each round (counted in the bytes
-        down); none by default."""
+    def server_payload(self, client: int) -> State:
+        """Server side: extra tensors the server sends `client` this round, which it reads as
+        `LocalContext.received` (counted in that client's bytes down); none by default."""
         return {}
 
     def server_update(self, previous: State, updates: list[ClientUpdate]) -> State:
@@ -195,10 +215,11 @@ class Method:
         are."""
 
     def after_local_update(self, client: int, state: State) -> None:
-        """Called with a client's state right after its local training in every round."""
+        """Client side: called with the client's state right after its local training in every
+        round (a copy the client keeps; do not modify it)."""
 
     def state_dict(self) -> dict[str, Any]:
-        """What the method itself remembers between rounds, per client and on the server
+        """What this instance (the server's or one client's) remembers between rounds
         (tensors, numbers, lists, dicts): saved in checkpoints, restored on resume."""
         return {}
 
@@ -206,14 +227,14 @@ class Method:
         """Restore what `state_dict` returned."""
 
     def personalized_state(self, client: int, state: State) -> State:
-        """The model a client keeps and is scored with; `state` is its own state merged with the
-        latest global shared parameters."""
+        """Client side: the model the client keeps and is scored with; `state` is its own state
+        merged with the latest global shared parameters."""
         return state
 
     def unseen_site_state(self, state: State) -> State:
-        """The global model an unseen site receives, from the engine's (the shared state, unshared
-        keys filled by the clients' mean): FedRoD adjusts its generic head to the federation's
-        class prior; unchanged by default."""
+        """Server side: the global model an unseen site receives, from the engine's (the shared
+        state, unshared keys filled by the clients' mean): FedRoD adjusts its generic head to the
+        federation's class prior; unchanged by default."""
         return state
 
 

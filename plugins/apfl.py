@@ -127,8 +127,9 @@ class APFL(Method):
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)
-        self.personal: list[State | None] = [None] * num_clients
-        self.alphas = [float(self.params["alpha"])] * num_clients
+        #: client side: this client's personal model v_i (None before its first round), alpha_i
+        self.personal: State | None = None
+        self.alpha = float(self.params["alpha"])
 
     @classmethod
     def check_settings(cls, config: dict[str, Any]) -> None:
@@ -142,9 +143,8 @@ class APFL(Method):
     def local_update(self, model: nn.Module, ctx: LocalContext) -> State:
         """FedAvg's update of `model` (w_i), with a step of v_i before each of its steps."""
         personal = copy.deepcopy(model)
-        stored = self.personal[ctx.client]
-        if stored is not None:
-            personal.load_state_dict(stored)
+        if self.personal is not None:
+            personal.load_state_dict(self.personal)
         personal.train()
         optimizer = ctx.make_optimizer(personal.parameters())
 
@@ -156,7 +156,7 @@ class APFL(Method):
         inner = dataclasses.replace(ctx, batches=batches, steps=0)
         extras = super().local_update(model, inner)
         ctx.steps += inner.steps
-        self.personal[ctx.client] = clone_state(personal.state_dict())
+        self.personal = clone_state(personal.state_dict())
         return extras
 
     def personal_step(
@@ -168,29 +168,29 @@ class APFL(Method):
         batch: tuple[torch.Tensor, torch.Tensor],
     ) -> None:
         """v_i's step on the mixed model, then (adaptive) alpha_i's projected gradient step."""
-        grad = mixed_step(shared, personal, optimizer, ctx.task, batch, self.alphas[ctx.client])
+        grad = mixed_step(shared, personal, optimizer, ctx.task, batch, self.alpha)
         ctx.steps += 1
         if self.params["adaptive"]:
-            self.move_alpha(ctx.client, grad, alpha_rate(self.params["alpha_lr"], ctx.train))
+            self.move_alpha(grad, alpha_rate(self.params["alpha_lr"], ctx.train))
 
-    def move_alpha(self, client: int, grad: float, rate: float) -> None:
+    def move_alpha(self, grad: float, rate: float) -> None:
         """alpha_i <- clip(alpha_i - rate * grad, 0, 1)."""
-        moved = self.alphas[client] - rate * grad
-        self.alphas[client] = min(1.0, max(0.0, moved))
+        self.alpha = min(1.0, max(0.0, self.alpha - rate * grad))
 
     def personalized_state(self, client: int, state: State) -> State:
-        stored = self.personal[client]
-        return state if stored is None else mix_states(stored, state, self.alphas[client])
+        stored = self.personal
+        return state if stored is None else mix_states(stored, state, self.alpha)
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "personal": [None if s is None else clone_state(s) for s in self.personal],
-            "alphas": list(self.alphas),
+            "personal": None if self.personal is None else clone_state(self.personal),
+            "alpha": self.alpha,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.personal = [None if s is None else clone_state(s) for s in state["personal"]]
-        self.alphas = [float(a) for a in state["alphas"]]
+        kept = state["personal"]
+        self.personal = None if kept is None else clone_state(kept)
+        self.alpha = float(state["alpha"])
 
 
 @hookimpl

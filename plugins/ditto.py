@@ -56,7 +56,8 @@ class Ditto(Method):
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)
-        self.personal: list[State | None] = [None] * num_clients
+        #: client side: this client's personal model v_i (None before its first round)
+        self.personal: State | None = None
 
     @classmethod
     def check_settings(cls, config: dict[str, Any]) -> None:
@@ -68,18 +69,17 @@ class Ditto(Method):
 
     def local_update(self, model: nn.Module, ctx: LocalContext) -> State:
         """The FedAvg update on `model` (what is sent), then the personal model's update."""
-        personal = self.personal_model(model, ctx.client)
+        personal = self.personal_model(model)
         extras = super().local_update(model, ctx)
         self.train_personal(personal, ctx)
-        self.personal[ctx.client] = clone_state(personal.state_dict())
+        self.personal = clone_state(personal.state_dict())
         return extras
 
-    def personal_model(self, model: nn.Module, client: int) -> nn.Module:
+    def personal_model(self, model: nn.Module) -> nn.Module:
         """A deep copy of `model` (the client's view of w^t) holding v_i when the client has one."""
         personal = copy.deepcopy(model)
-        stored = self.personal[client]
-        if stored is not None:
-            personal.load_state_dict(stored)
+        if self.personal is not None:
+            personal.load_state_dict(self.personal)
         return personal
 
     def train_personal(self, personal: nn.Module, ctx: LocalContext) -> None:
@@ -93,14 +93,14 @@ class Ditto(Method):
         self.train_steps(personal, ctx, int(self.params["personal_epochs"]), penalty=pull)
 
     def personalized_state(self, client: int, state: State) -> State:
-        stored = self.personal[client]
-        return state if stored is None else stored
+        return state if self.personal is None else self.personal
 
     def state_dict(self) -> dict[str, Any]:
-        return {"personal": [None if s is None else clone_state(s) for s in self.personal]}
+        return {"personal": None if self.personal is None else clone_state(self.personal)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.personal = [None if s is None else clone_state(s) for s in state["personal"]]
+        kept = state["personal"]
+        self.personal = None if kept is None else clone_state(kept)
 
 
 @hookimpl

@@ -88,7 +88,9 @@ class FedDyn(Method):
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)
-        self.grads: list[State | None] = [None] * num_clients
+        #: client side: this client's g_i (None before its first round)
+        self.grads: State | None = None
+        #: server side: h
         self.h: State = {}
         self.param_keys: list[str] = []
 
@@ -109,14 +111,14 @@ class FedDyn(Method):
 
         alpha = float(self.params["alpha"])
         params = trainable(model)
-        grads = self.grads[ctx.client] or {k: torch.zeros_like(p) for k, p in params.items()}
+        grads = self.grads or {k: torch.zeros_like(p) for k, p in params.items()}
         anchor = {k: ctx.global_state[k] for k in grads}
 
         def penalty(m: nn.Module) -> torch.Tensor | None:
             return dynamic_term(m, grads, anchor, alpha)
 
         self.train_steps(model, ctx, int(ctx.train["local_epochs"]), penalty=penalty)
-        self.grads[ctx.client] = updated_gradient(grads, trainable(model), anchor, alpha)
+        self.grads = updated_gradient(grads, trainable(model), anchor, alpha)
         return {}
 
     def server_update(self, previous: State, updates: list[ClientUpdate]) -> State:
@@ -136,12 +138,12 @@ class FedDyn(Method):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "grads": [None if g is None else clone_state(g) for g in self.grads],
+            "grads": None if self.grads is None else clone_state(self.grads),
             "h": clone_state(self.h),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.grads = [None if g is None else clone_state(g) for g in state["grads"]]
+        self.grads = None if state["grads"] is None else clone_state(state["grads"])
         self.h = clone_state(state["h"])
 
 

@@ -10,8 +10,9 @@ change by the l1 norm a_i of its local solver's gradient weights and rescales th
 with p_i = n_i / n (sample weights, the paper's p_i) and tau_eff the paper's FedAvg-like choice.
 For plain SGD a_i = tau_i; for SGD with heavy-ball momentum rho = `train.momentum` (PyTorch's
 form, the buffer fresh every round) a_i = [tau_i - rho (1 - rho^tau_i) / (1 - rho)] / (1 - rho),
-the paper's momentum case (rho read from the clients' `train.momentum`). Adam has no such
-norm: fednova refuses it (set train.optimizer=sgd).
+the paper's momentum case (rho = `train.momentum`). Each client computes its a_i and sends it
+with its update (one float64, counted in the bytes up), as the paper's clients send their
+normalized steps. Adam has no such norm: fednova refuses it (set train.optimizer=sgd).
 The rule applies to the trainable parameters; buffers (normalization statistics, integer counts)
 are not gradient steps and take FedAvg's sample-weighted mean (counts rounded). Computed in
 float64 as mean_i theta_i + sum_i p_i (1 - tau_eff / a_i)(theta_prev - theta_i), the same value,
@@ -72,7 +73,6 @@ class FedNova(Method):
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)
         self.param_keys: list[str] = []
-        self.momentum = 0.0
 
     @classmethod
     def check_settings(cls, config: dict[str, Any]) -> None:
@@ -89,16 +89,20 @@ class FedNova(Method):
         return super().shared_keys(model)
 
     def local_update(self, model: nn.Module, ctx: LocalContext) -> State:
-        """FedAvg's update; notes the momentum the clients train with."""
-        self.momentum = float(ctx.train["momentum"])
-        return super().local_update(model, ctx)
+        """FedAvg's update; sends a_i, the weight of its gradients."""
+        import torch
+
+        before = ctx.steps
+        super().local_update(model, ctx)
+        weight = gradient_weight(ctx.steps - before, float(ctx.train["momentum"]))
+        return {"a": torch.tensor(weight, dtype=torch.float64)}
 
     def server_update(self, previous: State, updates: list[ClientUpdate]) -> State:
         """Parameters: FedNova's normalized step; buffers: FedAvg's mean."""
         states, samples = [u.state for u in updates], [u.num_samples for u in updates]
         out = weighted_mean(states, samples)
         keys = {k: previous[k] for k in self.param_keys if k in previous}
-        weights = [gradient_weight(u.steps, self.momentum) for u in updates]
+        weights = [float(u.extras["a"]) for u in updates]
         new = nova_step(keys, states, samples, weights)
         out.update({k: new[k].to(v.dtype) for k, v in keys.items()})
         return out

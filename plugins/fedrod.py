@@ -38,7 +38,10 @@ clients that took part: each client sends its C counts (int64) once, with its fi
 (counted in the bytes up); pooled counts are the union's prior, i.e. the clients' priors
 weighted by their pixel counts (by their sample counts when images share one size).
 `method.personal_head=false` trains no personal head (FedAvg with the balanced risk) and scores
-every client with the generic model f + log pi_g. Targets must be class labels."""
+every client with the generic model f + log pi_g: the server then sends pi_g to each client
+with every round's global model (counted in the bytes down), and a client adjusts with the
+latest pi_g it received (none in round 1, before any counts reached the server). Targets must be
+class labels."""
 
 from __future__ import annotations
 
@@ -135,8 +138,11 @@ class FedRoD(Method):
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)
-        #: per client, the personal head by model-level key (None: not trained yet, all zeros)
-        self.personal: list[State | None] = [None] * num_clients
+        #: client side: its personal head by model-level key (None: not trained yet, all zeros),
+        #: whether it sent its label counts, and the last pi_g the server sent it
+        self.personal: State | None = None
+        self.sent_counts = False
+        self.prior: torch.Tensor | None = None
         #: server side, per client, the label counts it sent once (None: not received yet)
         self.counts: list[torch.Tensor | None] = [None] * num_clients
         #: the output layer's bias key, which carries the generic model's prior adjustment
@@ -160,12 +166,12 @@ class FedRoD(Method):
         """The client's class prior pi (smoothed label frequencies of its train split)."""
         return class_prior(split.targets, num_classes)
 
-    def personal_head(self, prefix: str, layer: nn.Module, client: int) -> nn.Module:
+    def personal_head(self, prefix: str, layer: nn.Module) -> nn.Module:
         """A copy of the output layer holding the client's personal head (zeros at first)."""
         import torch
 
         head = copy.deepcopy(layer)
-        stored = self.personal[client]
+        stored = self.personal
         with torch.no_grad():
             for key, param in head.named_parameters():
                 if stored is None:
@@ -178,15 +184,18 @@ class FedRoD(Method):
         """`train.local_epochs` epochs of balanced risk + personal risk; the network is sent."""
         prefix, layer = output_layer(model)
         enabled = bool(self.params["personal_head"])
-        head = self.personal_head(prefix, layer, ctx.client) if enabled else None
+        head = self.personal_head(prefix, layer) if enabled else None
         classes = num_outputs(layer)
         prior = self.class_prior(ctx.split, classes).to(ctx.split.inputs.device)
-        first = self.counts[ctx.client] is None  # the client sends its counts once
-        sent = {"class_counts": class_counts(ctx.split.targets, classes)} if first else {}
+        sent = (
+            {} if self.sent_counts else {"class_counts": class_counts(ctx.split.targets, classes)}
+        )
+        self.sent_counts = True  # once
+        self.prior = ctx.received.get("global_prior", self.prior)
         self.train_rod(model, layer, head, prior, ctx)
         if head is not None:
             own = {prefixed(prefix, k): v for k, v in head.state_dict().items()}
-            self.personal[ctx.client] = clone_state(own)
+            self.personal = clone_state(own)
         return sent
 
     def server_update(self, previous: State, updates: list[ClientUpdate]) -> State:
@@ -201,9 +210,18 @@ class FedRoD(Method):
         received = [c for c in self.counts if c is not None]
         return smoothed(sum(received[1:], received[0])) if received else None
 
+    def server_payload(self, client: int) -> State:
+        """pi_g, for clients scored with the generic model (`method.personal_head=false`)."""
+        prior = self.global_prior()
+        wanted = not self.params["personal_head"] and prior is not None
+        return {"global_prior": prior} if wanted else {}
+
     def unseen_site_state(self, state: State) -> State:
         """The generic model for the federation's prior: output bias + log pi_g."""
-        prior = self.global_prior()
+        return self.adjusted(state, self.global_prior())
+
+    def adjusted(self, state: State, prior: torch.Tensor | None) -> State:
+        """`state` with log `prior` added to the output layer's bias (unchanged for None)."""
         if prior is None:
             return state
         return {**state, self.bias_key: adjusted_bias(state[self.bias_key], prior)}
@@ -243,20 +261,24 @@ class FedRoD(Method):
         """The client's network with output-layer weight and bias = generic + personal; without
         personal heads, the generic model (adjusted to pi_g)."""
         if not self.params["personal_head"]:
-            return self.unseen_site_state(state)
-        stored = self.personal[client]
+            return self.adjusted(state, self.prior)
+        stored = self.personal
         if stored is None:
             return state
         return {**state, **{k: state[k] + v.to(state[k].dtype) for k, v in stored.items()}}
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "personal": [None if s is None else clone_state(s) for s in self.personal],
+            "personal": None if self.personal is None else clone_state(self.personal),
+            "sent_counts": self.sent_counts,
+            "prior": self.prior,
             "counts": [None if c is None else c.clone() for c in self.counts],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.personal = [None if s is None else clone_state(s) for s in state["personal"]]
+        kept = state["personal"]
+        self.personal = None if kept is None else clone_state(kept)
+        self.sent_counts, self.prior = bool(state["sent_counts"]), state["prior"]
         self.counts = [None if c is None else c.clone() for c in state["counts"]]
 
 

@@ -203,7 +203,9 @@ class HarmoFL(Method):
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)
         self.amplitude_key: str | None = None
-        self.fixed = False  # the release's fix_amp: set by the first aggregation
+        #: server side: the release's fix_amp, set by the first aggregation (round 1); a client
+        #: knows it from the round
+        self.fixed = False
 
     @classmethod
     def check_settings(cls, config: dict[str, Any]) -> None:
@@ -263,7 +265,7 @@ class HarmoFL(Method):
         model.train()
         optimizer = ctx.make_optimizer(model.parameters())
         rho = float(self.params["rho"])
-        layer = None if self.fixed else harmonized(model)
+        layer = None if ctx.round > 1 else harmonized(model)
         running: torch.Tensor | None = None
         for _ in range(int(ctx.train["local_epochs"])):
             for inputs, targets in ctx.batches():

@@ -18,14 +18,15 @@ class IOPFL(Method):
 
     def __init__(self, params: dict, num_clients: int) -> None:
         super().__init__(params, num_clients)
-        self.trajectory: list[State | None] = [None] * num_clients
+        #: client side: this client's EMA tau_i (None before its first local update)
+        self.trajectory: State | None = None
 
     def after_local_update(self, client: int, state: State) -> None:
         """Fold the fresh local model into the client's EMA (a true copy, never a reference)."""
         alpha = float(self.params["alpha"])
-        tau = self.trajectory[client]
+        tau = self.trajectory
         if tau is None:
-            self.trajectory[client] = clone_state(state)
+            self.trajectory = clone_state(state)
             return
         for key, local in state.items():
             if key.endswith("num_batches_tracked"):
@@ -37,11 +38,10 @@ class IOPFL(Method):
         return {"trajectory": self.trajectory}
 
     def load_state_dict(self, state: dict) -> None:
-        self.trajectory = list(state["trajectory"])
+        self.trajectory = state["trajectory"]
 
     def personalized_state(self, client: int, state: State) -> State:
-        tau = self.trajectory[client]
-        return state if tau is None else tau
+        return state if self.trajectory is None else self.trajectory
 
 
 @hookimpl

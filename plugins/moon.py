@@ -157,7 +157,8 @@ class Moon(Method):
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)
-        self.previous: list[State | None] = [None] * num_clients
+        #: client side: this client's model as it ended its previous local update
+        self.previous: State | None = None
 
     @classmethod
     def check_settings(cls, config: dict[str, Any]) -> None:
@@ -170,13 +171,13 @@ class Moon(Method):
     def local_update(self, model: nn.Module, ctx: LocalContext) -> State:
         """FedAvg's local epochs with the contrastive term once the client has a previous model;
         then that model is remembered for the next round."""
-        previous = self.previous[ctx.client]
+        previous = self.previous
         epochs = int(ctx.train["local_epochs"])
         if previous is None:
             self.train_steps(model, ctx, epochs)
         else:
             self.train_contrastive(model, ctx, previous, epochs)
-        self.previous[ctx.client] = clone_state(model.state_dict())
+        self.previous = clone_state(model.state_dict())
         return {}
 
     def train_contrastive(
@@ -199,10 +200,11 @@ class Moon(Method):
             self.train_steps(model, ctx, epochs, penalty=term)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"previous": [None if s is None else clone_state(s) for s in self.previous]}
+        return {"previous": None if self.previous is None else clone_state(self.previous)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.previous = [None if s is None else clone_state(s) for s in state["previous"]]
+        kept = state["previous"]
+        self.previous = None if kept is None else clone_state(kept)
 
 
 @hookimpl

@@ -58,8 +58,10 @@ class Scaffold(Method):
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)
+        #: server side: c
         self.control: State = {}
-        self.client_controls: list[State | None] = [None] * num_clients
+        #: client side: this client's c_i (None: zero, before its first round) and c - c_i
+        self.own_control: State | None = None
         self.correction: State = {}
 
     @classmethod
@@ -79,13 +81,14 @@ class Scaffold(Method):
             self.control = zeros_like_state(trainable(model))
         return super().shared_keys(model)
 
-    def server_payload(self) -> State:
-        return clone_state(self.control)
+    def server_payload(self, client: int) -> State:
+        """c, the same for every client."""
+        return self.control
 
     def local_update(self, model: nn.Module, ctx: LocalContext) -> State:
         """K corrected SGD steps from x, then the new c_i; sends delta c_i."""
         x = {key: ctx.global_state[key] for key in trainable(model)}
-        own = self.client_controls[ctx.client]
+        own = self.own_control
         if own is None:
             own = zeros_like_state(x)
         received = {key: ctx.received[key] for key in x}
@@ -94,7 +97,7 @@ class Scaffold(Method):
         super().local_update(model, ctx)
         steps, lr = ctx.steps - steps_before, float(ctx.train["lr"])
         new = self.new_control(own, received, x, trainable(model), steps, lr)
-        self.client_controls[ctx.client] = new
+        self.own_control = new
         self.correction = {}
         return {key: new[key] - own[key] for key in new}
 
@@ -134,12 +137,12 @@ class Scaffold(Method):
     def state_dict(self) -> dict[str, Any]:
         return {
             "control": clone_state(self.control),
-            "clients": [None if c is None else clone_state(c) for c in self.client_controls],
+            "own": None if self.own_control is None else clone_state(self.own_control),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.control = clone_state(state["control"])
-        self.client_controls = [None if c is None else clone_state(c) for c in state["clients"]]
+        self.own_control = None if state["own"] is None else clone_state(state["own"])
 
 
 @hookimpl

@@ -67,7 +67,7 @@ def test_hash_is_stable_and_order_free():
 
 
 def test_sgd_momentum_is_a_setting():
-    from fedbench.engine.training import optimizer_factory
+    from fedbench.engine.clients import optimizer_factory
 
     config = resolved_config("train.optimizer=sgd", "train.momentum=0.5")
     param = torch.nn.Parameter(torch.zeros(2))

@@ -91,12 +91,12 @@ def only_record(results: Path) -> dict:
         (
             ["--method", "agg-raises", "--holdout", "none"],
             "failed",
-            "method 'agg-raises' failed in training: RuntimeError: server exploded",
+            "method 'agg-raises' failed in server_update (server): RuntimeError: server exploded",
         ),
         (
             ["--method", "train-raises", "--holdout", "none"],
             "failed",
-            "method 'train-raises' failed in training: ValueError: client exploded",
+            "method 'train-raises' failed in local_update (client 0): ValueError: client exploded",
         ),
         (
             ["--method", "fedavg", "--adapter", "adapt-raises", "--holdout", "HK"],

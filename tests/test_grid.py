@@ -16,6 +16,7 @@ from fedbench.backends import local as local_backend
 from fedbench.backends.grid import parse_seeds, same_holdouts
 from fedbench.cli import app
 from fedbench.engine.resolve import holdout_sites
+from fedbench.engine.run import Outcome
 from fedbench.errors import FedbenchError
 from fedbench.results.record import SCHEMA_VERSION, new_run_id, now_iso, write_record
 
@@ -59,7 +60,7 @@ class FakeExecute:
         self.calls: list[tuple[str, str | None, int]] = []
         self.raise_for, self.diverge_for = raise_for, diverge_for
 
-    def __call__(self, run, registry, reporter) -> dict:
+    def __call__(self, run, registry, reporter) -> Outcome:
         spec = run.spec
         self.calls.append((run.method.name, run.adapter_name, spec.seed))
         if run.method.name in self.raise_for:
@@ -96,7 +97,7 @@ class FakeExecute:
         if status != "ok":
             record["error"] = "loss became nan"
         write_record(spec.results_dir, record)
-        return record
+        return Outcome(record, {})
 
 
 @pytest.fixture

@@ -61,7 +61,7 @@ def test_a_duplicate_name_is_refused_naming_both_plugins(tmp_path):
     reg = load_registry((path,))
     assert reg.get("methods", "fedprox").__name__ == "FedProx"
     (line,) = [line for line in reg.failures if "Impostor" in line]
-    assert str(path) in line and "taken by plugin 'fedprox'" in line
+    assert str(path) in line and "taken by the built-in plugin 'fedprox'" in line
 
 
 def test_a_misspelled_hook_is_reported(tmp_path):

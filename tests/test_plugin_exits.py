@@ -180,7 +180,10 @@ def test_a_method_exiting_in_training_is_a_failed_record_naming_it(tmp_path):
     assert result.exit_code != 0
     record = json.loads(result.stdout)
     assert record["status"] == "failed"
-    assert record["error"] == "method 'quitter' failed in training: it called sys.exit(3)"
+    assert (
+        record["error"]
+        == "method 'quitter' failed in local_update (client 0): it called sys.exit(3)"
+    )
 
 
 ODD_DATASET = """

@@ -12,10 +12,10 @@ import torch
 from conftest import SHARED, toy_config, toy_data, toy_train
 from monai.losses import DiceCELoss, DiceLoss
 
+from fedbench.engine.clients import optimizer_factory
 from fedbench.engine.config import preset_config, validate
 from fedbench.engine.registry import load_registry
 from fedbench.engine.resolve import RunSpec, resolve
-from fedbench.engine.training import optimizer_factory
 from fedbench.errors import FedbenchError
 from fedbench.models import normalization_modules, output_layer
 from fedbench.task import SegmentationTask

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from fedbench.backends import local as local_backend
 from fedbench.backends.study import load_study, parse_sweep, part_variants, sweep_variants
 from fedbench.cli import app
+from fedbench.engine.run import Outcome
 from fedbench.errors import FedbenchError
 
 cli = CliRunner()
@@ -42,8 +43,9 @@ class ScoringExecute(FakeExecute):
     """A fake run whose Dice is 0.5 + mu inside and 0.4 + mu + epochs / 100 outside, so a board
     row can be traced back to the settings of its cells."""
 
-    def __call__(self, run, registry, reporter) -> dict:
-        record = super().__call__(run, registry, reporter)
+    def __call__(self, run, registry, reporter) -> Outcome:
+        outcome = super().__call__(run, registry, reporter)
+        record = outcome.record
         mu = float(run.config["method"].get("mu", 0.0))
         epochs = float(run.config["adapter"].get("epochs", 0))
         for row in record["metrics"]:
@@ -51,7 +53,7 @@ class ScoringExecute(FakeExecute):
         path = run.spec.results_dir / "runs" / f"{record['run_id']}.json"
         path.write_text(json.dumps(record))
         self.specs.append(run.spec)
-        return record
+        return outcome
 
     def __init__(self) -> None:
         super().__init__()

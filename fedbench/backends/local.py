@@ -3,6 +3,7 @@ that raises becomes a failed record naming the cause, and the grid goes on."""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -34,7 +35,10 @@ def run_cell(cell: Cell, registry: Registry, reporter: Reporter, debug: bool = F
     """Resolve and execute one cell; an error in this cell becomes a failed record and result."""
     started, clock = now_iso(), time.perf_counter()
     try:
-        record = execute(resolve(cell.spec, registry), registry, reporter)
+        outcome = execute(resolve(cell.spec, registry), registry, reporter)
+        record = outcome.record
+        if debug and outcome.trace:
+            print(outcome.trace, file=sys.stderr, end="")
     except (KeyboardInterrupt, StorageError):
         raise  # a full disk or an unwritable folder stops the grid: every next cell would fail
     except Exception as exc:

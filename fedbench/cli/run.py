@@ -12,7 +12,18 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from fedbench.cli.app import app, echo, err, fail_all, literal, out, registry, say, user_errors
+from fedbench.cli.app import (
+    STATE,
+    app,
+    echo,
+    err,
+    fail_all,
+    literal,
+    out,
+    registry,
+    say,
+    user_errors,
+)
 from fedbench.errors import FedbenchError
 
 
@@ -74,9 +85,12 @@ def run_command(
         say(line)
     reporter = make_reporter(err, quiet=json_)
     try:
-        record = execute(resolved, reg, reporter)
+        outcome = execute(resolved, reg, reporter)
     finally:
         reporter.close()
+    record = outcome.record
+    if STATE["debug"] and outcome.trace:
+        err.print(outcome.trace, markup=False, highlight=False, end="")
     if json_:
         sys.stdout.write(json.dumps(record, indent=2) + "\n")
     else:

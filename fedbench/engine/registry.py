@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from types import ModuleType
 
@@ -17,6 +18,8 @@ from fedbench import hookspecs
 from fedbench.errors import FedbenchError, exit_text, unknown_name
 
 KINDS = ("methods", "adapters", "datasets", "models")
+#: the distribution whose entry points are the built-ins: no other plugin takes their names
+BUILTIN_DISTRIBUTION = "fedbench-med"
 HOOKS = tuple(n for n in dir(hookspecs) if n.startswith("fedbench_"))
 
 
@@ -51,6 +54,8 @@ class Registry:
     warn_exits: bool = True
     #: the plugin files loaded besides the installed plugins (worker processes load them too)
     plugin_files: tuple[str, ...] = ()
+    #: the plugins (entry-point names) that ship with fedbench
+    builtins: set[str] = field(default_factory=set)
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.components[kind])
@@ -142,7 +147,9 @@ def _collect(registry: Registry, kind: str) -> None:
     hook = getattr(registry.manager.hook, f"fedbench_{kind}")
     base = _required_base(kind)
     sources = registry.sources[kind]
-    for impl in hook.get_hookimpls():  # in registration order: the first one keeps a name
+    impls = hook.get_hookimpls()  # in registration order, the built-ins first, whatever the
+    impls = sorted(impls, key=lambda i: i.plugin_name not in registry.builtins)  # install order
+    for impl in impls:  # the first one keeps a name
         try:
             classes = impl.function() or []
         except (Exception, SystemExit) as exc:
@@ -153,9 +160,11 @@ def _collect(registry: Registry, kind: str) -> None:
         for cls in classes:
             problem = _check_component(cls, base)
             if problem is None and cls.name in registry.components[kind]:
+                owner = sources[cls.name]
+                whose = "the built-in plugin" if owner in registry.builtins else "plugin"
                 problem = (
-                    f"{kind[:-1]} name '{cls.name}' is taken by plugin "
-                    f"'{sources[cls.name]}'; {cls.__name__} is not registered"
+                    f"{kind[:-1]} name '{cls.name}' is taken by {whose} "
+                    f"'{owner}'; {cls.__name__} is not registered"
                 )
             if problem:
                 registry.failures.append(f"plugin '{impl.plugin_name}': {problem}")
@@ -174,7 +183,34 @@ def _check_component(cls: type, base: type) -> str | None:
     missing = [m for m in base.required if getattr(cls, m, None) is getattr(base, m, None)]
     if missing:
         return f"{label} ('{cls.name}') does not implement {', '.join(missing)}"
+    return _signature_problem(cls, base)
+
+
+def _signature_problem(cls: type, base: type) -> str | None:
+    """An overridden hook that cannot take the arguments the engine passes (e.g. a method
+    written for API v2's `server_payload(self)`, which v3 calls with the client)."""
+    for name, hook in vars(base).items():
+        override = getattr(cls, name, None)
+        if name.startswith("_") or not callable(hook) or override is getattr(base, name):
+            continue
+        try:
+            wanted = inspect.signature(getattr(base, name))
+            inspect.signature(override).bind(*wanted.parameters)
+        except (TypeError, ValueError):
+            return (
+                f"{cls.__name__}.{name}{_shown(override)} cannot take the arguments of "
+                f"{base.__name__}.{name}{_shown(getattr(base, name))}"
+            )
     return None
+
+
+def _shown(function: object) -> str:
+    """A function's signature without annotations: '(self, client)'."""
+    try:
+        parameters = inspect.signature(function).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "(...)"
+    return "(" + ", ".join(str(p).split(":")[0].split("=")[0] for p in parameters.values()) + ")"
 
 
 def _unmarked_hooks(module: ModuleType, plugin: str) -> list[str]:
@@ -218,17 +254,32 @@ def _unknown_hooks(registry: Registry) -> None:
                 )
 
 
+def builtin(ep: EntryPoint) -> bool:
+    """Whether the entry point ships with fedbench itself."""
+    dist = getattr(ep, "dist", None)
+    return dist is not None and dist.name == BUILTIN_DISTRIBUTION
+
+
 def load_registry(plugin_paths: tuple[Path, ...] = ()) -> Registry:
     """Load installed plugins and plugin files; a broken plugin is reported, not fatal."""
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
     registry = Registry(manager, plugin_files=tuple(str(Path(p).resolve()) for p in plugin_paths))
-    for ep in entry_points(group=hookspecs.PROJECT):
+    for ep in sorted(entry_points(group=hookspecs.PROJECT), key=lambda e: not builtin(e)):
         try:
             module = ep.load()
         except (Exception, SystemExit) as exc:
             registry.failures.append(f"plugin '{ep.name}' failed to import: {failure_text(exc)}")
             continue
+        taken = registry.manager.get_plugin(ep.name)
+        if taken is not None and taken is not module:
+            registry.failures.append(
+                f"plugin '{ep.name}' of {getattr(ep.dist, 'name', 'an unknown package')} "
+                f"is not loaded: a plugin of that name is loaded already ({taken.__name__})"
+            )
+            continue
+        if builtin(ep):
+            registry.builtins.add(ep.name)
         _register(registry, module, ep.name)
     for path in plugin_paths:
         _register(registry, load_module_from_path(Path(path)), str(path))

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import hashlib
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +20,7 @@ from fedbench.engine.config import (
     preset_config,
     validate,
 )
+from fedbench.engine.sources import source_hash
 from fedbench.errors import FedbenchError, unknown_name
 from fedbench.storage import stable_hash
 
@@ -112,20 +111,11 @@ class Run:
 
 
 def code_versions(**plugins: type | None) -> dict[str, str]:
-    """The fedbench version and a hash of the source file of each plugin a run uses: edited
-    code is never mistaken for finished work (config hash, federation cache)."""
+    """The fedbench version and a hash of the source files of each plugin a run uses (its module
+    and the modules of its package it imports): edited code is never mistaken for finished work
+    (config hash, federation cache)."""
     hashes = {role: source_hash(cls) for role, cls in plugins.items() if cls is not None}
     return {"fedbench": __version__, **hashes}
-
-
-def source_hash(cls: type) -> str:
-    """A short hash of the file that defines `cls` ("unknown" when there is no file)."""
-    module = sys.modules.get(cls.__module__)
-    path = getattr(module, "__file__", None)
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12] if path else "unknown"
-    except OSError:
-        return "unknown"
 
 
 def pick_device(name: str) -> torch.device:

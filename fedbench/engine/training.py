@@ -5,7 +5,7 @@ shared, how the server aggregates and what each client keeps; the engine does ev
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +14,13 @@ from torch import nn
 
 from fedbench.adapter import TrainedFederation, predict_batched
 from fedbench.data import FederatedData, Site, Split
-from fedbench.engine import checkpoint, precision
+from fedbench.engine import boundary, checkpoint, precision
+from fedbench.engine.boundary import copied
+from fedbench.engine.clients import Client, Setup, client_stream
 from fedbench.engine.config import Config, clients_per_round
 from fedbench.engine.profiling import PROFILE
-from fedbench.method import (
-    ClientUpdate,
-    LocalContext,
-    Method,
-    State,
-    clone_state,
-    state_nbytes,
-    weighted_mean,
-)
+from fedbench.errors import PluginFailure, blamed_on
+from fedbench.method import Method, State, clone_state, state_nbytes, weighted_mean
 from fedbench.storage import stable_hash
 from fedbench.task import Task
 
@@ -33,15 +28,12 @@ RoundCallback = Callable[[int, dict[str, float]], None]
 ModelBuilder = Callable[[], nn.Module]
 
 
-def optimizer_factory(train_cfg: Config) -> Callable[[Any], torch.optim.Optimizer]:
-    """The `train.optimizer` with its settings, for any iterable of parameters (a fresh
-    optimizer each round, as in IOP-FL)."""
-    lr = train_cfg["lr"]
-    if train_cfg["optimizer"] == "sgd":
-        momentum = train_cfg["momentum"]
-        return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum)
-    amsgrad = train_cfg["amsgrad"]
-    return lambda params: torch.optim.Adam(params, lr=lr, amsgrad=amsgrad)
+def instance(method_cls: type[Method], config: Config, clients: int, client: int | None) -> Method:
+    """The server's (`client` None) or one client's own instance of the method."""
+    with blamed_on(f"method '{method_cls.name}' failed in __init__"):
+        method = method_cls(config["method"], clients)
+    method.client = client
+    return method
 
 
 def validation_score(model: nn.Module, split: Split, task: Task, batch_size: int) -> float:
@@ -51,27 +43,9 @@ def validation_score(model: nn.Module, split: Split, task: Task, batch_size: int
     return task.validation_score(outputs, split.targets, split.cases)
 
 
-def budgeted(one_pass: Callable[[], Iterator], steps: int) -> Callable[[], Iterator]:
-    """`train.local_steps`: every local pass becomes exactly `steps` batches, taken from as
-    many reshuffled passes over the client's data as that needs (FLamby's num_updates)."""
-
-    def batches() -> Iterator:
-        taken = 0
-        while taken < steps:
-            before = taken
-            for batch in one_pass():
-                yield batch
-                taken += 1
-                if taken == steps:
-                    return
-            if taken == before:  # a pass without batches would never fill the budget
-                return
-
-    return batches
-
-
 class Training:
-    """One federated training in progress: global model, client states, the method, the cost."""
+    """One federated training in progress: the server side (the method's server instance, the
+    global state) and the clients (`fedbench.engine.clients`), the participation and the cost."""
 
     def __init__(
         self,
@@ -87,14 +61,30 @@ class Training:
         self.build_model = build_model
         torch.manual_seed(seed)
         self.model = precision.laid_out(build_model().to(device), config["train"])
-        self.method = method_cls(config["method"], len(sites))
-        pooled = [Split.concat([s.train for s in sites])] if method_cls.pooled else None
-        self.clients = [c.to(device) for c in (pooled or [s.train for s in sites])]
-        self.shared = self.method.shared_keys(self.model)
+        self.pooled = method_cls.pooled
+        self.server = instance(method_cls, config, len(sites), None)
+        self.shared = list(boundary.call(self.server, "shared_keys", self.model))
         self.global_state = clone_state(self.model.state_dict())
-        self.client_states = [clone_state(self.global_state) for _ in self.clients]
-        self.generator = torch.Generator().manual_seed(seed)
-        # a stream of its own, so drawing clients never shifts the batches' shuffling
+        self.clients = [
+            Client(
+                i,
+                train,
+                val,
+                instance(method_cls, config, len(sites), i),
+                clone_state(self.global_state),
+                client_stream(seed, i),
+            )
+            for i, (train, val) in enumerate(self.client_splits())
+        ]
+        for client in self.clients:  # each side learns the layout; they must agree
+            keys = list(boundary.call(client.method, "shared_keys", self.model))
+            if keys != self.shared:
+                raise PluginFailure(
+                    f"method '{method_cls.name}': shared_keys differs between the server's "
+                    f"instance and client {client.index}'s; expected the same keys on every side"
+                )
+        self.setup = Setup(self.task, config["train"], device, tuple(self.shared))
+        # the server's stream: drawing clients never shifts a client's own draws
         self.sampler = torch.Generator().manual_seed(int(stable_hash(["clients", seed])[:15], 16))
         self.participation: list[list[int]] = []
         self.finished: list[State] | None = None
@@ -107,31 +97,17 @@ class Training:
             "train_s": 0.0,  # seconds of training and validation, summed over resumed parts
         }
 
-    def client_view(self, i: int) -> State:
-        """Client i's own state with the latest global shared parameters merged in."""
-        return {**self.client_states[i], **{k: self.global_state[k] for k in self.shared}}
+    def client_splits(self) -> list[tuple[Split, Split]]:
+        """Each client's (train, validation) splits on the device: one per site, or a single
+        client holding every site's data for pooled training."""
+        pairs = [(s.train, s.val) for s in self.sites]
+        if self.pooled:
+            pairs = [(Split.concat([t for t, _ in pairs]), Split.concat([v for _, v in pairs]))]
+        return [(t.to(self.device), v.to(self.device)) for t, v in pairs]
 
-    def local_context(self, i: int, split: Split, shared: State, payload: State) -> LocalContext:
-        """What client i's local update may use this round."""
-        train = self.config["train"]
-
-        def batches() -> Any:
-            ordered = split.batches(train["batch_size"], self.generator)
-            return PROFILE.timed("data loading", precision.laid_out_batches(ordered, train))
-
-        steps = int(train.get("local_steps") or 0)
-        return LocalContext(
-            client=i,
-            split=split,
-            task=self.task,
-            train=train,
-            global_state=shared,
-            received=payload,
-            generator=self.generator,
-            make_optimizer=optimizer_factory(train),
-            batches=budgeted(batches, steps) if steps else batches,
-            autocast=precision.autocast(train, self.device),
-        )
+    def shared_global(self) -> State:
+        """The global shared state as the server holds it (references, not a message)."""
+        return {k: self.global_state[k] for k in self.shared}
 
     def participants(self) -> list[int]:
         """This round's clients: all of them, or `train.clients_per_round` drawn without
@@ -143,40 +119,44 @@ class Training:
         return sorted(torch.randperm(total, generator=self.sampler)[:count].tolist())
 
     def run_round(self) -> None:
-        """The round's clients train locally from the global model, then the server updates it."""
-        updates = []
-        shared_global = {k: self.global_state[k] for k in self.shared}
-        payload = self.method.server_payload()
+        """The round's clients train locally from the global model, then the server updates it.
+        Every message crosses as a copy and is counted."""
+        round_index = self.cost["rounds"] + 1
+        shared_global = self.shared_global()
         chosen = self.participants()
         self.participation.append(chosen)
+        updates = []
         for i in chosen:
-            split = self.clients[i]
+            payload = boundary.call(self.server, "server_payload", i)
+            payload = boundary.extras(self.server, "server_payload", payload)
             with PROFILE.phase("local training"):
-                self.model.load_state_dict(self.client_view(i))
-                ctx = self.local_context(i, split, shared_global, payload)
-                extras = self.method.local_update(self.model, ctx)
-                self.cost["client_steps"] += ctx.steps
-                self.client_states[i] = clone_state(self.model.state_dict())
-                self.method.after_local_update(i, self.client_states[i])
-            shared = {k: self.client_states[i][k] for k in self.shared}
-            updates.append(ClientUpdate(shared, len(split), extras, ctx.steps, i))
-            if not self.method.pooled:  # pooled training moves data, not models
+                update = self.clients[i].local_update(
+                    self.model, self.setup, copied(shared_global), copied(payload), round_index
+                )
+            self.cost["client_steps"] += update.steps
+            updates.append(update)
+            if not self.pooled:  # pooled training moves data, not models
                 self.cost["bytes_down"] += state_nbytes(shared_global) + state_nbytes(payload)
-                self.cost["bytes_up"] += state_nbytes(shared) + state_nbytes(extras)
-        if self.shared:
+                self.cost["bytes_up"] += state_nbytes(update.state) + state_nbytes(update.extras)
+        # a method that shares no keys may still send extras (FedAMP, FedFomo): its server
+        # reads them in server_update
+        if self.shared or any(u.extras for u in updates):
             with PROFILE.phase("aggregation"):
-                self.global_state.update(self.method.server_update(shared_global, updates))
+                new = boundary.call(self.server, "server_update", shared_global, updates)
+                self.global_state.update(
+                    boundary.like(self.server, "server_update", new, shared_global)
+                )
         self.cost["rounds"] += 1
 
     def personalized(self, site_index: int) -> State:
         """The model site `site_index` keeps (the global model for pooled training)."""
-        client = 0 if self.method.pooled else site_index
+        client = 0 if self.pooled else site_index
         if self.finished is not None:
             return self.finished[client]
-        return self.method.personalized_state(client, self.client_view(client))
+        return self.clients[client].personalized(self.shared_global())
 
     def has_final_update(self) -> bool:
-        return type(self.method).final_update is not Method.final_update
+        return type(self.server).final_update is not Method.final_update
 
     def finish(self) -> None:
         """Each client's `Method.final_update` (e.g. fine-tuning) on its personalized model,
@@ -188,15 +168,15 @@ class Training:
     def finished_states(self, states: list[State]) -> list[State]:
         """`Method.final_update` applied to each client's given state (its steps counted);
         the validation-best models get it too, so they are the method's models as well."""
-        shared = {k: self.global_state[k] for k in self.shared}
         finished = []
-        for i, (split, state) in enumerate(zip(self.clients, states, strict=True)):
+        for client, state in zip(self.clients, states, strict=True):
             with PROFILE.phase("local training"):
-                self.model.load_state_dict(state)
-                ctx = self.local_context(i, split, shared, {})
-                self.method.final_update(self.model, ctx)
-                self.cost["client_steps"] += ctx.steps
-                finished.append(clone_state(self.model.state_dict()))
+                shared = copied(self.shared_global())
+                done, steps = client.finished(
+                    self.model, self.setup, shared, state, self.cost["rounds"]
+                )
+            self.cost["client_steps"] += steps
+            finished.append(done)
         return finished
 
     def unseen_site_model(self) -> tuple[State, int]:
@@ -205,13 +185,15 @@ class Training:
         clients' own values (each client sends those once, after the last round)."""
         own = [k for k in self.global_state if k not in self.shared]
         taking_part = sorted({i for chosen in self.participation for i in chosen})
-        if not own or not taking_part:
-            return self.method.unseen_site_state(clone_state(self.global_state)), 0
-        parts = [{k: self.client_states[i][k] for k in own} for i in taking_part]
-        sizes = [len(self.clients[i]) for i in taking_part]
-        mean = weighted_mean(parts, sizes)
-        state = self.method.unseen_site_state({**clone_state(self.global_state), **mean})
-        return state, sum(state_nbytes(p) for p in parts)
+        sent = 0
+        state = clone_state(self.global_state)
+        if own and taking_part:
+            parts = [copied({k: self.clients[i].state[k] for k in own}) for i in taking_part]
+            sizes = [len(self.clients[i].train) for i in taking_part]
+            state.update(weighted_mean(parts, sizes))
+            sent = sum(state_nbytes(p) for p in parts)
+        given = boundary.call(self.server, "unseen_site_state", state)
+        return boundary.like(self.server, "unseen_site_state", given, state), sent
 
     def validate(self) -> dict[str, float]:
         """Validation score of each site's personalized model."""
@@ -228,12 +210,16 @@ class Training:
         return scores
 
     def snapshot(self) -> dict[str, Any]:
-        """Everything the next round depends on: states, method state, RNG states, cost."""
+        """Everything the next round depends on: the server's and each client's states, method
+        instances and random streams, the torch RNG, the cost."""
         return {
             "global_state": self.global_state,
-            "client_states": self.client_states,
-            "method_state": self.method.state_dict(),
-            "generator": self.generator.get_state(),
+            "client_states": [c.state for c in self.clients],
+            "method_state": {
+                "server": self.server.state_dict(),
+                "clients": [c.method.state_dict() for c in self.clients],
+            },
+            "generator": [c.generator.get_state() for c in self.clients],
             "torch_rng": torch.get_rng_state(),
             "cost": self.cost,
             "sampler": self.sampler.get_state(),
@@ -243,9 +229,18 @@ class Training:
     def restore(self, snapshot: dict[str, Any]) -> None:
         """Continue from what `snapshot` returned."""
         self.global_state = snapshot["global_state"]
-        self.client_states = snapshot["client_states"]
-        self.method.load_state_dict(snapshot["method_state"])
-        self.generator.set_state(snapshot["generator"])
+        self.server.load_state_dict(snapshot["method_state"]["server"])
+        streams = snapshot["generator"]
+        for client, state, kept, stream in zip(
+            self.clients,
+            snapshot["client_states"],
+            snapshot["method_state"]["clients"],
+            streams,
+            strict=True,
+        ):
+            client.state = state
+            client.method.load_state_dict(kept)
+            client.generator.set_state(stream)
         torch.set_rng_state(snapshot["torch_rng"])
         self.cost = snapshot["cost"]
         self.sampler.set_state(snapshot["sampler"])
@@ -266,11 +261,11 @@ class Training:
         cost["bytes_down_per_client_round"] = cost["bytes_down"] // per
         cost["participation"] = [list(chosen) for chosen in self.participation]
         global_state = None
-        if self.method.has_global_model and for_unseen_site:
+        if self.server.has_global_model and for_unseen_site:
             global_state, sent = self.unseen_site_model()
             cost["bytes_up"] += sent
             cost["bytes_up_final"] = sent
-        elif self.method.has_global_model:
+        elif self.server.has_global_model:
             global_state = clone_state(self.global_state)
         final = [clone_state(self.personalized(i)) for i in range(len(self.sites))]
         best_states = list(best["states"]) if best else None
@@ -358,7 +353,7 @@ def train_federation(
         best = {**best, "states": states}
     clock = time.perf_counter()
     fed.finish()
-    if best and fed.has_final_update() and not fed.method.pooled:
+    if best and fed.has_final_update() and not fed.pooled:
         best = {**best, "states": fed.finished_states(best["states"])}
     fed.cost["train_s"] = fed.cost.get("train_s", 0.0) + time.perf_counter() - clock
     return fed.result(progress["history"], best, for_unseen_site)
@@ -381,6 +376,6 @@ def _update_best(
             best["rounds"][site.name] = round_index
     mean = sum(scores.values()) / len(scores)
     better = mean == mean and (best["mean"] is None or mean > best["mean"])  # NaN never wins
-    if fed.method.has_global_model and better:
+    if fed.server.has_global_model and better:
         best["mean"], best["global"] = mean, fed.unseen_site_model()[0]
         best["rounds"]["global"] = round_index
