@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from fedbench.data import Dataset, FederatedData, Site, Split
+from fedbench.data import Dataset, FederatedData, Site, Split, split_cases
 from fedbench.errors import FedbenchError, one_line
 from fedbench.storage import stable_hash, write_text_atomic
 from fedbench_datasets.prepared_folder import (
@@ -101,34 +101,6 @@ def normalize_case(volume: np.ndarray) -> np.ndarray:
     """Zero mean and unit variance over all slices of one case."""
     std = float(volume.std())
     return (volume - volume.mean()) / (std if std > 0 else 1.0)
-
-
-def split_cases(
-    parts: dict[str, str], val_fraction: float, test_fraction: float, rng: np.random.Generator
-) -> tuple[dict[str, list[str]], list[str]]:
-    """Case-level train/val/test from each case's given part ('train', 'test' or 'all').
-
-    Given test cases stay test; without any, `test_fraction` of the cases become test. Then
-    `val_fraction` of the training cases (at least one) become val. A site left with a single
-    training case cannot spare one: its val reuses that training case (never test), noted.
-    """
-    test = sorted(c for c, p in parts.items() if p == "test")
-    pool = sorted(c for c, p in parts.items() if p != "test")
-    notes = []
-    if not test:
-        if len(pool) < 2:
-            raise FedbenchError(f"{len(pool)} case(s): at least two needed for a test split")
-        order = [pool[i] for i in rng.permutation(len(pool))]
-        n_test = min(len(pool) - 1, max(1, round(test_fraction * len(pool))))
-        test, pool = sorted(order[:n_test]), sorted(order[n_test:])
-    if not pool:
-        raise FedbenchError("no training case")
-    if len(pool) == 1:
-        notes.append(f"one training case ({pool[0]}): val reuses it (selection is not independent)")
-        return {"train": pool, "val": list(pool), "test": test}, notes
-    order = [pool[i] for i in rng.permutation(len(pool))]
-    n_val = min(len(pool) - 1, max(1, round(val_fraction * len(pool))))
-    return {"train": sorted(order[n_val:]), "val": sorted(order[:n_val]), "test": test}, notes
 
 
 def write_split_file(directory: Path, label: str, payload: dict[str, Any]) -> Path | None:

@@ -40,8 +40,8 @@ import numpy as np
 
 from fedbench.data import FederatedData
 from fedbench.hookspecs import hookimpl
+from fedbench.images import read_image_and_mask
 from fedbench.task import SegmentationTask
-from fedbench_datasets.image_files import read_image_and_mask
 from fedbench_datasets.prepared import (
     PreparedDataset,
     Scan,

@@ -3,13 +3,18 @@
 
 Checks, each reported as one line when it fails: the plugin passed the door (loaded without a
 warning); a quick run ends ok; the same seed gives the same record; a federation resumed from a
-checkpoint equals the uninterrupted one; the server receives no image or mask tensor; the bytes
-counted up and down match what was sent; an adapter's output does not depend on the labels.
-Runs use the quick preset on `synth-prostate` (a dataset plugin: its own data), two rounds."""
+checkpoint equals the uninterrupted one; the server receives no image or mask tensor, and no
+client image or mask is left in a class attribute or module global (the server's instance of
+a method never sees a client's); a local update leaves the global state it was handed as it
+was; the bytes counted up and down match what was sent; an adapter's output does not depend on
+the labels. Runs use the quick preset on `synth-prostate` (a dataset plugin: its own data), or
+the dataset given, two rounds, with one site held out whenever the loaded data has three or
+more, so the outside regime and the adapters are checked on any dataset."""
 
 from __future__ import annotations
 
 import copy
+import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -77,9 +82,18 @@ def subject_for(
         spec = replace(spec, dataset=name)
     else:
         spec = replace(spec, overrides=[*spec.overrides, f"model.name={name}"])
-    dataset = registry.get("datasets", spec.dataset)()
-    sites = dataset.site_names({**dataset.defaults}) or []
-    return Subject(kind, name, replace(spec, holdout=sites[-1] if sites else "none"))
+    sites = loaded_sites(replace(spec, holdout="none"), registry)
+    return Subject(kind, name, replace(spec, holdout=sites[-1] if len(sites) > 2 else "none"))
+
+
+def loaded_sites(spec: RunSpec, registry: Registry) -> list[str]:
+    """The site names of the data the spec loads (whatever configured it: defaults, or a
+    `--set data.path`), so the outside regime and adapters are checked on any dataset."""
+    from fedbench.engine.resolve import resolve
+
+    run = resolve(spec, registry)
+    data = run.dataset.load(run.config["data"], spec.seed, Path(spec.results_dir) / "cache")
+    return [site.name for site in data.sites]
 
 
 def door_problems(registry: Registry, kind: str, name: str) -> list[str]:
@@ -126,11 +140,22 @@ def run_problems(subject: Subject, registry: Registry, scratch: Path) -> list[st
 
 def spy_class(method: type) -> tuple[type, list[dict[str, Any]]]:
     """A subclass of `method` that records what the server sends and receives each round: the
-    payloads it sent each client, the global state and the updates it aggregated."""
+    payloads it sent each client, the global state and the updates it aggregated; and whether
+    a client's local update changed the global state it was handed."""
     rounds: list[dict[str, Any]] = [{"payloads": [], "previous": None, "updates": []}]
 
     class Spy(method):  # type: ignore[misc, valid-type]
         name = method.name
+        changed_global = False
+
+        def local_update(self, model: Any, ctx: Any) -> Any:
+            import torch
+
+            given = {k: v.clone() for k, v in ctx.global_state.items()}
+            sent = super().local_update(model, ctx)
+            same = all(torch.equal(given[k], ctx.global_state[k]) for k in given)
+            Spy.changed_global = Spy.changed_global or not same
+            return sent
 
         def server_payload(self, client: int) -> Any:
             payload = super().server_payload(client)
@@ -201,6 +226,9 @@ def training_problems(subject: Subject, registry: Registry, scratch: Path) -> li
 
     whole = train(run.config, spy)
     problems = server_problems(run, data, rounds, whole.cost)
+    if spy.changed_global:
+        problems.append("boundary: local_update changed ctx.global_state in place")
+    problems += channel_problems(run.method, data)
     first = copy.deepcopy(run.config)
     first["train"]["rounds"] = 1
     checkpoint = scratch / "resume.pt"
@@ -209,6 +237,44 @@ def training_problems(subject: Subject, registry: Registry, scratch: Path) -> li
     if not same_federation(whole, resumed):
         problems.append("resume: a federation resumed from its checkpoint differs")
     return problems
+
+
+def channel_problems(method: type, data: Any) -> list[str]:
+    """Client images or masks left where every instance can read them (class attributes,
+    module globals): a channel to the server outside the counted messages. Attributes of an
+    instance need no scan: the server's instance never sees a client's."""
+    splits = [split for site in data.sites for split in (site.train, site.val)]
+    samples = {row_bytes(t) for split in splits for t in (*split.inputs, *split.targets)}
+    shapes = {tuple(t.shape[1:]) for split in splits for t in (split.inputs, split.targets)}
+    bases = [c for c in method.__mro__ if c.__module__ not in ("fedbench.method", "builtins")]
+    places = [(f"class {c.__name__}", vars(c)) for c in bases]
+    places.append((f"module {method.__module__}", vars(sys.modules[method.__module__])))
+    for where, names in places:
+        for value in tensors_in(list(names.values())):
+            for shape in shapes:
+                if tuple(value.shape[value.dim() - len(shape) :]) != shape:
+                    continue
+                rows = value.detach().cpu().reshape(-1, *shape)
+                if any(row_bytes(row) in samples for row in rows):
+                    return [f"privacy: client data found in the {where}, outside the messages"]
+    return []
+
+
+def row_bytes(tensor: Any) -> bytes:
+    """One sample's bytes, to look it up among the clients' samples."""
+    return bytes(tensor.detach().cpu().contiguous().numpy().tobytes())
+
+
+def tensors_in(values: list[Any], depth: int = 3) -> list[Any]:
+    """The tensors among `values`, looking into lists, tuples and dicts `depth` levels deep."""
+    import torch
+
+    found = [v for v in values if isinstance(v, torch.Tensor)]
+    if depth:
+        inner = [x for v in values if isinstance(v, list | tuple) for x in v]
+        inner += [x for v in values if isinstance(v, dict) for x in v.values()]
+        found += tensors_in(inner, depth - 1) if inner else []
+    return found
 
 
 def same_federation(a: Any, b: Any) -> bool:

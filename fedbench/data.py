@@ -7,7 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from fedbench.errors import FedbenchError
+
 if TYPE_CHECKING:  # torch loads when a run needs it, not when `fedbench list` reads the classes
+    import numpy
     import torch
 
     from fedbench.task import Task
@@ -134,3 +137,31 @@ class Dataset:
 
     def load(self, cfg: dict[str, Any], seed: int, cache_dir: Path) -> FederatedData:
         raise NotImplementedError
+
+
+def split_cases(
+    parts: dict[str, str], val_fraction: float, test_fraction: float, rng: numpy.random.Generator
+) -> tuple[dict[str, list[str]], list[str]]:
+    """Case-level train/val/test from each case's given part ('train', 'test' or 'all').
+
+    Given test cases stay test; without any, `test_fraction` of the cases become test. Then
+    `val_fraction` of the training cases (at least one) become val. A site left with a single
+    training case cannot spare one: its val reuses that training case (never test), noted.
+    """
+    test = sorted(c for c, p in parts.items() if p == "test")
+    pool = sorted(c for c, p in parts.items() if p != "test")
+    notes = []
+    if not test:
+        if len(pool) < 2:
+            raise FedbenchError(f"{len(pool)} case(s): at least two needed for a test split")
+        order = [pool[i] for i in rng.permutation(len(pool))]
+        n_test = min(len(pool) - 1, max(1, round(test_fraction * len(pool))))
+        test, pool = sorted(order[:n_test]), sorted(order[n_test:])
+    if not pool:
+        raise FedbenchError("no training case")
+    if len(pool) == 1:
+        notes.append(f"one training case ({pool[0]}): val reuses it (selection is not independent)")
+        return {"train": pool, "val": list(pool), "test": test}, notes
+    order = [pool[i] for i in rng.permutation(len(pool))]
+    n_val = min(len(pool) - 1, max(1, round(val_fraction * len(pool))))
+    return {"train": sorted(order[n_val:]), "val": sorted(order[:n_val]), "test": test}, notes

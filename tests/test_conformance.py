@@ -216,3 +216,59 @@ def test_the_readme_method_runs_and_conforms(tmp_path):
     path = tmp_path / "my_method.py"
     path.write_text(code)
     assert check_plugin("my-ditto", load_registry((path,))) == []
+
+
+def test_client_images_kept_on_the_class_fail_the_privacy_check(tmp_path):
+    path = broken(
+        tmp_path,
+        """
+        class Broken(FedAvg):
+            name = "broken"
+            stash = []
+            def local_update(self, model, ctx):
+                Broken.stash.append(ctx.split.inputs[:1].clone())  # every instance sees it
+                return super().local_update(model, ctx)
+        """,
+    )
+    assert problems_of(path) == [
+        "privacy: client data found in the class Broken, outside the messages"
+    ]
+
+
+def test_client_masks_kept_in_a_module_global_fail_the_privacy_check(tmp_path):
+    path = broken(
+        tmp_path,
+        """
+        SEEN = {}
+        class Broken(FedAvg):
+            name = "broken"
+            def local_update(self, model, ctx):
+                SEEN[ctx.client] = ctx.split.targets[-1].clone()
+                return super().local_update(model, ctx)
+        """,
+    )
+    (line,) = problems_of(path)
+    assert line.startswith("privacy: client data found in the module ")
+
+
+def test_a_local_update_changing_the_global_state_fails_the_boundary_check(tmp_path):
+    path = broken(
+        tmp_path,
+        """
+        class Broken(FedAvg):
+            name = "broken"
+            def local_update(self, model, ctx):
+                for value in ctx.global_state.values():
+                    value.zero_()
+                return super().local_update(model, ctx)
+        """,
+    )
+    assert problems_of(path) == ["boundary: local_update changed ctx.global_state in place"]
+
+
+def test_a_dataset_set_by_its_path_gets_a_held_out_site(shared_dir, tmp_path):
+    from fedbench.conformance import subject_for
+
+    path = shared_dir / "data" / "flamby" / "fed_tcga_brca"
+    subject = subject_for(REGISTRY, "datasets", "fed-tcga-brca", tmp_path, [f"data.path={path}"])
+    assert subject.spec.holdout not in ("none", "all")

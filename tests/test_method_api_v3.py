@@ -327,3 +327,37 @@ def _forget_installed(monkeypatch):
     for name in set(sys.modules) - before:
         if name.startswith(("aaa_impostor", "helped_pkg")):
             del sys.modules[name]
+
+
+# 8. observers get the run's context
+
+OBSERVER = """
+import json, os
+from fedbench.hookspecs import hookimpl
+
+@hookimpl
+def fedbench_round_end(round, holdout, context):
+    with open(os.environ["ROUND_LOG"], "a") as log:
+        log.write(json.dumps({"round": round, "holdout": holdout, **context}) + "\\n")
+"""
+
+
+def test_observers_get_the_runs_context_for_every_federation(tmp_path, monkeypatch):
+    import json
+
+    path = tmp_path / "observer.py"
+    path.write_text(OBSERVER)
+    log = tmp_path / "rounds.jsonl"
+    monkeypatch.setenv("ROUND_LOG", str(log))
+    args = ["--plugin", str(path), "run", "--method", "fedavg", "--preset", "quick"]
+    args += ["--set", "train.rounds=1", "--holdout", "BIDMC", "--results-dir", str(tmp_path / "r")]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {row["holdout"] for row in rows} == {None, "BIDMC"}
+    (run_id,) = {row["run_id"] for row in rows}
+    assert (tmp_path / "r" / "runs" / f"{run_id}.json").is_file()
+    assert all(
+        row["results_dir"] == str(tmp_path / "r")
+        and (row["method"], row["dataset"], row["seed"]) == ("fedavg", "synth-prostate", 0)
+        for row in rows
+    )

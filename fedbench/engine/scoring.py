@@ -75,7 +75,11 @@ class Scoring:
         def on_round(round_index: int, scores: dict[str, float]) -> None:
             self.reporter.advance()
             self.registry.notify_round_end(
-                run_id=self.run_id, holdout=holdout, round=round_index, metrics=scores
+                run_id=self.run_id,
+                holdout=holdout,
+                round=round_index,
+                metrics=scores,
+                context=self.context(),
             )
 
         self.reporter.start(label, self.run.config["train"]["rounds"])
@@ -85,6 +89,18 @@ class Scoring:
         if federation.val_best_rounds:
             self.val_best_rounds[holdout or "inside"] = federation.val_best_rounds
         return federation
+
+    def context(self) -> dict[str, Any]:
+        """What an observer needs to file a round: where the run writes and what it is."""
+        spec = self.run.spec
+        return {
+            "results_dir": str(spec.results_dir),
+            "run_id": self.run_id,
+            "method": self.run.method.name,
+            "adapter": self.run.adapter_name,
+            "dataset": self.run.dataset.name,
+            "seed": spec.seed,
+        }
 
     def inside(self, data: FederatedData) -> None:
         federation = self.federation(data, None)

@@ -1,4 +1,5 @@
-"""Image and mask files of the segmentation datasets, read by their real range.
+"""Image and mask files of segmentation datasets, read by their real range (public API for
+dataset plugins: `read_file`, `read_image_and_mask`, `UnreadableImage`).
 
 Images of any bit depth Pillow opens become floats in [0, 1] (8-bit divided by 255, 16-bit by
 65535, float kept when it lies in [0, 1]) so that no 16-bit file is clipped to 8 bits; masks keep
