@@ -13,10 +13,9 @@ costs CPU that a loaded machine takes from the run (printed). The kernel's exact
 largest single process (`ru_maxrss` from wait4) is printed as well.
 
 Identical batches: fedbench draws every client's shuffle, one `torch.randperm(n_train)` per local
-epoch, from a single generator seeded once, client after client and round after round. A Flower
-ClientApp runs in a Ray actor and only knows its partition id and the server round, so it
-rebuilds that generator's state by replaying, in fedbench's order, the draws of every
-(round, client) before its own; the same data then gives bit-identical batches.
+epoch, from that client's own stream (`client_stream(seed, client)`). A Flower ClientApp runs in
+a Ray actor and only knows its partition id and the server round, so it takes the same stream
+and replays its own draws of the earlier rounds; the same data then gives bit-identical batches.
 
 Equal work, checked round by round: from the same global model both do bit-identical local
 training, but the averages differ in the last bit, because Flower's FedAvg sums float32 arrays in
@@ -59,6 +58,7 @@ import torch
 from bench_engine import ROUNDS, quick_setup, unet
 
 from fedbench.data import FederatedData
+from fedbench.engine.clients import client_stream
 from fedbench.engine.training import Training, train_federation
 from fedbench_plugins.fedavg import FedAvg
 
@@ -108,12 +108,11 @@ def client_data(cache_dir: str) -> tuple[FederatedData, dict]:
 def replayed_generator(
     sizes: list[int], epochs: int, server_round: int, site: int
 ) -> torch.Generator:
-    """fedbench's shared generator as it stands when client `site` starts `server_round`."""
-    generator = torch.Generator().manual_seed(SEED)
-    before = (server_round - 1) * len(sizes) + site  # clients trained before this one
-    for i in [i for _ in range(server_round) for i in range(len(sizes))][:before]:
-        for _ in range(epochs):
-            torch.randperm(sizes[i], generator=generator)
+    """Client `site`'s own random stream as it stands when it starts `server_round`: its
+    draws of the earlier rounds replayed (fedbench gives every client a stream of its own)."""
+    generator = client_stream(SEED, site)
+    for _ in range((server_round - 1) * epochs):
+        torch.randperm(sizes[site], generator=generator)
     return generator
 
 
@@ -307,8 +306,9 @@ def max_abs_difference(a: State, b: State) -> float:
 
 def rerun_difference(flower_states: list[State], cache_dir: Path) -> float:
     """Re-run every Flower round with fedbench's engine, starting each from Flower's global model
-    before it (the engine's own generator keeps its natural sequence, so this also checks the
-    clients' replay); the largest difference from Flower's global model after the round."""
+    before it (the engine's own client streams keep their natural sequence, so this also
+    checks the clients' replay); the largest difference from Flower's global model after the
+    round."""
     data, config = quick_setup(cache_dir)
     fed = Training(data, data.sites, FedAvg, unet(data, config), config, SEED, torch.device("cpu"))
     assert max_abs_difference(fed.global_state, flower_states[0]) == 0, "other initial models"
