@@ -212,10 +212,11 @@ def test_plugin_check_on_the_command_line(tmp_path):
 def test_the_readme_method_runs_and_conforms(tmp_path):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## Add your own method", 1)[1]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    path = tmp_path / "my_method.py"
-    path.write_text(code)
-    assert check_plugin("my-ditto", load_registry((path,))) == []
+    blocks = [part.split("```", 1)[0] for part in section.split("```python\n")[1:3]]
+    for name, code in zip(("my-ditto", "my-cloud"), blocks, strict=True):
+        path = tmp_path / f"{name.replace('-', '_')}.py"
+        path.write_text(code)
+        assert check_plugin(name, load_registry((path,))) == [], name
 
 
 def test_client_images_kept_on_the_class_fail_the_privacy_check(tmp_path):
