@@ -70,13 +70,13 @@ def test_only_the_chosen_clients_train_and_reach_the_server():
             return super().server_update(previous, updates)
 
     fed = toy_training(data, data.sites, Spy, config, 0, CPU)
-    before = [clone_state(s) for s in fed.client_states]
+    before = [clone_state(c.state) for c in fed.clients]
     fed.run_round()
     (chosen,) = fed.participation
     assert received == [chosen]
     for i in range(4):
-        assert same_states(fed.client_states[i], before[i]) == (i not in chosen), i
-    sizes = [len(fed.clients[i]) for i in chosen]
+        assert same_states(fed.clients[i].state, before[i]) == (i not in chosen), i
+    sizes = [len(fed.clients[i].train) for i in chosen]
     steps = sum(-(-n // config["train"]["batch_size"]) for n in sizes)
     assert fed.cost["client_steps"] == steps
     shared_bytes = sum(t.numel() * t.element_size() for t in fed.global_state.values())

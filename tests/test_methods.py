@@ -141,7 +141,7 @@ def test_local_never_mixes_sites(data):
 def test_central_pools_every_site_into_one_client(data):
     fed = one_round(Central, data)
     assert len(fed.clients) == 1
-    assert len(fed.clients[0]) == sum(len(s.train) for s in data.sites)
+    assert len(fed.clients[0].train) == sum(len(s.train) for s in data.sites)
     assert fed.cost["bytes_up"] == 0
     assert all(
         torch.equal(

@@ -35,6 +35,7 @@ def recording(method_cls: type[Method]) -> type[Method]:
                     "state": clone_state(model.state_dict()),
                     "global": clone_state(ctx.global_state),
                     "generator": ctx.generator.get_state(),
+                    "round": ctx.round,
                 }
             )
             return super().local_update(model, ctx)
@@ -63,8 +64,9 @@ def test_apfl_sends_exactly_the_fedavg_update_from_the_same_start(data):
     for start, update in zip(method.starts, sent, strict=True):
         model = fed.build_model()
         model.load_state_dict(start["state"])
-        fed.generator.set_state(start["generator"])
-        ctx = fed.local_context(start["client"], fed.clients[start["client"]], start["global"], {})
+        client = fed.clients[start["client"]]
+        client.generator.set_state(start["generator"])
+        ctx = client.context(fed.setup, start["global"], {}, start["round"])
         assert FedAvg({}, 3).local_update(model, ctx) == update.extras == {}
         assert set(update.state) == set(model.state_dict()), "w only: v_i is not sent"
         for key, value in model.state_dict().items():
@@ -143,26 +145,30 @@ def test_apfl_adaptive_alpha_follows_its_gradient_and_resumes(data, tmp_path):
     class Spy(APFL):
         log: list[tuple[int, float, float, float]] = []
 
-        def move_alpha(self, client, grad, rate):
-            before = self.alphas[client]
-            super().move_alpha(client, grad, rate)
+        def move_alpha(self, grad, rate):
+            before = self.alpha
+            super().move_alpha(grad, rate)
             assert rate == 0.5, "method.alpha_lr given"
-            Spy.log.append((client, before, grad, self.alphas[client]))
+            Spy.log.append((self.client, before, grad, self.alpha))
 
     cfg = toy_config(2, alpha=0.5, adaptive=True, alpha_lr=0.5)
     fed = toy_rounds(Spy, cfg, data, 2)
     for _, before, grad, after in Spy.log:
         assert after == min(1.0, max(0.0, before - 0.5 * grad))
     assert len({a for _, _, _, a in Spy.log}) > len(data.sites), "alpha moves every step"
-    assert len(set(fed.method.alphas)) == len(data.sites), "one alpha per client"
-    for i, alpha in enumerate(fed.method.alphas):
+    alphas = [c.method.alpha for c in fed.clients]
+    assert len(set(alphas)) == len(data.sites), "one alpha per client"
+    for i, alpha in enumerate(alphas):
         assert alpha == [a for c, _, _, a in Spy.log if c == i][-1]
-        stored = fed.method.personal[i]
-        assert same_states(fed.personalized(i), mix_states(stored, fed.client_view(i), alpha))
+        client = fed.clients[i]
+        stored = client.method.personal
+        view = client.view({k: fed.global_state[k] for k in fed.shared})
+        assert same_states(fed.personalized(i), mix_states(stored, view, alpha))
     whole = toy_train(data, data.sites, APFL, toy_config(3, **cfg["method"]), 0, CPU)
     path = tmp_path / "apfl.pt"
     toy_train(data, data.sites, APFL, cfg, 0, CPU, checkpoint_path=path)
-    assert torch.load(path, weights_only=True)["training"]["method_state"]["alphas"] != [0.5] * 3
+    kept = torch.load(path, weights_only=True)["training"]["method_state"]["clients"]
+    assert [c["alpha"] for c in kept] != [0.5] * 3
     resumed = toy_train(
         data, data.sites, APFL, toy_config(3, **cfg["method"]), 0, CPU, checkpoint_path=path
     )
@@ -182,8 +188,8 @@ def test_apfl_local_update_replayed_by_hand(data):
             Spy.starts.append(
                 {
                     "w": clone_state(model.state_dict()),
-                    "v": clone_state(self.personal[ctx.client] or model.state_dict()),
-                    "alpha": self.alphas[ctx.client],
+                    "v": clone_state(self.personal or model.state_dict()),
+                    "alpha": self.alpha,
                     "generator": ctx.generator.get_state(),
                 }
             )
@@ -193,8 +199,8 @@ def test_apfl_local_update_replayed_by_hand(data):
     for i, start in enumerate(Spy.starts[len(data.sites) :]):
         v, alpha = replay_apfl(fed, i, start, alpha_lr)
         assert alpha != start["alpha"]
-        assert abs(fed.method.alphas[i] - alpha) < 1e-5
-        for key, value in fed.method.personal[i].items():
+        assert abs(fed.clients[i].method.alpha - alpha) < 1e-5
+        for key, value in fed.clients[i].method.personal.items():
             torch.testing.assert_close(value, v[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
@@ -209,7 +215,7 @@ def replay_apfl(fed, client: int, start: dict, alpha_lr: float) -> tuple[dict, f
     generator = torch.Generator().manual_seed(0)
     generator.set_state(start["generator"])
     names = [n for n, _ in w.named_parameters()]
-    for inputs, targets in fed.clients[client].batches(4, generator):
+    for inputs, targets in fed.clients[client].train.batches(4, generator):
         ws, vs = w.state_dict(), v.state_dict()
         mix.load_state_dict({**vs, **{k: alpha * vs[k] + (1 - alpha) * ws[k] for k in names}})
         grads = torch.autograd.grad(fed.task.loss(mix(inputs), targets), list(mix.parameters()))

@@ -21,9 +21,9 @@ def test_feddyn_with_alpha_zero_is_fedavg_bit_for_bit():
     feddyn = toy_rounds(FedDyn, toy_config(2, alpha=0.0), data, 2)
     fedavg = toy_rounds(FedAvg, toy_config(2), data, 2)
     assert same_states(feddyn.global_state, fedavg.global_state)
-    for mine, theirs in zip(feddyn.client_states, fedavg.client_states, strict=True):
-        assert same_states(mine, theirs)
-    assert all(not g.any() for grads in feddyn.method.grads for g in grads.values())
+    for mine, theirs in zip(feddyn.clients, fedavg.clients, strict=True):
+        assert same_states(mine.state, theirs.state)
+    assert all(not g.any() for c in feddyn.clients for g in c.method.grads.values())
 
 
 def test_feddyn_server_step_by_hand():
@@ -69,7 +69,7 @@ def test_feddyn_run_keeps_g_and_h_as_defined(data, clients):
     fed = toy_rounds(method, cfg, data, 2)
     assert {len(ups) for _, ups in method.received} == {3 if clients == "all" else clients}
     params, m = param_names(fed), len(data.sites)
-    drift = [{k: torch.zeros_like(v, dtype=F64) for k, v in fed.method.h.items()} for _ in range(m)]
+    drift = [{k: torch.zeros_like(v, dtype=F64) for k, v in fed.server.h.items()} for _ in range(m)]
     for previous, updates in method.received:
         for u in updates:
             for k in params:
@@ -84,12 +84,12 @@ def test_feddyn_run_keeps_g_and_h_as_defined(data, clients):
         else:
             assert torch.equal(value, fedavg_mean[key]), key
     for key in params:
-        torch.testing.assert_close(fed.method.h[key], h[key])
+        torch.testing.assert_close(fed.server.h[key], h[key])
         for i in range(m):
-            grads = fed.method.grads[i]
+            grads = fed.clients[i].method.grads
             g = torch.zeros_like(drift[i][key]) if grads is None else grads[key].double()
             torch.testing.assert_close(g, -alpha * drift[i][key], rtol=1e-4, atol=1e-7)
-    assert any(not torch.equal(fed.method.h[k], torch.zeros_like(fed.method.h[k])) for k in params)
+    assert any(not torch.equal(fed.server.h[k], torch.zeros_like(fed.server.h[k])) for k in params)
     weighted = FedAvg({}, m).aggregate(updates)
     assert differs(fed.global_state, weighted, params), "the uniform mean, not FedAvg's"
 
@@ -100,7 +100,7 @@ def test_feddyn_local_objective_is_the_regularized_loss(data):
     alpha = 0.1
     method = recording(FedDyn)
     fed = toy_rounds(method, sgd_config(1, alpha=alpha), data, 1)
-    grads = clone_state(fed.method.grads[0])
+    grads = clone_state(fed.clients[0].method.grads)
     fed.run_round()
     start, (_, updates) = method.starts[len(data.sites)], method.received[-1]
     model = fed.build_model()
@@ -109,7 +109,7 @@ def test_feddyn_local_objective_is_the_regularized_loss(data):
     generator = torch.Generator().manual_seed(0)
     generator.set_state(start["generator"])
     names, params = zip(*model.named_parameters(), strict=True)
-    for inputs, targets in fed.clients[0].batches(4, generator):
+    for inputs, targets in fed.clients[0].train.batches(4, generator):
         task_grads = torch.autograd.grad(fed.task.loss(model(inputs), targets), params)
         with torch.no_grad():
             for name, p, g in zip(names, params, task_grads, strict=True):
@@ -142,6 +142,9 @@ def test_fednova_with_equal_steps_is_fedavg_bit_for_bit(momentum):
     fedavg = toy_rounds(FedAvg, sgd_config(2, momentum), data, 2)
     assert {u.steps for _, updates in method.received for u in updates} == {2}
     assert same_states(fednova.global_state, fedavg.global_state)
+    sent = 2 * len(data.sites) * 8  # each client-round sends a_i, one float64, with its update
+    assert fednova.cost["bytes_up"] == fedavg.cost["bytes_up"] + sent
+    assert fednova.cost["bytes_down"] == fedavg.cost["bytes_down"]
 
 
 def momentum_weight(steps: int, rho: float) -> float:
@@ -154,12 +157,13 @@ def test_fednova_with_unequal_steps_normalizes_the_parameters_only(data, momentu
     method = recording(FedNova)
     fednova = toy_rounds(method, sgd_config(1, momentum), data, 1)
     fedavg = toy_rounds(FedAvg, sgd_config(1, momentum), data, 1)
-    for mine, theirs in zip(fednova.client_states, fedavg.client_states, strict=True):
-        assert same_states(mine, theirs), "clients train as in FedAvg"
+    for mine, theirs in zip(fednova.clients, fedavg.clients, strict=True):
+        assert same_states(mine.state, theirs.state), "clients train as in FedAvg"
     ((previous, updates),) = method.received
     assert [u.steps for u in updates] == [2, 3, 2]
     params, n = param_names(fednova), sum(u.num_samples for u in updates)
     a = [momentum_weight(u.steps, momentum) for u in updates]
+    assert [float(u.extras["a"]) for u in updates] == pytest.approx(a, rel=1e-12), "a_i sent"
     tau_eff = sum(u.num_samples * a_i for u, a_i in zip(updates, a)) / n
     for key, value in fednova.global_state.items():
         if key in params:  # theta_prev - tau_eff * sum_i p_i (theta_prev - theta_i) / a_i
@@ -192,9 +196,11 @@ def test_fednova_two_client_server_step_by_hand():
     method = FedNova({}, 2)
     assert method.shared_keys(Tiny()) == ["w", "n"]
     previous = {"w": torch.zeros(2, dtype=F64), "n": torch.tensor(0)}
+    # each client sends its a_i (plain SGD: a_i = tau_i) with its update
+    a_1, a_2 = ({"a": torch.tensor(tau, dtype=F64)} for tau in (1.0, 3.0))
     ups = [
-        ClientUpdate({"w": torch.tensor([2.0, -2.0], dtype=F64), "n": torch.tensor(1)}, 1, steps=1),
-        ClientUpdate({"w": torch.tensor([3.0, 6.0], dtype=F64), "n": torch.tensor(4)}, 3, steps=3),
+        ClientUpdate({"w": torch.tensor([2.0, -2.0], dtype=F64), "n": torch.tensor(1)}, 1, a_1, 1),
+        ClientUpdate({"w": torch.tensor([3.0, 6.0], dtype=F64), "n": torch.tensor(4)}, 3, a_2, 3),
     ]
     new = method.server_update(previous, ups)
     torch.testing.assert_close(new["w"], torch.tensor([3.125, 2.5], dtype=F64))

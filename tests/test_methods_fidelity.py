@@ -46,9 +46,9 @@ def pooled_prior(splits) -> torch.Tensor:
 
 def test_fedrod_generic_model_is_logit_adjusted_to_the_pooled_prior(data):
     fed = toy_rounds(FedRoD, sgd_config(2), data, 2)
-    prior = pooled_prior(fed.clients)
+    prior = pooled_prior([c.train for c in fed.clients])
     assert prior[1] < 0.15, "the toy clients' foreground share is small"
-    bias = fed.method.bias_key
+    bias = fed.server.bias_key
     assert bias in output_layer_keys(fed.model)
     generic = fed.result([], None).global_state
     raw = fed.global_state
@@ -76,7 +76,7 @@ def test_fedrod_sends_its_counts_once_and_they_are_counted(data):
 
     fed = toy_rounds(Spy, toy_config(2), data, 2)
     first, second = received
-    for update, split in zip(first, fed.clients, strict=True):
+    for update, split in zip(first, [c.train for c in fed.clients], strict=True):
         by_hand = torch.tensor([int((split.targets == c).sum()) for c in range(2)])
         assert set(update.extras) == {"class_counts"}
         assert torch.equal(update.extras["class_counts"], by_hand)
@@ -91,17 +91,25 @@ def test_fedrod_prior_comes_from_the_clients_that_took_part(data):
     cfg["train"]["clients_per_round"] = 1
     fed = toy_rounds(FedRoD, cfg, data, 1)
     (chosen,) = fed.participation
-    assert [c is not None for c in fed.method.counts] == [i in chosen for i in range(3)]
-    only = pooled_prior([fed.clients[i] for i in chosen])
-    torch.testing.assert_close(fed.method.global_prior(), only, rtol=0, atol=0)
+    assert [c is not None for c in fed.server.counts] == [i in chosen for i in range(3)]
+    only = pooled_prior([fed.clients[i].train for i in chosen])
+    torch.testing.assert_close(fed.server.global_prior(), only, rtol=0, atol=0)
 
 
 def test_fedrod_without_personal_heads_scores_the_adjusted_generic_model(data):
-    fed = toy_rounds(FedRoD, toy_config(1, personal_head=False), data, 1)
+    fed = toy_rounds(FedRoD, toy_config(2, personal_head=False), data, 1)
+    # pi_g reaches a client in the next round's payload: after round 1 none has one yet
+    for i in range(len(data.sites)):
+        assert same_states(fed.personalized(i), fed.global_state)
+    fed.run_round()
     generic, _ = fed.unseen_site_model()
     assert not same_states(generic, fed.global_state)
     for i in range(len(data.sites)):
         assert same_states(fed.personalized(i), generic)
+    fedavg = toy_rounds(FedAvg, toy_config(2), data, 2)
+    # down: round 2 sends every client pi_g (2 float64s); up: the 2 int64 counts, sent once
+    assert fed.cost["bytes_down"] == fedavg.cost["bytes_down"] + len(data.sites) * 2 * 8
+    assert fed.cost["bytes_up"] == fedavg.cost["bytes_up"] + len(data.sites) * 2 * 8
 
 
 def test_fedrod_refuses_an_output_layer_without_bias():
@@ -192,10 +200,10 @@ def test_lg_fedavg_round_sends_the_decoder_and_keeps_each_encoder(data):
 class AlphaLog(APFL):
     steps: list[tuple[float, float, float, float]] = []
 
-    def move_alpha(self, client, grad, rate):
-        before = self.alphas[client]
-        super().move_alpha(client, grad, rate)
-        AlphaLog.steps.append((before, grad, rate, self.alphas[client]))
+    def move_alpha(self, grad, rate):
+        before = self.alpha
+        super().move_alpha(grad, rate)
+        AlphaLog.steps.append((before, grad, rate, self.alpha))
 
 
 def test_apfl_alpha_adapts_by_default_with_the_models_step_size():
@@ -208,11 +216,12 @@ def test_apfl_alpha_adapts_by_default_with_the_models_step_size():
     for before, grad, rate, after in AlphaLog.steps:
         assert rate == LR == cfg["train"]["lr"]
         assert after == min(1.0, max(0.0, before - LR * grad))
-    assert all(alpha != 0.5 for alpha in fed.method.alphas), "every client's alpha moved"
+    assert all(c.method.alpha != 0.5 for c in fed.clients), "every client's alpha moved"
 
 
 def test_apfl_alpha_stays_fixed_when_asked():
     data = toy_data()
     AlphaLog.steps = []
     fed = toy_rounds(AlphaLog, toy_config(2, adaptive=False, alpha=0.25), data, 2)
-    assert AlphaLog.steps == [] and fed.method.alphas == [0.25] * len(data.sites)
+    alphas = [c.method.alpha for c in fed.clients]
+    assert AlphaLog.steps == [] and alphas == [0.25] * len(data.sites)

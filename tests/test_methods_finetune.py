@@ -35,18 +35,18 @@ def test_finetuning_trains_each_client_on_its_own_data_from_the_global_model():
         fed.run_round()
     global_before = clone_state(fed.global_state)
     steps_before = fed.cost["client_steps"]
-    generator = fed.generator.get_state()
+    generators = [c.generator.get_state() for c in fed.clients]
     fed.finish()
     assert same_states(fed.global_state, global_before), "fine-tuning never reaches the server"
     # recompute client 1's fine-tuning by hand: one epoch of the standard loop from the global model
-    fed.generator.set_state(generator)
-    for i, split in enumerate(fed.clients):
+    for i, (client, generator) in enumerate(zip(fed.clients, generators, strict=True)):
+        client.generator.set_state(generator)
         model = fed.build_model()
         model.load_state_dict(global_before)
-        ctx = fed.local_context(i, split, {}, {})
+        ctx = client.context(fed.setup, {}, {}, fed.cost["rounds"])
         FedAvg({}, 3).train_steps(model, ctx, 1)
         assert same_states(fed.personalized(i), model.state_dict()), i
-    batches = sum(-(-len(c) // config["train"]["batch_size"]) for c in fed.clients)
+    batches = sum(-(-len(c.train) // config["train"]["batch_size"]) for c in fed.clients)
     assert fed.cost["client_steps"] == steps_before + batches
     assert not same_states(fed.personalized(0), fed.personalized(1))
     result = fed.result([], None)

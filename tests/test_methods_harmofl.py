@@ -82,8 +82,8 @@ def test_without_perturbation_or_amplitude_harmofl_is_fedavg_bit_for_bit(data):
     assert HarmoFL.network(network, data.task, cfg) is network, "the configured network itself"
     mine, fedavg = harmo_rounds(cfg, data, 2), toy_rounds(FedAvg, toy_config(2), data, 2)
     assert same_states(mine.global_state, fedavg.global_state)
-    for a, b in zip(mine.client_states, fedavg.client_states, strict=True):
-        assert same_states(a, b)
+    for a, b in zip(mine.clients, fedavg.clients, strict=True):
+        assert same_states(a.state, b.state)
     assert counted(mine.cost) == counted(fedavg.cost)
 
 
@@ -140,34 +140,33 @@ def test_the_first_round_sets_each_clients_running_amplitude_then_it_is_fixed(da
     cfg = harmo_config(2, rho=0.0, amplitude_momentum=momentum, amplitude_band=band)
     fed = harmo_training(data, cfg)
     seen = network_inputs(fed.model)
-    generator = torch.Generator().manual_seed(0)
-    generator.set_state(fed.generator.get_state())
+    generators = [torch.Generator().set_state(c.generator.get_state()) for c in fed.clients]
     fed.run_round()
     expected, runnings = [], []
-    for client, split in enumerate(fed.clients):
+    for client, generator in zip(fed.clients, generators, strict=True):
         running = None
-        for raw, _ in split.batches(int(cfg["train"]["batch_size"]), generator):
+        for raw, _ in client.train.batches(int(cfg["train"]["batch_size"]), generator):
             mean = torch.stack([torch.fft.fft2(x).abs() for x in raw]).mean(0)
             running = mean if running is None else (1 - momentum) * running + momentum * mean
             expected.append(normalize_amplitude(raw, running, band))
-        torch.testing.assert_close(fed.client_states[client][KEY], running)
+        torch.testing.assert_close(client.state[KEY], running)
         runnings.append(running)
-    sizes = [len(split) for split in fed.clients]
+    sizes = [len(client.train) for client in fed.clients]
     federation = weighted_mean([{KEY: r} for r in runnings], sizes)[KEY]
     torch.testing.assert_close(fed.global_state[KEY], federation)
     fixed = fed.global_state[KEY].clone()
-    assert fed.method.fixed
+    assert fed.server.fixed
     fed.run_round()  # the second round trains on images normalized to the federation's amplitude
-    for split in fed.clients:
-        for raw, _ in split.batches(int(cfg["train"]["batch_size"]), generator):
+    for client, generator in zip(fed.clients, generators, strict=True):
+        for raw, _ in client.train.batches(int(cfg["train"]["batch_size"]), generator):
             expected.append(normalize_amplitude(raw, fixed, band))
     assert len(seen) == len(expected)
     for got, want in zip(seen, expected, strict=True):
         torch.testing.assert_close(got, want)
     assert torch.equal(fed.global_state[KEY], fixed), "the server keeps it as it is"
-    assert all(torch.equal(state[KEY], fixed) for state in fed.client_states)
+    assert all(torch.equal(client.state[KEY], fixed) for client in fed.clients)
     restored = HarmoFL(cfg["method"], len(fed.clients))
-    restored.load_state_dict(fed.method.state_dict())
+    restored.load_state_dict(fed.server.state_dict())
     assert restored.fixed
 
 
@@ -238,13 +237,13 @@ def test_the_amplitude_buffer_is_shared_and_counted_each_way(data):
     fedavg = toy_rounds(FedAvg, toy_config(2), data, 2)
     first, second = received
     for state, client in zip(first, fed.clients, strict=True):
-        assert KEY in state and state[KEY].abs().sum() > 0 and len(client) > 0
+        assert KEY in state and state[KEY].abs().sum() > 0 and len(client.train) > 0
     assert all(torch.equal(state[KEY], fed.global_state[KEY]) for state in second)
     buffer = state_nbytes({KEY: fed.global_state[KEY]})
     sends = 2 * len(data.sites)
     assert fed.cost["bytes_up"] == fedavg.cost["bytes_up"] + sends * buffer
     assert fed.cost["bytes_down"] == fedavg.cost["bytes_down"] + sends * buffer
-    assert fed.method.server_payload() == {}
+    assert all(fed.server.server_payload(i) == {} for i in range(len(data.sites)))
 
 
 # (b) weight perturbation
@@ -282,14 +281,16 @@ def test_a_local_update_steps_with_the_gradient_at_the_perturbed_weights(data):
     rho = 0.5
     cfg = sgd_config(1, rho=rho, amplitude=False)
     fed = toy_training(data, data.sites, HarmoFL, cfg, seed=0, device=CPU)
-    start, state = clone_state(fed.client_view(0)), fed.generator.get_state()
+    client = fed.clients[0]
+    start = clone_state(client.view({k: fed.global_state[k] for k in fed.shared}))
+    state = client.generator.get_state()
     fed.run_round()
     model = fed.build_model()
     model.load_state_dict(start)
     model.train()
     generator = torch.Generator().manual_seed(0)
     generator.set_state(state)
-    for inputs, targets in fed.clients[0].batches(int(cfg["train"]["batch_size"]), generator):
+    for inputs, targets in client.train.batches(int(cfg["train"]["batch_size"]), generator):
         grads = torch.autograd.grad(fed.task.loss(model(inputs), targets), model.parameters())
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
         shifted = copy.deepcopy(model)
@@ -302,7 +303,7 @@ def test_a_local_update_steps_with_the_gradient_at_the_perturbed_weights(data):
             for p, g in zip(model.parameters(), sharp, strict=True):
                 p -= LR * g
     for key, value in model.state_dict().items():
-        torch.testing.assert_close(fed.client_states[0][key], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(client.state[key], value, rtol=1e-5, atol=1e-6)
 
 
 # settings

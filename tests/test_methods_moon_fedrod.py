@@ -42,10 +42,10 @@ def spying(method_cls):
 def test_moon_with_mu_zero_is_fedavg_bit_for_bit(data):
     moon = toy_rounds(Moon, toy_config(3, mu=0.0), data, 3)
     fedavg = toy_rounds(FedAvg, toy_config(3), data, 3)
-    assert all(p is not None for p in moon.method.previous), "rounds 2-3 had a previous model"
+    assert all(c.method.previous is not None for c in moon.clients), "rounds 2-3 had one"
     assert same_states(moon.global_state, fedavg.global_state)
-    for mine, theirs in zip(moon.client_states, fedavg.client_states, strict=True):
-        assert same_states(mine, theirs)
+    for mine, theirs in zip(moon.clients, fedavg.clients, strict=True):
+        assert same_states(mine.state, theirs.state)
     assert moon.cost == fedavg.cost
     active = toy_rounds(Moon, toy_config(2, mu=1.0), data, 2)
     assert not same_states(active.global_state, fedavg.global_state), "mu > 0 changes round 2"
@@ -109,7 +109,8 @@ def test_moon_penalty_is_mu_times_lcon_against_global_and_previous(data):
 
     fed = toy_rounds(Spy, toy_config(2, mu=mu, tau=tau), data, 2)
     assert len(calls) == len(data.sites), "round 2 only"
-    for call, state in zip(calls, fed.method.previous, strict=True):
+    previous = [c.method.previous for c in fed.clients]
+    for call, state in zip(calls, previous, strict=True):
         assert not same_states(call["global"], call["prev"])
         for value, inputs, local in call["terms"]:
             z = bottom_features(local, None, inputs)
@@ -134,15 +135,15 @@ def bottom_features(model, state, inputs) -> torch.Tensor:
 
 def test_moon_previous_models_survive_a_state_dict_round_trip(data):
     fed = toy_rounds(Moon, toy_config(2), data, 2)
-    for mine, state in zip(fed.method.previous, fed.client_states, strict=True):
-        assert same_states(mine, state), "the previous model is the client's trained model"
-    saved = fed.method.state_dict()
-    restored = Moon({}, len(data.sites))
-    restored.load_state_dict(saved)
-    first = next(iter(saved["previous"][0]))
-    saved["previous"][0][first].add_(1.0)
-    for mine, theirs in zip(restored.previous, fed.client_states, strict=True):
-        assert same_states(mine, theirs), "restored as copies"
+    for client in fed.clients:
+        mine = client.method.previous
+        assert same_states(mine, client.state), "the previous model is the client's trained model"
+        saved = client.method.state_dict()
+        restored = Moon({}, len(data.sites))
+        restored.load_state_dict(saved)
+        first = next(iter(saved["previous"]))
+        saved["previous"][first].add_(1.0)
+        assert same_states(restored.previous, client.state), "restored as copies"
     whole = toy_rounds(Moon, toy_config(3), data, 3)
     resumed = toy_training(data, data.sites, Moon, toy_config(3), seed=0, device=CPU)
     resumed.restore(copy.deepcopy(toy_rounds(Moon, toy_config(3), data, 2).snapshot()))
@@ -167,8 +168,8 @@ class UniformPrior(FedRoD):
 
 def test_fedrod_without_personal_head_scores_the_generic_model(data):
     fed = toy_rounds(FedRoD, sgd_config(2, personal_head=False), data, 2)
-    assert fed.method.personal == [None] * len(data.sites)
-    generic = fed.method.unseen_site_state(fed.global_state)  # adjusted to the pooled prior
+    assert [c.method.personal for c in fed.clients] == [None] * len(data.sites)
+    generic = fed.server.unseen_site_state(fed.global_state)  # adjusted to the pooled prior
     for i in range(len(data.sites)):
         assert same_states(fed.personalized(i), generic)
     fedavg = toy_rounds(FedAvg, sgd_config(2), data, 2)
@@ -218,7 +219,7 @@ def test_fedrod_server_never_receives_the_personal_head(data):
         fedavg.cost["bytes_up"] + counts,
         fedavg.cost["bytes_down"],
     )
-    for i, personal in enumerate(fed.method.personal):
+    for i, personal in enumerate(c.method.personal for c in fed.clients):
         assert set(personal) == head
         assert all(v.abs().sum() > 0 for v in personal.values()), "the head trained"
         scored = fed.personalized(i)
@@ -235,7 +236,8 @@ def test_fedrod_summed_head_model_is_generic_plus_personal_logits(data, res_unit
     prefix, layer = output_layer(generic)
     method = FedRoD({}, 1)
     personal = {key: torch.randn_like(v) for key, v in layer.state_dict().items()}
-    method.personal[0] = {f"{prefix}.{k}": v for k, v in personal.items()}
+    method.client = 0
+    method.personal = {f"{prefix}.{k}": v for k, v in personal.items()}
     summed = build().eval()
     summed.load_state_dict(method.personalized_state(0, clone_state(generic.state_dict())))
     inputs = torch.randn(2, 1, 16, 16)
@@ -263,7 +265,8 @@ def test_fedrod_one_step_by_hand_balanced_network_plain_summed_head(data):
     fed = toy_training(data, data.sites, FedRoD, cfg, seed=0, device=CPU)
     start = clone_state(fed.global_state)
     fed.run_round()
-    for i, split in enumerate(fed.clients):
+    for client in fed.clients:
+        split = client.train
         counts = torch.stack([(split.targets == c).sum() for c in range(2)]).double()
         prior = (counts + 1) / (counts.sum() + 2)
         model = fed.build_model()
@@ -285,9 +288,9 @@ def test_fedrod_one_step_by_hand_balanced_network_plain_summed_head(data):
         head_grads = torch.autograd.grad(personal_loss, list(head.values()))
         for name, param, grad in zip(names, params, grads, strict=True):
             expected = param.detach() - LR * grad
-            torch.testing.assert_close(fed.client_states[i][name], expected, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(client.state[name], expected, rtol=1e-4, atol=1e-5)
         for key, grad in zip(head, head_grads, strict=True):
-            got = fed.method.personal[i][f"{prefix}.{key}"]
+            got = client.method.personal[f"{prefix}.{key}"]
             torch.testing.assert_close(got, -LR * grad, rtol=1e-4, atol=1e-6)
 
 

@@ -53,6 +53,7 @@ def recording(method_cls: type[Method]) -> type[Method]:
                     "state": clone_state(model.state_dict()),
                     "global": clone_state(ctx.global_state),
                     "generator": ctx.generator.get_state(),
+                    "round": ctx.round,
                 }
             )
             return super().local_update(model, ctx)
@@ -77,8 +78,9 @@ def test_ditto_sends_exactly_the_fedavg_update_from_the_same_start(data):
     for start, update in zip(method.starts, sent, strict=True):
         model = fed.build_model()
         model.load_state_dict(start["state"])
-        fed.generator.set_state(start["generator"])
-        ctx = fed.local_context(start["client"], fed.clients[start["client"]], start["global"], {})
+        client = fed.clients[start["client"]]
+        client.generator.set_state(start["generator"])
+        ctx = client.context(fed.setup, start["global"], {}, start["round"])
         assert FedAvg(cfg["method"], 3).local_update(model, ctx) == update.extras == {}
         for key, value in model.state_dict().items():
             assert torch.equal(value, update.state[key]), key
@@ -88,7 +90,7 @@ def test_ditto_sends_exactly_the_fedavg_update_from_the_same_start(data):
     assert fed.cost["bytes_down"] == fedavg.cost["bytes_down"]
     assert fed.cost["client_steps"] == 2 * fedavg.cost["client_steps"]
     for i in range(len(data.sites)):
-        personal, local = fed.personalized(i), fed.client_states[i]
+        personal, local = fed.personalized(i), fed.clients[i].state
         assert differs(personal, local, floats(local)), "v_i is not the FedAvg model w_i"
         assert differs(personal, fed.global_state, floats(local)), "nor the global model"
 
@@ -131,7 +133,7 @@ def replay_penalised_sgd(fed, start: dict, lam: float, batch_size: int) -> dict:
     generator.set_state(start["generator"])
     anchor = start["global"]
     names, params = zip(*model.named_parameters(), strict=True)
-    for inputs, targets in fed.clients[start["client"]].batches(batch_size, generator):
+    for inputs, targets in fed.clients[start["client"]].train.batches(batch_size, generator):
         loss = fed.task.loss(model(inputs), targets)
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
@@ -150,7 +152,8 @@ def test_ditto_penalty_gradient_is_lam_times_the_gap():
 
 def test_ditto_keeps_the_client_view_before_round_one_and_checks_settings(data):
     fed = toy_training(data, data.sites, Ditto, sgd_config(1), seed=0, device=CPU)
-    for key, value in fed.client_view(1).items():
+    view = fed.clients[1].view({k: fed.global_state[k] for k in fed.shared})
+    for key, value in view.items():
         assert torch.equal(fed.personalized(1)[key], value)
     with pytest.raises(FedbenchError, match="method.lam"):
         Ditto.check_settings(toy_config(1, lam=-1.0))
@@ -168,9 +171,9 @@ def test_scaffold_round_one_takes_the_same_steps_as_fedavg_with_sgd(data):
     scaffold = toy_rounds(Scaffold, sgd_config(1), data, 1)
     fedavg = toy_rounds(FedAvg, sgd_config(1), data, 1)
     assert scaffold.cost["client_steps"] == fedavg.cost["client_steps"]
-    for mine, theirs in zip(scaffold.client_states, fedavg.client_states, strict=True):
-        for key, value in theirs.items():
-            assert torch.equal(mine[key], value), key
+    for mine, theirs in zip(scaffold.clients, fedavg.clients, strict=True):
+        for key, value in theirs.state.items():
+            assert torch.equal(mine.state[key], value), key
 
 
 class ControlSpy(Scaffold):
@@ -179,7 +182,7 @@ class ControlSpy(Scaffold):
     log: list[dict] = []
 
     def local_update(self, model, ctx):
-        own = self.client_controls[ctx.client]
+        own = self.own_control
         entry = {
             "x": {k: ctx.global_state[k].clone() for k in self.control},
             "c": clone_state(ctx.received),
@@ -191,7 +194,7 @@ class ControlSpy(Scaffold):
         entry["extras"] = clone_state(super().local_update(model, ctx))
         entry["steps"] = ctx.steps - entry["steps"]
         entry["y"] = clone_state(dict(model.named_parameters()))
-        entry["new"] = clone_state(self.client_controls[ctx.client])
+        entry["new"] = clone_state(self.own_control)
         return entry["extras"]
 
     def adjust_gradients(self, model, ctx):
@@ -219,12 +222,12 @@ def test_scaffold_control_variates_follow_option_two(data):
             torch.testing.assert_close(new, mean_raw, rtol=1e-3, atol=2e-5)
     round_one, round_two = ControlSpy.log[: len(data.sites)], ControlSpy.log[len(data.sites) :]
     assert any(differs(e["c"], e["own"], e["c"]) for e in round_two), "corrections are nonzero"
-    for key in fed.method.control:
+    for key in fed.server.control:
         sent = torch.stack([e["new"][key] for e in round_one]).mean(0)
         for entry in round_two:  # the server sent round two c = mean of the round-one c_i
             torch.testing.assert_close(entry["c"][key], sent, rtol=1e-5, atol=1e-6)
-    clients = fed.method.client_controls
-    for key, value in fed.method.control.items():
+    clients = [c.method.own_control for c in fed.clients]
+    for key, value in fed.server.control.items():
         mean = torch.stack([c[key] for c in clients]).mean(0)
         torch.testing.assert_close(value, mean, rtol=1e-5, atol=1e-6)  # c = mean c_i, all join
 
@@ -313,7 +316,7 @@ def test_fedrep_shares_the_body_and_personalizes_only_the_head(data):
     personal = [fed.personalized(i) for i in range(len(data.sites))]
     for i, state in enumerate(personal):
         assert not differs(state, fed.global_state, fed.shared)
-        assert not differs(state, fed.client_states[i], head)
+        assert not differs(state, fed.clients[i].state, head)
     assert differs(personal[0], personal[1], head) and differs(personal[1], personal[2], head)
 
 

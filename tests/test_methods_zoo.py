@@ -46,7 +46,7 @@ def test_silobn_shares_the_affine_weights_and_keeps_the_statistics(data):
     for i, state in enumerate(personal):
         for k in affine:
             assert torch.equal(state[k], fed.global_state[k]), k
-        assert torch.equal(state[key], fed.client_states[i][key])
+        assert torch.equal(state[key], fed.clients[i].state[key])
 
 
 def test_lg_fedavg_on_a_two_level_unet_shares_its_one_layer_after_the_bottom(data):

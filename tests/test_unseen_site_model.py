@@ -29,10 +29,10 @@ def trained(method_cls, rounds: int = 2):
 
 def by_hand(fed, keys: list[str]) -> dict:
     """The sample-weighted mean of the clients' own values of `keys`, in float64."""
-    sizes = [len(c) for c in fed.clients]
+    sizes = [len(c.train) for c in fed.clients]
     total = sum(sizes)
     return {
-        k: sum(s[k].double() * n / total for s, n in zip(fed.client_states, sizes, strict=True))
+        k: sum(c.state[k].double() * n / total for c, n in zip(fed.clients, sizes, strict=True))
         for k in keys
     }
 
@@ -58,7 +58,7 @@ def test_unshared_keys_are_the_clients_weighted_mean(method_cls):
 def test_the_final_upload_is_counted_once(method_cls):
     fed, _, result = trained(method_cls)
     own = [k for k in fed.global_state if k not in fed.shared]
-    sent = sum(state_nbytes({k: s[k] for k in own}) for s in fed.client_states)
+    sent = sum(state_nbytes({k: c.state[k] for k in own}) for c in fed.clients)
     assert result.cost["bytes_up_final"] == sent > 0
     assert result.cost["bytes_up"] == fed.cost["bytes_up"] + sent
     rounds = fed.cost["rounds"] * len(fed.clients)
@@ -70,7 +70,7 @@ def test_fedbn_normalization_for_unseen_sites_is_trained():
     means = [k for k in fed.global_state if k.endswith("running_mean")]
     assert means and all(not torch.equal(result.global_state[k], initial[k]) for k in means)
     mean = weighted_mean(
-        [{k: s[k] for k in means} for s in fed.client_states], [len(c) for c in fed.clients]
+        [{k: c.state[k] for k in means} for c in fed.clients], [len(c.train) for c in fed.clients]
     )
     assert all(torch.equal(result.global_state[k], mean[k]) for k in means)
 
