@@ -26,6 +26,8 @@ BUILT_IN = [
 NEEDS = {
     "scaffold": ["train.optimizer=sgd", "train.momentum=0", "train.lr=0.01"],
     "fednova": ["train.optimizer=sgd"],
+    "pfedme": ["train.optimizer=sgd", "train.momentum=0"],
+    "perfedavg": ["train.optimizer=sgd", "train.momentum=0"],
 }
 
 
