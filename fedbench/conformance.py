@@ -330,7 +330,10 @@ def check_plugin(
     problems = door_problems(registry, kind, name)
     with tempfile.TemporaryDirectory(prefix="fedbench-check-") as tmp:
         scratch = Path(tmp)
-        subject = subject_for(registry, kind, name, scratch, overrides, dataset)
+        try:
+            subject = subject_for(registry, kind, name, scratch, overrides, dataset)
+        except FedbenchError as exc:  # the settings or the data refused before any run
+            return [*problems, f"run: the quick run cannot start: {exc}"]
         problems += run_problems(subject, registry, scratch / "runs")
         if problems:
             return problems

@@ -80,10 +80,10 @@ def test_a_plugin_description_with_markup_is_listed_literally(tmp_path):
     assert "closes [/] and :smile:" in result.stdout
 
 
-def fake_record(run: object, adapter: str | None = None) -> dict:
+def fake_record(run: object, adapter: str | None = None) -> engine_run.Outcome:
     """What execute returns for a run, without training."""
     spec = run.spec  # type: ignore[attr-defined]
-    return {
+    record = {
         "run_id": "fedavg-odd",
         "status": "ok",
         "method": "fedavg",
@@ -98,6 +98,7 @@ def fake_record(run: object, adapter: str | None = None) -> dict:
             for r in ("inside", "outside")
         ],
     }
+    return engine_run.Outcome(record, {})
 
 
 @pytest.mark.parametrize("folder", ["r[/]", "r[bold]x", "r:smile:"])

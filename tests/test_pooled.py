@@ -87,7 +87,7 @@ def rows(lb, regime: str = "inside") -> pd.DataFrame:
 
 
 def test_the_pooled_site_name_is_the_engines():
-    from fedbench.engine.run import POOLED as ENGINE_POOLED
+    from fedbench.engine.scoring import POOLED as ENGINE_POOLED
 
     assert POOLED == ENGINE_POOLED
 

@@ -114,7 +114,7 @@ def test_a_run_turns_the_deterministic_mode_on_around_training(monkeypatch, tmp_
         states.append(train["deterministic"])
         return original(train)
 
-    monkeypatch.setattr("fedbench.engine.run.deterministic_mode", watching)  # adaptation
+    monkeypatch.setattr("fedbench.engine.scoring.deterministic_mode", watching)  # adaptation
     monkeypatch.setattr("fedbench.engine.federations.deterministic_mode", watching)  # training
     from typer.testing import CliRunner
 
