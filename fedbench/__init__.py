@@ -24,6 +24,7 @@ _PUBLIC = {
     "weighted_mean": "fedbench.method",
     "clone_state": "fedbench.method",
     "state_nbytes": "fedbench.method",
+    "require_plain_sgd": "fedbench.method",
     "Adapter": "fedbench.adapter",
     "AdaptContext": "fedbench.adapter",
     "TrainedFederation": "fedbench.adapter",

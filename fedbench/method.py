@@ -99,6 +99,20 @@ def clone_state(state: State) -> State:
     return {k: v.detach().clone() for k, v in state.items()}
 
 
+def require_plain_sgd(name: str, config: dict[str, Any], why: str) -> None:
+    """Refuse any optimizer but momentum-free SGD, for a method whose steps are the paper's
+    plain gradient steps (a FedbenchError naming both settings)."""
+    from fedbench.errors import FedbenchError
+
+    train = config.get("train", {})
+    optimizer, momentum = train.get("optimizer"), train.get("momentum")
+    if optimizer != "sgd" or momentum != 0:
+        raise FedbenchError(
+            f"{name} {why}: set train.optimizer=sgd and train.momentum=0 "
+            f"(got train.optimizer={optimizer}, train.momentum={momentum})"
+        )
+
+
 def trainable_keys(model: nn.Module) -> list[str]:
     """State-dict keys of the trainable parameters (never buffers such as running statistics)."""
     return [name for name, param in model.named_parameters() if param.requires_grad]

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
-from fedbench.method import LocalContext, Method, State
+from fedbench.method import LocalContext, Method, State, require_plain_sgd
 
 if TYPE_CHECKING:
     import torch
@@ -128,12 +128,7 @@ class PerFedAvg(Method):
     @classmethod
     def check_settings(cls, config: dict[str, Any]) -> None:
         train = config.get("train", {})
-        optimizer, momentum = train.get("optimizer"), train.get("momentum")
-        if optimizer != "sgd" or momentum != 0:
-            raise FedbenchError(
-                "perfedavg takes plain gradient steps: set train.optimizer=sgd and "
-                f"train.momentum=0 (got train.optimizer={optimizer}, train.momentum={momentum})"
-            )
+        require_plain_sgd(cls.name, config, "takes plain gradient steps")
         method = config.get("method", {})
         alpha_value(method.get("alpha", cls.defaults["alpha"]), {"lr": train.get("lr", 0.0)})
         steps = method.get("personal_steps", cls.defaults["personal_steps"])

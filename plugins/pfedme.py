@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
-from fedbench.method import LocalContext, ServerOptimizer, State, clone_state
+from fedbench.method import LocalContext, ServerOptimizer, State, clone_state, require_plain_sgd
 
 if TYPE_CHECKING:
     import torch
@@ -106,13 +106,7 @@ class PFedMe(ServerOptimizer):
 
     @classmethod
     def check_settings(cls, config: dict[str, Any]) -> None:
-        train = config.get("train", {})
-        optimizer, momentum = train.get("optimizer"), train.get("momentum")
-        if optimizer != "sgd" or momentum != 0:
-            raise FedbenchError(
-                "pfedme takes plain gradient steps: set train.optimizer=sgd and train.momentum=0 "
-                f"(got train.optimizer={optimizer}, train.momentum={momentum})"
-            )
+        require_plain_sgd(cls.name, config, "takes plain gradient steps")
         inner = setting(config, "inner_steps")
         if isinstance(inner, bool) or not isinstance(inner, int) or inner < 1:
             raise FedbenchError(f"method.inner_steps must be an integer >= 1, got {inner!r}")

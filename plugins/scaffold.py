@@ -22,9 +22,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
-from fedbench.method import ClientUpdate, LocalContext, Method, State, clone_state, weighted_mean
+from fedbench.method import (
+    ClientUpdate,
+    LocalContext,
+    Method,
+    State,
+    clone_state,
+    require_plain_sgd,
+    weighted_mean,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -66,13 +73,7 @@ class Scaffold(Method):
 
     @classmethod
     def check_settings(cls, config: dict[str, Any]) -> None:
-        train = config["train"]
-        optimizer, momentum = train.get("optimizer"), train.get("momentum")
-        if optimizer != "sgd" or momentum != 0:
-            raise FedbenchError(
-                "scaffold needs plain SGD: set train.optimizer=sgd and train.momentum=0 "
-                f"(got train.optimizer={optimizer}, train.momentum={momentum})"
-            )
+        require_plain_sgd(cls.name, config, "needs plain SGD")
 
     def shared_keys(self, model: nn.Module) -> list[str]:
         """Every key, as in FedAvg; also sets the server control c to zero once, since this is
