@@ -53,7 +53,12 @@ def fedbench_models() -> list[type]:
 
 @hookspec
 def fedbench_round_end(
-    run_id: str, holdout: str | None, round: int, metrics: dict[str, Any], context: dict[str, Any]
+    run_id: str,
+    holdout: str | None,
+    round: int,
+    metrics: dict[str, Any],
+    replayed: bool,
+    context: dict[str, Any],
 ) -> None:
     """Observe the end of one federated round, after the server aggregated.
 
@@ -64,12 +69,14 @@ def fedbench_round_end(
     :param metrics: validation score per site name of the sites' personalized models; empty
         when nothing was validated this round (leave-one-site-out federations, or
         `eval.history=false`, unless `eval.val_best` asks for validation).
+    :param replayed: True for a round this process did not train but heard again: restored
+        from a checkpoint, or kept by a cached federation (whose `metrics` are the ones the
+        cache kept). Every round of every federation of a run is heard once.
     :param context: the run's results folder (`results_dir`), `run_id`, `method`, `adapter`,
         `dataset` and `seed`. An observer may name only the arguments it needs.
 
-    Called in the process that trains (a Ray worker on the ray backend), never for rounds
-    restored from a checkpoint or a cached federation. An observer that raises is reported as
-    one warning and does not change the run.
+    Called in the process that runs the run (a Ray worker on the ray backend). An observer
+    that raises is reported as one warning and does not change the run.
     """
 
 

@@ -26,7 +26,7 @@ from fedbench.engine.precision import deterministic_mode
 from fedbench.engine.profiling import PROFILE
 from fedbench.engine.registry import Registry, load_registry
 from fedbench.engine.resolve import Run, RunSpec, resolve
-from fedbench.engine.training import RoundCallback, train_federation
+from fedbench.engine.training import RoundCallback, replay, train_federation
 from fedbench.errors import Diverged, blamed_on
 from fedbench.storage import StorageError
 
@@ -114,6 +114,7 @@ def cached_or_trained(
 
     cached = cache.load(path, run.device, build_model, [s.name for s in sites])
     if cached is not None:
+        replay(cached.history, on_round)
         return cached
     checkpoint = cache.cache_path(results_dir, identity, "checkpoints")
     with (
@@ -242,7 +243,7 @@ def train_held_out(run: Run, holdouts: list[str], on_round: RoundCallback) -> No
     data = run.dataset.load(run.config["data"], run.spec.seed, results_dir / "cache")
     fingerprint = data_fingerprint(data)
     for holdout in holdouts:
-        on_round(0, {})  # round 0: before anything of this federation
+        on_round(0, {}, False)  # round 0: before anything of this federation
         identity = run.federation_identity(holdout, fingerprint)
         with claimed(cache.cache_path(results_dir, identity), wait=False) as mine:
             if mine:

@@ -72,13 +72,14 @@ class Scoring:
     def federation(self, data: FederatedData, holdout: str | None) -> TrainedFederation:
         label = f"federation without {holdout}" if holdout else "federation, all sites"
 
-        def on_round(round_index: int, scores: dict[str, float]) -> None:
+        def on_round(round_index: int, scores: dict[str, float], replayed: bool) -> None:
             self.reporter.advance()
             self.registry.notify_round_end(
                 run_id=self.run_id,
                 holdout=holdout,
                 round=round_index,
                 metrics=scores,
+                replayed=replayed,
                 context=self.context(),
             )
 
@@ -104,7 +105,8 @@ class Scoring:
 
     def inside(self, data: FederatedData) -> None:
         federation = self.federation(data, None)
-        self.history["inside"] = federation.history
+        if self.run.config["eval"]["history"]:
+            self.history["inside"] = federation.history
         batch = self.run.config["eval"]["batch_size"]
         selections = [("final", federation.personalized)]
         if federation.val_best is not None:

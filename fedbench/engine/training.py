@@ -24,7 +24,9 @@ from fedbench.method import Method, State, clone_state, state_nbytes, weighted_m
 from fedbench.storage import stable_hash
 from fedbench.task import Task
 
-RoundCallback = Callable[[int, dict[str, float]], None]
+#: called after each round with (round, validation scores per site, replayed): replayed is
+#: True for a round restored from a checkpoint or a cached federation, heard again
+RoundCallback = Callable[[int, dict[str, float], bool], None]
 ModelBuilder = Callable[[], nn.Module]
 
 
@@ -299,6 +301,13 @@ def resumable(path: Path, fed: Training) -> dict[str, Any] | None:
     return checkpoint.load_fitting(path, fed.device, problem, "checkpoint", FROM_SCRATCH)
 
 
+def replay(rows: list[dict[str, Any]], on_round: RoundCallback | None) -> None:
+    """Tell `on_round` the rounds of a history again (restored, or cached)."""
+    if on_round is not None:
+        for row in rows:
+            on_round(row["round"], row["val"], True)
+
+
 def train_federation(
     data: FederatedData,
     sites: list[Site],
@@ -316,8 +325,10 @@ def train_federation(
     """Train a federation over `sites` for the configured rounds, resuming from
     `checkpoint_path` when one exists and saving one every `checkpoint_every` rounds.
     `history=False` skips the per-round validation nobody reads (leave-one-site-out
-    federations); validation still runs when `eval.val_best` needs it. `for_unseen_site`:
-    the federation's global model goes to an unseen site (see `Training.result`)."""
+    federations); validation still runs when `eval.val_best` needs it. Every round gets a row
+    of the history, its validation scores (empty when none ran), and is told to `on_round`,
+    rounds restored from the checkpoint included. `for_unseen_site`: the federation's global
+    model goes to an unseen site (see `Training.result`)."""
     fed = Training(data, sites, method_cls, build_model, config, seed, device)
     progress: dict[str, Any] = {"history": [], "best": {}}
     start = 1
@@ -330,6 +341,7 @@ def train_federation(
             why = f"it cannot be restored ({type(exc).__name__}: {exc})"
             checkpoint.warn_ignored(checkpoint_path, "checkpoint", why, FROM_SCRATCH)
             fed = Training(data, sites, method_cls, build_model, config, seed, device)
+    replay(progress["history"], on_round)  # empty unless restored
     history = history and config["eval"]["history"]
     val_best = config["eval"]["val_best"]
     for round_index in range(start, config["train"]["rounds"] + 1):
@@ -337,8 +349,7 @@ def train_federation(
         fed.run_round()
         scores = fed.validate() if history or val_best else {}
         fed.cost["train_s"] = fed.cost.get("train_s", 0.0) + time.perf_counter() - clock
-        if history:
-            progress["history"].append({"round": round_index, "val": scores})
+        progress["history"].append({"round": round_index, "val": scores})
         if val_best:
             _update_best(progress["best"], fed, scores, round_index)
         if checkpoint_path is not None and round_index % checkpoint_every == 0:
@@ -346,7 +357,7 @@ def train_federation(
                 payload = {"round": round_index, "training": fed.snapshot(), "progress": progress}
                 checkpoint.save(checkpoint_path, payload)
         if on_round is not None:
-            on_round(round_index, scores)
+            on_round(round_index, scores, False)
     best = progress["best"] if val_best else None
     if best:  # a site whose validation never scored keeps its last model
         states = [b or clone_state(fed.personalized(i)) for i, b in enumerate(best["states"])]
