@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from fedbench.data import FederatedData
-from fedbench.engine.clients import optimizer_factory
+from fedbench.engine.clients import client_stream, optimizer_factory
 from fedbench.method import weighted_mean
 
 
@@ -20,15 +20,16 @@ def plain_fedavg(
     device: torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
     """`train["rounds"]` rounds of FedAvg over every site, a fresh optimizer per client and
-    round as the engine makes it; the final global state."""
+    round as the engine makes it, each client drawing its batches from its own stream as the
+    engine's clients do; the final global state."""
     device = device or torch.device("cpu")
     torch.manual_seed(seed)
     model = build_model().to(device)
-    generator = torch.Generator().manual_seed(seed)
+    streams = [client_stream(seed, i) for i in range(len(data.sites))]
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     for _ in range(train["rounds"]):
         states, sizes = [], []
-        for site in data.sites:
+        for site, generator in zip(data.sites, streams, strict=True):
             model.load_state_dict(global_state)
             model.train()
             optimizer = optimizer_factory(train)(model.parameters())
