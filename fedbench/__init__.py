@@ -52,6 +52,8 @@ _PUBLIC = {
     "LocalContext": "fedbench.method",
     "segmentation_scores": "fedbench.metrics",
     "region_scores": "fedbench.metrics",
+    "Range": "fedbench.tuning",
+    "Choice": "fedbench.tuning",
     "FedbenchError": "fedbench.errors",
     "Diverged": "fedbench.errors",
     "write_atomic": "fedbench.storage",

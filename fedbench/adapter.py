@@ -79,6 +79,8 @@ class Adapter:
     name: ClassVar[str]
     description: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    #: the settings `fedbench tune` searches (fedbench.tuning), e.g. the adaptation's lr
+    search_space: ClassVar[dict[str, Any]] = {}
     needs_global_model: ClassVar[bool] = True
     needs_normalization: ClassVar[bool] = False
     needs_dense_task: ClassVar[bool] = False

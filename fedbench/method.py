@@ -130,6 +130,9 @@ class Method:
     description: ClassVar[str] = ""
     default_adapter: ClassVar[str] = "none"
     defaults: ClassVar[dict[str, Any]] = {}
+    #: the settings `fedbench tune` searches, besides the shared client learning rate
+    #: (fedbench.tuning: {"method.mu": Range(1e-3, 1.0, log=True)}); empty: nothing of its own
+    search_space: ClassVar[dict[str, Any]] = {}
     #: False for methods that never build a global model (e.g. `local`)
     has_global_model: ClassVar[bool] = True
     #: True for pooled training: one virtual client holding every site's data (a reference, not FL)

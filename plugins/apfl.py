@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
 from fedbench.method import LocalContext, Method, State, clone_state
+from fedbench.tuning import Choice
 
 if TYPE_CHECKING:
     import torch
@@ -124,6 +125,9 @@ class APFL(Method):
     name = "apfl"
     description = "APFL: a personal model mixed with the global one, adaptive alpha (method.alpha)"
     defaults = {"alpha": 0.5, "adaptive": True, "alpha_lr": "lr"}
+    #: the paper's fixed mixing weights {0.25, 0.5, 0.75} (Deng et al. 2020), here alpha's
+    #: start; adaptive (a variant switch) and alpha_lr (the paper's eta) are not tuned
+    search_space = {"method.alpha": Choice((0.25, 0.5, 0.75))}
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
 from fedbench.method import LocalContext, Method, State, clone_state
+from fedbench.tuning import Range
 
 if TYPE_CHECKING:
     import torch
@@ -53,6 +54,9 @@ class Ditto(Method):
     name = "ditto"
     description = "Ditto: FedAvg + a personal model per client pulled to the global one (lam)"
     defaults = {"lam": 0.1, "personal_epochs": 1}
+    #: the paper's grid {0.05, 0.1, 0.2, 0.5, 1, 2} (Li et al., ICML 2021); personal_epochs
+    #: sets the compute and is not tuned
+    search_space = {"method.lam": Range(0.05, 2.0, log=True)}
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedbench.hookspecs import hookimpl
 from fedbench.method import ClientUpdate, ServerOptimizer, State, clone_state
+from fedbench.tuning import Range
 from fedbench_plugins.fedavgm import check_fraction, check_positive
 
 if TYPE_CHECKING:
@@ -33,6 +34,12 @@ class FedAdam(ServerOptimizer):
     name = "fedadam"
     description = "FedAdam: server Adam on the mean client change (Reddi et al., 2021)"
     defaults = {"server_lr": 1e-2, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
+    #: Reddi et al.'s log grids: server lr 10^-3..10^0, tau around its 1e-3 default (the
+    #: betas fixed, as in the paper); FedYogi and FedAdagrad inherit it
+    search_space = {
+        "method.server_lr": Range(1e-3, 1.0, log=True),
+        "method.tau": Range(1e-5, 1e-1, log=True),
+    }
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)

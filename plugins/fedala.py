@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
 from fedbench.method import LocalContext, Method, State, clone_state
+from fedbench.tuning import Range
 
 if TYPE_CHECKING:
     import torch
@@ -140,6 +141,12 @@ class FedALA(Method):
     name = "fedala"
     description = "FedALA: learned element-wise mix of the global and own top layers (ALA)"
     defaults = {"layers": 2, "rand_percent": 80, "eta": 1.0, "ala_epochs": 11}
+    #: the paper's eta {0.1, 1, 10} and s from 5 up to its default 80 (more would buy ALA
+    #: steps); layers and ala_epochs are structure and compute, not tuned
+    search_space = {
+        "method.eta": Range(0.1, 10.0, log=True),
+        "method.rand_percent": Range(5, 80, integer=True),
+    }
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)

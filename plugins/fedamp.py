@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
 from fedbench.method import ClientUpdate, LocalContext, Method, State, clone_state, trainable_keys
+from fedbench.tuning import Range
 
 if TYPE_CHECKING:
     import torch
@@ -106,6 +107,13 @@ class FedAMP(Method):
     name = "fedamp"
     description = "FedAMP: own models pulled to per-client attentive mixes (alpha, lam, sigma)"
     defaults = {"alpha": 1.0, "lam": 1.0, "sigma": 1.0}
+    #: a decade either side of the PFL-Non-IID defaults (1, 1, 1): the paper tunes all
+    #: three per dataset (Huang et al., AAAI 2021)
+    search_space = {
+        "method.alpha": Range(0.1, 10.0, log=True),
+        "method.lam": Range(0.1, 10.0, log=True),
+        "method.sigma": Range(0.1, 10.0, log=True),
+    }
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)

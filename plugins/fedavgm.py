@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
 from fedbench.method import ServerOptimizer, State, clone_state
+from fedbench.tuning import Choice, Range
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +51,12 @@ class FedAvgM(ServerOptimizer):
     name = "fedavgm"
     description = "FedAvgM: server momentum (method.beta) with step method.server_lr"
     defaults = {"server_lr": 1.0, "beta": 0.9}
+    #: the paper's momenta (Hsu et al. 2019), the server lr on Reddi et al.'s log grid
+    #: 10^-3..10^0, so the effective rate server_lr / (1 - beta) spans both
+    search_space = {
+        "method.server_lr": Range(1e-3, 1.0, log=True),
+        "method.beta": Choice((0.0, 0.7, 0.9, 0.97, 0.99, 0.997)),
+    }
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
 from fedbench.method import ClientUpdate, LocalContext, Method, State, clone_state, weighted_mean
+from fedbench.tuning import Range
 
 if TYPE_CHECKING:
     import torch
@@ -85,6 +86,8 @@ class FedDyn(Method):
     name = "feddyn"
     description = "FedDyn: dynamic regularization (method.alpha) of each client's objective"
     defaults = {"alpha": 0.01}
+    #: the paper's grid {0.1, 0.01, 0.001} (Acar et al., ICLR 2021)
+    search_space = {"method.alpha": Range(1e-3, 0.1, log=True)}
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)

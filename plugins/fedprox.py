@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 from fedbench.hookspecs import hookimpl
 from fedbench.method import Method, State
+from fedbench.tuning import Range
 
 if TYPE_CHECKING:
     import torch
@@ -18,6 +19,8 @@ class FedProx(Method):
     name = "fedprox"
     description = "FedProx: FedAvg with a proximal term (method.mu) in the local objective"
     defaults = {"mu": 0.01}
+    #: the paper's grid {0.001, 0.01, 0.1, 1} (Li et al., MLSys 2020)
+    search_space = {"method.mu": Range(1e-3, 1.0, log=True)}
 
     def local_penalty(self, model: nn.Module, global_state: State) -> torch.Tensor | None:
         import torch

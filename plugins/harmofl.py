@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
 from fedbench.method import ClientUpdate, LocalContext, Method, State
+from fedbench.tuning import Range
 
 if TYPE_CHECKING:
     import torch
@@ -199,6 +200,9 @@ class HarmoFL(Method):
     name = "harmofl"
     description = "HarmoFL: amplitude normalization in the network + weight-perturbed (flat) steps"
     defaults = {"rho": 0.05, "amplitude": True, "amplitude_momentum": 0.1, "amplitude_band": 0.0}
+    #: a decade either side of the paper's perturbation radius 0.05; the amplitude
+    #: settings are the release's variant, not tuned
+    search_space = {"method.rho": Range(5e-3, 0.5, log=True)}
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)

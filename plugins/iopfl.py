@@ -6,6 +6,7 @@ to the server. Unseen sites use the `iopfl-routing` adapter (plugins/iopfl_routi
 
 from fedbench.hookspecs import hookimpl
 from fedbench.method import Method, State, clone_state
+from fedbench.tuning import Range
 
 
 class IOPFL(Method):
@@ -15,6 +16,8 @@ class IOPFL(Method):
     description = "IOP-FL: FedAvg + per-client EMA of local models; unseen sites route experts"
     default_adapter = "iopfl-routing"
     defaults = {"alpha": 0.1}
+    #: the EMA decay, around the released 0.1 (0: the latest local model alone)
+    search_space = {"method.alpha": Range(0.0, 0.9)}
 
     def __init__(self, params: dict, num_clients: int) -> None:
         super().__init__(params, num_clients)

@@ -16,6 +16,7 @@ from fedbench.adapter import AdaptContext, Adapter, TrainedFederation, online_ba
 from fedbench.data import UnlabeledImages
 from fedbench.errors import Diverged, FedbenchError
 from fedbench.hookspecs import hookimpl
+from fedbench.tuning import Range
 
 if TYPE_CHECKING:
     import torch
@@ -148,6 +149,8 @@ class IOPFLRouting(Adapter):
         "quirk_frozen_bottleneck": False,
         "quirk_reseed": False,
     }
+    #: Adam's lr around the released 1e-3 (as tent's); epochs are the preset's
+    search_space = {"adapter.lr": Range(1e-4, 1e-2, log=True)}
 
     def predict(
         self, federation: TrainedFederation, images: UnlabeledImages, ctx: AdaptContext

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
 from fedbench.method import LocalContext, Method, State, clone_state
+from fedbench.tuning import Range
 
 if TYPE_CHECKING:
     import torch
@@ -154,6 +155,8 @@ class Moon(Method):
     name = "moon"
     description = "MOON: model-contrastive term on the bottleneck features (method.mu, tau)"
     defaults = {"mu": 1.0, "tau": 0.5}
+    #: the paper's grid {0.1, 1, 5, 10} (Li, He and Song, CVPR 2021); tau stays its 0.5
+    search_space = {"method.mu": Range(0.1, 10.0, log=True)}
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)

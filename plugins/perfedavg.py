@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
 from fedbench.method import LocalContext, Method, State, require_plain_sgd
+from fedbench.tuning import Choice, Range
 
 if TYPE_CHECKING:
     import torch
@@ -124,6 +125,12 @@ class PerFedAvg(Method):
     name = "perfedavg"
     description = "Per-FedAvg (FO): first-order MAML steps, one step of adaptation (alpha)"
     defaults = {"alpha": "lr", "personal_steps": 1}
+    #: SGD's lr scale (as scaffold's); alpha "lr" (train.lr) or a step on that scale (the
+    #: paper's alpha does not carry over); personal_steps sets the compute, not tuned
+    search_space = {
+        "train.lr": Range(0.1, 6.4, log=True),
+        "method.alpha": Choice(("lr", 0.1, 0.4, 1.6, 6.4)),
+    }
 
     @classmethod
     def check_settings(cls, config: dict[str, Any]) -> None:

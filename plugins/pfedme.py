@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
 from fedbench.method import LocalContext, ServerOptimizer, State, clone_state, require_plain_sgd
+from fedbench.tuning import Choice, Range
 
 if TYPE_CHECKING:
     import torch
@@ -98,6 +99,15 @@ class PFedMe(ServerOptimizer):
     name = "pfedme"
     description = "pFedMe: personalized models from Moreau envelopes (lam, inner_steps, beta)"
     defaults = {"lam": 15.0, "inner_steps": 5, "personal_lr": 0.1, "beta": 1.0}
+    #: SGD's lr scale (as scaffold's); lam and personal_lr around the paper's values (lam
+    #: 15 to 30, personal_lr 0.01 to 0.1) widened to that scale, beta its {1, 2};
+    #: inner_steps sets the compute and is not tuned
+    search_space = {
+        "train.lr": Range(0.1, 6.4, log=True),
+        "method.lam": Range(0.01, 30.0, log=True),
+        "method.personal_lr": Range(0.01, 6.4, log=True),
+        "method.beta": Choice((1.0, 2.0)),
+    }
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)

@@ -47,6 +47,7 @@ from fedbench.adapter import AdaptContext, Adapter, TrainedFederation, online_ba
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
 from fedbench.models import affine_parameters, use_batch_statistics
+from fedbench.tuning import Range
 
 if TYPE_CHECKING:
     import torch
@@ -179,6 +180,11 @@ class SAR(Adapter):
         "margin": 0.4,
         "reset": 0.2,
         "optimizer": "adam",
+    }
+    #: the lr as tent's; the margin (E0 / ln C) around the paper's 0.4 (Niu et al., ICLR 2023)
+    search_space = {
+        "adapter.lr": Range(1e-4, 1e-2, log=True),
+        "adapter.margin": Range(0.2, 0.8),
     }
     updates: int = 0
     recoveries: int = 0

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from fedbench.adapter import AdaptContext, Adapter, TrainedFederation, online_batches
 from fedbench.hookspecs import hookimpl
 from fedbench.models import affine_parameters, use_batch_statistics
+from fedbench.tuning import Range
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +31,9 @@ class Tent(Adapter):
     needs_normalization = True
     needs_dense_task = True
     defaults = {"lr": 1e-3, "epochs": 1}
+    #: Adam's lr, a decade either side of the paper's 1e-3 (Wang et al., ICLR 2021);
+    #: epochs are the preset's, as every adapter's
+    search_space = {"adapter.lr": Range(1e-4, 1e-2, log=True)}
 
     def predict(
         self, federation: TrainedFederation, images: UnlabeledImages, ctx: AdaptContext
