@@ -164,6 +164,7 @@ def cell_specs(
             seed=s,
             overrides=[*base.overrides, *v.overrides],
             variant=v.label or base.variant,
+            tuning=v.tuning or base.tuning,
         )
         for m in methods
         for a in choices

@@ -19,7 +19,7 @@ from fedbench.errors import FedbenchError
 
 #: the keys a study file (and each of its parts) may hold
 STUDY_KEYS = {"name", "description", "dataset", "preset", "seeds", "holdout", "rounds", "part"}
-PART_KEYS = {"name", "methods", "adapters", "settings", "sweep"}
+PART_KEYS = {"name", "methods", "adapters", "settings", "sweep", "tuned"}
 #: at most this many cells come out of one sweep product (a typo is refused, not expanded)
 MAX_SWEEP_CELLS = 1000
 
@@ -33,6 +33,8 @@ class Part:
     adapters: list[str]
     settings: list[str] = field(default_factory=list)
     sweep: dict[str, list[str]] = field(default_factory=dict)
+    #: where `fedbench tune` found the settings (trials, objective, value, seed, study)
+    tuned: dict[str, Any] | None = None
 
 
 @dataclass
@@ -56,6 +58,8 @@ class Variant:
 
     label: str
     overrides: tuple[str, ...] = ()
+    #: the part's `tuned` table: its records say where their settings came from
+    tuning: dict[str, Any] | None = None
 
 
 def setting_text(value: Any) -> str:
@@ -106,7 +110,7 @@ def sweep_variants(sweep: dict[str, list[str]], prefix: str = "") -> list[Varian
 def part_variants(part: Part) -> list[Variant]:
     """A part's variants: its fixed settings, then each combination of its sweep."""
     return [
-        Variant(v.label, (*part.settings, *v.overrides))
+        Variant(v.label, (*part.settings, *v.overrides), part.tuned)
         for v in sweep_variants(part.sweep, part.name)
     ]
 
@@ -168,7 +172,16 @@ def read_part(top: dict[str, Any], table: dict[str, Any], label: str, where: str
         adapters=name_list(merged, "adapters", where),
         settings=[f"{k}={setting_text(v)}" for k, v in settings.items()],
         sweep=sweep,
+        tuned=tuned_table(table, where),
     )
+
+
+def tuned_table(table: dict[str, Any], where: str) -> dict[str, Any] | None:
+    """A part's own `tuned` table (never inherited from the top level), as written by tune."""
+    value = table.get("tuned")
+    if value is not None and not isinstance(value, dict):
+        raise FedbenchError(f"{where}: 'tuned' must be a table (fedbench tune writes it)")
+    return value
 
 
 def unknown_keys(table: dict[str, Any], known: set[str], where: str) -> None:
@@ -207,3 +220,42 @@ def settings_table(table: dict[str, Any], key: str, where: str) -> dict[str, Any
     if not isinstance(value, dict):
         raise FedbenchError(f"{where}: '{key}' must be a table of KEY = VALUE")
     return flatten(value)
+
+
+def toml_value(value: Any) -> str:
+    """A TOML value: strings quoted (JSON's escapes are TOML's), numbers and booleans as they
+    are (floats in full), lists and inline tables of those."""
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items())
+        return "{ " + items + " }" if items else "{}"
+    raise FedbenchError(f"cannot write {value!r} in a study file")
+
+
+def study_text(top: dict[str, Any], parts: list[dict[str, Any]], comment: str = "") -> str:
+    """A study file: `comment` lines, the top-level keys, then one [[part]] table each."""
+    lines = [f"# {line}".rstrip() for line in comment.splitlines()]
+    lines += [f"{key} = {toml_value(value)}" for key, value in top.items()]
+    for part in parts:
+        lines += ["", "[[part]]"]
+        lines += [f"{key} = {toml_value(value)}" for key, value in part.items()]
+    return "\n".join(lines) + "\n"
+
+
+def merged_parts(path: Path, parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The parts of the study file at `path` (when there is one) with those of the same name
+    replaced by `parts`, new ones added at the end: tuning another method loses nothing."""
+    if not Path(path).exists():
+        return list(parts)
+    load_study(path)  # one clear line if it is not a study file
+    old = tomllib.loads(Path(path).read_text(encoding="utf-8")).get("part", [])
+    new = {p["name"]: p for p in parts}
+    kept = [new.pop(p.get("name"), p) for p in old]
+    return kept + list(new.values())

@@ -57,6 +57,8 @@ class RunSpec:
     #: the study file's name and this cell's variant label, kept in the record (not hashed)
     study: str | None = None
     variant: str | None = None
+    #: where the cell's settings came from when `fedbench tune` chose them (not hashed)
+    tuning: dict[str, Any] | None = None
 
 
 @dataclass

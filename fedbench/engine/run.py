@@ -47,6 +47,7 @@ def run_identity(run: Run) -> dict[str, Any]:
         "code": run.code,
         **({"study": spec.study} if spec.study else {}),
         **({"variant": spec.variant} if spec.variant else {}),
+        **({"tuning": spec.tuning} if spec.tuning else {}),
     }
 
 

@@ -271,6 +271,7 @@ def build_leaderboard(
         )
     if not variants:  # variants differ in their settings by design
         notes += settings_notes([r for r in ok if r["run_id"] in kept])
+    notes += tuning_notes([r for r in ok if r["run_id"] in kept])
     notes += [line for board in boards for line in compute_notes(board)]
     return Leaderboard(name, metric, selection, boards, notes, rank_by)
 
@@ -323,6 +324,23 @@ def settings_notes(records: list[dict[str, Any]]) -> list[str]:
     return [
         f"the counted runs use {len(shared)} different settings (train/model/data/eval); "
         "use one --results-dir per preset to compare like with like"
+    ]
+
+
+def tuning_notes(records: list[dict[str, Any]]) -> list[str]:
+    """Which rows ran settings `fedbench tune` chose (on validation data), and how many trials;
+    the others ran their defaults or the study's settings."""
+    tuned: dict[str, set[str]] = {}
+    for record in records:
+        if record.get("tuning"):
+            how = f"{record['tuning'].get('trials', '?')} trials"
+            tuned.setdefault(record["method"], set()).add(how)
+    if not tuned:
+        return []
+    rows = ", ".join(f"{m} ({'; '.join(sorted(h))})" for m, h in sorted(tuned.items()))
+    return [
+        f"tuned on validation data by fedbench tune: {rows}; every other row runs its "
+        "defaults or the study's settings"
     ]
 
 

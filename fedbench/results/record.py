@@ -147,7 +147,7 @@ def build_record(
         record["val_best_rounds"] = val_best_rounds
     if identity.get("hd95_unit"):
         record["hd95_unit"] = identity["hd95_unit"]
-    for key in ("study", "variant"):  # a grid cell of a study file or of a --sweep
+    for key in ("study", "variant", "tuning"):  # a cell of a study file (tuned) or a --sweep
         if identity.get(key):
             record[key] = identity[key]
     if profile is not None:

@@ -148,6 +148,7 @@ class Record(Part):
     profile: dict[str, float] = {}
     study: str | None = None
     variant: str | None = None
+    tuning: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def outside_rows_name_an_adapter(self) -> Record:

@@ -1,0 +1,259 @@
+"""Fair tuning (`fedbench tune`): every method searched with the same number of trials and the
+same training budget, on validation data only.
+
+A trial trains the federation of every site (no site held out) with settings sampled from the
+method's declared space (fedbench.tuning) and the shared client learning rate; its objective is
+the mean over sites of the personalized models' validation Dice at the final round. Test splits
+are never read. Optuna's TPE sampler (seeded) picks the settings; its median pruner stops a
+trial whose per-round validation figure falls below the median of earlier trials at that round.
+The study lives in an SQLite database under RESULTS/tuning, so a killed tuning resumes: trials
+that finished are kept, the one that was running is run again with the same settings."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from fedbench.engine.federations import claimed, load_or_train
+from fedbench.engine.registry import Registry
+from fedbench.engine.resolve import RunSpec, resolve
+from fedbench.errors import Diverged, FedbenchError
+from fedbench.storage import stable_hash
+from fedbench.tuning import TRAIN_SPACE, Choice, Range, Space, full_space
+
+#: what a trial's value is, as a tuned study and its records say
+OBJECTIVE = "mean validation dice over sites, personalized models, final round, no site held out"
+#: bumped when the objective or the trial's run changes, so an old study is not resumed
+OBJECTIVE_VERSION = 1
+#: user attributes: a trial that a killed or interrupted tuning did not finish (it does not count),
+#: and, on the trial queued in its place, the number of the one it runs again
+INTERRUPTED, RERUN_OF = "interrupted", "rerun_of"
+
+
+class Pruned(FedbenchError):
+    """Raised from a round's callback when the pruner stops the trial (a FedbenchError, so the
+    engine passes it through instead of blaming the method)."""
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """The outcome of tuning one method: its best settings and what finding them cost."""
+
+    method: str
+    study: str
+    settings: dict[str, Any]
+    value: float
+    trials: int
+    pruned: int
+    failed: int
+    #: CPU seconds of every trial, interrupted ones included (all threads of this process)
+    cpu_s: float
+    seed: int
+    space: dict[str, str] = field(default_factory=dict)
+
+    def provenance(self) -> dict[str, Any]:
+        """What a record of a run with these settings says of where they came from."""
+        return {
+            "trials": self.trials,
+            "objective": OBJECTIVE,
+            "value": round(self.value, 6),
+            "seed": self.seed,
+            "study": self.study,
+        }
+
+
+def method_space(method_cls: type) -> Space:
+    """The settings a tuning of this method samples: the shared ones, then its own."""
+    return full_space(dict(method_cls.search_space), TRAIN_SPACE)
+
+
+def described(space: Space) -> dict[str, str]:
+    """A space as text (for the study's name and the tuned study file)."""
+    out = {}
+    for key, value in space.items():
+        if isinstance(value, Range):
+            scale = "log" if value.log else ("int" if value.integer else "uniform")
+            out[key] = f"{scale} [{value.low:g}, {value.high:g}]"
+        else:
+            out[key] = "one of " + ", ".join(map(str, value.values))
+    return out
+
+
+def study_name(spec: RunSpec, space: Space) -> str:
+    """The name of a tuning's Optuna study: the method, and a hash of everything that makes two
+    tunings comparable (data, preset, rounds, seed, fixed settings, space, objective)."""
+    key = [
+        spec.method,
+        spec.dataset,
+        spec.preset,
+        spec.rounds,
+        spec.seed,
+        sorted(spec.overrides),
+        described(space),
+        OBJECTIVE_VERSION,
+    ]
+    return f"{spec.method}-{spec.dataset}-{stable_hash(key)[:10]}"
+
+
+def suggested(trial: Any, space: Space) -> dict[str, Any]:
+    """One value per setting of `space`, drawn by the trial."""
+    values: dict[str, Any] = {}
+    for key, dim in space.items():
+        if isinstance(dim, Choice):
+            values[key] = trial.suggest_categorical(key, list(dim.values))
+        elif dim.integer:
+            values[key] = trial.suggest_int(key, int(dim.low), int(dim.high), log=dim.log)
+        else:
+            values[key] = trial.suggest_float(key, dim.low, dim.high, log=dim.log)
+    return values
+
+
+def as_overrides(settings: dict[str, Any]) -> list[str]:
+    """Settings as `--set` assignments (floats in full precision)."""
+    from fedbench.backends.study import setting_text
+
+    return [
+        f"{key}={repr(value) if isinstance(value, float) else setting_text(value)}"
+        for key, value in settings.items()
+    ]
+
+
+def validation_score(
+    spec: RunSpec, registry: Registry, on_round: Callable[[int, float], None]
+) -> float:
+    """Train the federation of every site under `spec` and return the mean over sites of its
+    final-round validation Dice; `on_round(round, mean so far)` hears each round."""
+    run = resolve(spec, registry)
+    results_dir = Path(spec.results_dir)
+    data = run.dataset.load(run.config["data"], spec.seed, results_dir / "cache")
+
+    def heard(round_index: int, scores: dict[str, float], replayed: bool) -> None:
+        if scores:
+            on_round(round_index, statistics.mean(scores.values()))
+
+    federation = load_or_train(run, data, None, heard)
+    last = federation.history[-1]["val"] if federation.history else {}
+    if not last:
+        raise FedbenchError(f"{spec.dataset} has no validation split to tune on")
+    return float(statistics.mean(last.values()))
+
+
+def trial_spec(spec: RunSpec, settings: dict[str, Any]) -> RunSpec:
+    """The run a trial makes: every site in the federation, validation every round, no
+    checkpoints (a killed trial is run again), the tuning's own results folder."""
+    overrides = [*spec.overrides, *as_overrides(settings), "eval.history=true"]
+    return replace(spec, holdout="none", overrides=overrides, checkpoint_every=10**9, workers=1)
+
+
+def requeue_interrupted(study: Any, storage: Any) -> None:
+    """Trials a killed tuning left running (no other tuning holds the study) are marked failed
+    and interrupted; every interrupted trial's settings are queued again, once."""
+    from optuna.trial import TrialState
+
+    study_id = storage.get_study_id_from_name(study.study_name)
+    trials = study.get_trials(deepcopy=False)
+    rerun = {t.user_attrs.get(RERUN_OF) for t in trials}
+    for trial in trials:
+        if trial.state == TrialState.RUNNING:
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+            storage.set_trial_user_attr(trial_id, INTERRUPTED, True)
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        elif not trial.user_attrs.get(INTERRUPTED) or trial.number in rerun:
+            continue
+        study.enqueue_trial(trial.params, user_attrs={RERUN_OF: trial.number})
+
+
+def finished(study: Any) -> list[Any]:
+    """The trials that count towards the budget: complete, pruned, or failed on their own."""
+    from optuna.trial import TrialState
+
+    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=done)
+        if not t.user_attrs.get(INTERRUPTED)
+    ]
+
+
+def tune_method(
+    spec: RunSpec, registry: Registry, trials: int, on_trial: Callable[[int, int], None]
+) -> Tuned:
+    """Run (or resume) the tuning of `spec.method` up to `trials` trials in all, under
+    RESULTS/tuning; `on_trial(done, trials)` after each."""
+    import optuna
+
+    optuna.logging.set_verbosity(logging.ERROR)  # fedbench says what failed, in one line
+    method_cls = registry.get("methods", spec.method)
+    space = method_space(method_cls)
+    folder = Path(spec.results_dir) / "tuning"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = study_name(spec, space)
+    runs = replace(spec, results_dir=folder)
+    rounds = resolve(trial_spec(runs, {}), registry).config["train"]["rounds"]
+    with claimed(folder / f"{name}.study", wait=False) as mine:
+        if not mine:
+            raise FedbenchError(f"another fedbench tune is running the study {name}")
+        storage = optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}")
+        study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            direction="maximize",
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=rounds // 3),
+            load_if_exists=True,
+        )
+        # a resumed search draws on: seeded by the trials it has, it repeats none of them
+        study.sampler = optuna.samplers.TPESampler(seed=spec.seed + len(study.trials))
+        requeue_interrupted(study, storage)
+
+        def objective(trial: Any) -> float:
+            clock = time.process_time()
+
+            def report(round_index: int, value: float) -> None:
+                trial.report(value, round_index)
+                if trial.should_prune():
+                    raise Pruned(f"pruned at round {round_index}")
+
+            try:
+                return validation_score(trial_spec(runs, suggested(trial, space)), registry, report)
+            except Pruned:
+                raise optuna.TrialPruned() from None
+            except KeyboardInterrupt:  # Optuna fails the trial; it must not count
+                trial.set_user_attr(INTERRUPTED, True)
+                raise
+            finally:
+                trial.set_user_attr("cpu_s", time.process_time() - clock)
+                on_trial(len(finished(study)) + 1, trials)
+
+        left = trials - len(finished(study))
+        if left > 0:
+            study.optimize(objective, n_trials=left, catch=(Diverged,))
+        return summary(study, spec, space, trials)
+
+
+def summary(study: Any, spec: RunSpec, space: Space, trials: int) -> Tuned:
+    """The best trial's settings and the whole tuning's cost."""
+    from optuna.trial import TrialState
+
+    done = finished(study)
+    complete = [t for t in done if t.state == TrialState.COMPLETE]
+    if not complete:
+        raise FedbenchError(f"no trial of {spec.method} finished; nothing to choose from")
+    best = max(complete, key=lambda t: t.value)
+    every = study.get_trials(deepcopy=False)
+    return Tuned(
+        method=spec.method,
+        study=study.study_name,
+        settings=dict(best.params),
+        value=float(best.value),
+        trials=len(done),
+        pruned=sum(t.state == TrialState.PRUNED for t in done),
+        failed=sum(t.state == TrialState.FAIL for t in done),
+        cpu_s=sum(float(t.user_attrs.get("cpu_s", 0.0)) for t in every),
+        seed=spec.seed,
+        space=described(space),
+    )
