@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fedbench.cli.app import app, echo, registry, say, user_errors
+from fedbench.cli.app import STATE, app, echo, registry, say, user_errors
 from fedbench.errors import FedbenchError
 
 if TYPE_CHECKING:
@@ -40,16 +40,31 @@ def tune_command(
         Path | None,
         typer.Option(help="Study file to write; default RESULTS/studies/tuned-DATASET.toml."),
     ] = None,
+    backend: Annotated[
+        str, typer.Option(help="local (one trial after another) or ray (parallel trials).")
+    ] = "local",
+    parallel: Annotated[int, typer.Option(min=1, help="Trials at a time on the ray backend.")] = 2,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster to join (e.g. auto); default: a local Ray.")
+    ] = None,
+    cpus_per_run: Annotated[float, typer.Option(help="CPUs each trial reserves.")] = 1.0,
+    gpus_per_run: Annotated[float, typer.Option(help="GPUs each trial reserves.")] = 0.0,
 ) -> None:
     """Tune each method on validation data (Optuna; a killed tuning resumes) and write the
     tuned settings as a study file."""
     from fedbench.engine.resolve import RunSpec
-    from fedbench.engine.tuning import tune_method
 
+    if backend not in ("local", "ray"):
+        raise FedbenchError(f"unknown --backend '{backend}'; known: local, ray")
     out = out or results_dir / "studies" / f"tuned-{dataset}.toml"
     top = {"dataset": dataset, "preset": preset, **({"rounds": rounds} if rounds else {})}
     check_destination(out, top)
     reg = registry()
+    if backend == "ray":
+        from fedbench.backends.ray_backend import RayOptions
+
+        plugins = tuple(STATE["plugins"])
+        ray = (RayOptions(ray_address, cpus_per_run, gpus_per_run, plugins), parallel)
     found: list[Tuned] = []
     for name in dict.fromkeys(method):
         spec = RunSpec(
@@ -63,12 +78,30 @@ def tune_command(
             results_dir=results_dir,
         )
         say(f"tuning {name}: {trials} trials")
-        progress = lambda done, n, m=name: say(f"  {m}: trial {done}/{n}")  # noqa: E731
-        tuned = tune_method(spec, reg, trials, progress)
+        tuned = (
+            tuned_here(spec, reg, trials)
+            if backend == "local"
+            else tuned_on_ray(spec, reg, trials, *ray)
+        )
         found.append(tuned)
         echo(line_for(tuned))
         write_study(out, top, found, list(set_ or []), trials)
     echo(f"study {out}")
+
+
+def tuned_here(spec: Any, reg: Any, trials: int) -> Tuned:
+    """One method's tuning in this process, a line per trial."""
+    from fedbench.engine.tuning import tune_method
+
+    return tune_method(spec, reg, trials, lambda done, n: say(f"  {spec.method}: trial {done}/{n}"))
+
+
+def tuned_on_ray(spec: Any, reg: Any, trials: int, options: Any, parallel: int) -> Tuned:
+    """One method's tuning as parallel trials on Ray."""
+    from fedbench.backends.ray_tuning import tune_on_ray
+
+    say(f"  {spec.method}: {parallel} trials at a time on Ray")
+    return tune_on_ray(spec, reg, trials, options, parallel)
 
 
 def line_for(tuned: Tuned) -> str:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -180,35 +181,27 @@ def finished(study: Any) -> list[Any]:
     ]
 
 
-def tune_method(
-    spec: RunSpec, registry: Registry, trials: int, on_trial: Callable[[int, int], None]
-) -> Tuned:
-    """Run (or resume) the tuning of `spec.method` up to `trials` trials in all, under
-    RESULTS/tuning; `on_trial(done, trials)` after each."""
-    import optuna
+@dataclass
+class Tuning:
+    """One method's tuning, opened: its Optuna study, space, and the spec its trials run."""
 
-    optuna.logging.set_verbosity(logging.ERROR)  # fedbench says what failed, in one line
-    method_cls = registry.get("methods", spec.method)
-    space = method_space(method_cls)
-    folder = Path(spec.results_dir) / "tuning"
-    folder.mkdir(parents=True, exist_ok=True)
-    name = study_name(spec, space)
-    runs = replace(spec, results_dir=folder)
-    rounds = resolve(trial_spec(runs, {}), registry).config["train"]["rounds"]
-    with claimed(folder / f"{name}.study", wait=False) as mine:
-        if not mine:
-            raise FedbenchError(f"another fedbench tune is running the study {name}")
-        storage = optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}")
-        study = optuna.create_study(
-            study_name=name,
-            storage=storage,
-            direction="maximize",
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=rounds // 3),
-            load_if_exists=True,
-        )
-        # a resumed search draws on: seeded by the trials it has, it repeats none of them
-        study.sampler = optuna.samplers.TPESampler(seed=spec.seed + len(study.trials))
-        requeue_interrupted(study, storage)
+    study: Any
+    storage: Any
+    space: Space
+    runs: RunSpec
+    registry: Registry
+
+    def run_trials(self, count: int, on_trial: Callable[[int], None], seed: int) -> None:
+        """Run `count` more trials here, drawing with a sampler seeded by `seed`; `on_trial(done)`
+        after each."""
+        import optuna
+
+        self.study.sampler = optuna.samplers.TPESampler(seed=seed)
+        self.study.optimize(self.objective(on_trial), n_trials=count, catch=(Diverged,))
+
+    def objective(self, on_trial: Callable[[int], None]) -> Callable[[Any], float]:
+        """A trial's run: the sampled settings, reported round by round to the pruner."""
+        import optuna
 
         def objective(trial: Any) -> float:
             clock = time.process_time()
@@ -218,8 +211,9 @@ def tune_method(
                 if trial.should_prune():
                     raise Pruned(f"pruned at round {round_index}")
 
+            settings = suggested(trial, self.space)
             try:
-                return validation_score(trial_spec(runs, suggested(trial, space)), registry, report)
+                return validation_score(trial_spec(self.runs, settings), self.registry, report)
             except Pruned:
                 raise optuna.TrialPruned() from None
             except KeyboardInterrupt:  # Optuna fails the trial; it must not count
@@ -227,15 +221,60 @@ def tune_method(
                 raise
             finally:
                 trial.set_user_attr("cpu_s", time.process_time() - clock)
-                on_trial(len(finished(study)) + 1, trials)
+                on_trial(len(finished(self.study)) + 1)
 
-        left = trials - len(finished(study))
+        return objective
+
+
+def open_tuning(spec: RunSpec, registry: Registry) -> Tuning:
+    """The study of `spec.method`'s tuning under RESULTS/tuning, made or loaded."""
+    import optuna
+
+    optuna.logging.set_verbosity(logging.ERROR)  # fedbench says what failed, in one line
+    space = method_space(registry.get("methods", spec.method))
+    folder = Path(spec.results_dir) / "tuning"
+    folder.mkdir(parents=True, exist_ok=True)
+    runs = replace(spec, results_dir=folder)
+    rounds = resolve(trial_spec(runs, {}), registry).config["train"]["rounds"]
+    storage = optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}")
+    study = optuna.create_study(
+        study_name=study_name(spec, space),
+        storage=storage,
+        direction="maximize",
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=rounds // 3),
+        load_if_exists=True,
+    )
+    return Tuning(study, storage, space, runs, registry)
+
+
+@contextmanager
+def held(tuning: Tuning) -> Iterator[None]:
+    """This process's claim on the study: another tuning of it is refused, and since none
+    can be running, trials left running by a killed one are queued again."""
+    name = tuning.study.study_name
+    with claimed(Path(tuning.runs.results_dir) / f"{name}.study", wait=False) as mine:
+        if not mine:
+            raise FedbenchError(f"another fedbench tune is running the study {name}")
+        requeue_interrupted(tuning.study, tuning.storage)
+        yield
+
+
+def tune_method(
+    spec: RunSpec, registry: Registry, trials: int, on_trial: Callable[[int, int], None]
+) -> Tuned:
+    """Run (or resume) the tuning of `spec.method` up to `trials` trials in all, in this
+    process; `on_trial(done, trials)` after each."""
+    tuning = open_tuning(spec, registry)
+    with held(tuning):
+        left = trials - len(finished(tuning.study))
         if left > 0:
-            study.optimize(objective, n_trials=left, catch=(Diverged,))
-        return summary(study, spec, space, trials)
+            # a resumed search draws on: seeded by the trials it has, it repeats none of them
+            seed = spec.seed + len(tuning.study.trials)
+            tuning.run_trials(left, lambda done: on_trial(done, trials), seed)
+    return summary(tuning.study, spec, tuning.space)
 
 
-def summary(study: Any, spec: RunSpec, space: Space, trials: int) -> Tuned:
+def summary(study: Any, spec: RunSpec, space: Space) -> Tuned:
     """The best trial's settings and the whole tuning's cost."""
     from optuna.trial import TrialState
 
