@@ -19,7 +19,7 @@ from fedbench.errors import FedbenchError
 
 #: the keys a study file (and each of its parts) may hold
 STUDY_KEYS = {"name", "description", "dataset", "preset", "seeds", "holdout", "rounds", "part"}
-PART_KEYS = {"name", "methods", "adapters", "settings", "sweep", "tuned"}
+PART_KEYS = {"name", "methods", "adapters", "settings", "sweep", "tuned", "holdout"}
 #: at most this many cells come out of one sweep product (a typo is refused, not expanded)
 MAX_SWEEP_CELLS = 1000
 
@@ -35,6 +35,9 @@ class Part:
     sweep: dict[str, list[str]] = field(default_factory=dict)
     #: where `fedbench tune` found the settings (trials, objective, value, seed, study)
     tuned: dict[str, Any] | None = None
+    #: the sites this part holds out, when not the study's (an adapter tuned per unseen site:
+    #: parts of one name, one per site, make one row)
+    holdout: str | None = None
 
 
 @dataclass
@@ -137,8 +140,8 @@ def load_study(path: Path) -> Study:
         unknown_keys(table, PART_KEYS, f"{where}, part {i}")
         label = text_value(table, "name", f"{where}, part {i}", default=f"part {i}")
         parts.append(read_part(top, table, label, f"{where}, part '{label}'"))
-    if len({p.name for p in parts}) != len(parts):
-        raise FedbenchError(f"{where}: two parts have the same name")
+    if len({(p.name, p.holdout) for p in parts}) != len(parts):
+        raise FedbenchError(f"{where}: two parts have the same name (and holdout)")
     return Study(
         name=name,
         path=Path(path),
@@ -173,6 +176,7 @@ def read_part(top: dict[str, Any], table: dict[str, Any], label: str, where: str
         settings=[f"{k}={setting_text(v)}" for k, v in settings.items()],
         sweep=sweep,
         tuned=tuned_table(table, where),
+        holdout=setting_text(table["holdout"]) if "holdout" in table else None,
     )
 
 
@@ -251,11 +255,12 @@ def study_text(top: dict[str, Any], parts: list[dict[str, Any]], comment: str = 
 
 def merged_parts(path: Path, parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The parts of the study file at `path` (when there is one) with those of the same name
-    replaced by `parts`, new ones added at the end: tuning another method loses nothing."""
+    and holdout replaced by `parts`, new ones added at the end: tuning another method loses
+    nothing."""
     if not Path(path).exists():
         return list(parts)
     load_study(path)  # one clear line if it is not a study file
     old = tomllib.loads(Path(path).read_text(encoding="utf-8")).get("part", [])
-    new = {p["name"]: p for p in parts}
-    kept = [new.pop(p.get("name"), p) for p in old]
+    new = {(p["name"], p.get("holdout")): p for p in parts}
+    kept = [new.pop((p.get("name"), p.get("holdout")), p) for p in old]
     return kept + list(new.values())

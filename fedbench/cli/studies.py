@@ -35,6 +35,7 @@ def labelled_specs(path: Path, base: Any, reg: Any) -> list[tuple[Any, Variant]]
     seeds = grid.parse_seeds(found.seeds)
     parts = [
         (
+            replace(base, holdout=part.holdout) if part.holdout else base,
             grid.expand_names(part.methods, "methods", reg),
             grid.expand_names(part.adapters, "adapters", reg),
             part_variants(part),
@@ -42,14 +43,14 @@ def labelled_specs(path: Path, base: Any, reg: Any) -> list[tuple[Any, Variant]]
         for part in found.parts
     ]
     total = sum(
-        len(methods) * len(grid.adapter_choices(base, adapters)) * len(variants) * len(seeds)
-        for methods, adapters, variants in parts
+        len(methods) * len(grid.adapter_choices(own, adapters)) * len(variants) * len(seeds)
+        for own, methods, adapters, variants in parts
     )
     grid.check_cell_count(total, f"study {path}")
     out: list[tuple[Any, Variant]] = []
-    for methods, adapters, variants in parts:
+    for own, methods, adapters, variants in parts:
         for variant in variants:
-            specs = grid.cell_specs(base, methods, adapters, seeds, [variant])
+            specs = grid.cell_specs(own, methods, adapters, seeds, [variant])
             out += [(spec, variant) for spec in specs]
     return out
 
@@ -68,7 +69,7 @@ def study_variants(path: Path, reg: Any) -> tuple[str, Callable[[dict, str], lis
 
     # per config hash: (label, whether it changes the federation, whether it has no settings)
     labels: dict[str, list[tuple[str, bool, bool]]] = {}
-    wanted: dict[str, list[str] | None] = {}
+    wanted: dict[str, list[list[str] | None]] = {}
     dataset = ""
     for spec, variant in labelled_specs(path, RunSpec(method=""), reg):
         run = resolve(spec, reg)
@@ -76,14 +77,15 @@ def study_variants(path: Path, reg: Any) -> tuple[str, Callable[[dict, str], lis
         entry = (variant.label, changes_federation(variant), not variant.overrides)
         if entry not in labels.setdefault(run.config_hash, []):
             labels[run.config_hash].append(entry)
-        wanted[run.config_hash] = holdout_sites(
-            spec.holdout, run.dataset.site_names(run.config["data"])
+        wanted.setdefault(run.config_hash, []).append(
+            holdout_sites(spec.holdout, run.dataset.site_names(run.config["data"]))
         )
     any_inside = any(inside for entries in labels.values() for _, inside, _ in entries)
 
     def variants(record: dict, regime: str) -> list[str]:
         entries = labels.get(str(record.get("config_hash")), [])
-        if not entries or not same_holdouts(record, wanted[record["config_hash"]]):
+        held = wanted.get(str(record.get("config_hash")), [])
+        if not entries or not any(same_holdouts(record, sites) for sites in held):
             return []
         if regime != "inside":
             return [label for label, _, _ in entries]

@@ -3,6 +3,8 @@ trials and the same training budget, written as a study file that `fedbench grid
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -15,19 +17,26 @@ from fedbench.errors import FedbenchError
 if TYPE_CHECKING:
     from fedbench.engine.tuning import Tuned
 
-HEADER = """Written by `fedbench tune` on {day}: each part holds the settings its method's tuning
-chose with {trials} trials on the preset's training budget, on validation data only:
-  {objective}.
-`tuned` says where each part's settings came from. Run it with
+HEADER = """Written by `fedbench tune` on {day}: each part holds the settings its tuning chose with
+{trials} trials on the preset's training budget, on validation data only; its `tuned` table says
+how (trials, objective, best value, seed, CPU-hours). An adapter is tuned once per unseen site,
+never reading that site: one part per site, one row on the board. Run it with
   fedbench grid --study {path}"""
 
 
 def tune_command(
-    method: Annotated[list[str], typer.Option("--method", help="Method to tune (repeat).")],
+    method: Annotated[
+        list[str] | None,
+        typer.Option("--method", help="Method to tune (repeat); with --adapter, its federation."),
+    ] = None,
+    adapter: Annotated[
+        list[str] | None,
+        typer.Option("--adapter", help="Adapter to tune per unseen site (repeat)."),
+    ] = None,
     dataset: Annotated[str, typer.Option(help="Dataset name.")] = "synth-prostate",
     preset: Annotated[str, typer.Option(help="quick, default or paper.")] = "default",
     rounds: Annotated[int | None, typer.Option(help="Federated rounds of every trial.")] = None,
-    trials: Annotated[int, typer.Option(min=1, help="Trials per method.")] = 20,
+    trials: Annotated[int, typer.Option(min=1, help="Trials per tuning.")] = 20,
     seed: Annotated[int, typer.Option(min=0, help="Seed of the search and of its runs.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     set_: Annotated[
@@ -50,43 +59,95 @@ def tune_command(
     cpus_per_run: Annotated[float, typer.Option(help="CPUs each trial reserves.")] = 1.0,
     gpus_per_run: Annotated[float, typer.Option(help="GPUs each trial reserves.")] = 0.0,
 ) -> None:
-    """Tune each method on validation data (Optuna; a killed tuning resumes) and write the
-    tuned settings as a study file."""
+    """Tune each method (or adapter) on validation data (Optuna; a killed tuning resumes) and
+    write the tuned settings as a study file."""
     from fedbench.engine.resolve import RunSpec
 
     if backend not in ("local", "ray"):
         raise FedbenchError(f"unknown --backend '{backend}'; known: local, ray")
+    if not method and not adapter:
+        raise FedbenchError("give --method NAME or --adapter NAME (repeat for more)")
+    if adapter and backend != "local":
+        raise FedbenchError("adapters are tuned on the local backend (their trials are short)")
     out = out or results_dir / "studies" / f"tuned-{dataset}.toml"
     top = {"dataset": dataset, "preset": preset, **({"rounds": rounds} if rounds else {})}
     check_destination(out, top)
     reg = registry()
-    if backend == "ray":
-        from fedbench.backends.ray_backend import RayOptions
-
-        plugins = tuple(STATE["plugins"])
-        ray = (RayOptions(ray_address, cpus_per_run, gpus_per_run, plugins), parallel)
-    found: list[Tuned] = []
-    for name in dict.fromkeys(method):
-        spec = RunSpec(
-            method=name,
-            dataset=dataset,
-            seed=seed,
-            preset=preset,
-            device=device,
-            rounds=rounds,
-            overrides=list(set_ or []),
-            results_dir=results_dir,
-        )
+    base = RunSpec(
+        method="",
+        dataset=dataset,
+        seed=seed,
+        preset=preset,
+        device=device,
+        rounds=rounds,
+        overrides=list(set_ or []),
+        results_dir=results_dir,
+    )
+    fixed = fixed_settings(list(set_ or []))
+    parts: list[dict[str, Any]] = []
+    for name in dict.fromkeys(method or (["fedavg"] if adapter else [])):
+        spec = replace(base, method=name)
+        if adapter:
+            for found in adapter_tunings(spec, reg, trials, list(dict.fromkeys(adapter))):
+                parts.append(adapter_part(found, name, fixed))
+                write_study(out, top, parts, trials)
+            continue
         say(f"tuning {name}: {trials} trials")
-        tuned = (
-            tuned_here(spec, reg, trials)
-            if backend == "local"
-            else tuned_on_ray(spec, reg, trials, *ray)
-        )
-        found.append(tuned)
-        echo(line_for(tuned))
-        write_study(out, top, found, list(set_ or []), trials)
+        if backend == "ray":
+            found = tuned_on_ray(
+                spec, reg, trials, ray_address, cpus_per_run, gpus_per_run, parallel
+            )
+        else:
+            found = tuned_here(spec, reg, trials)
+        echo(line_for(found))
+        parts.append(method_part(found, fixed))
+        write_study(out, top, parts, trials)
     echo(f"study {out}")
+
+
+def fixed_settings(assignments: list[str]) -> dict[str, str]:
+    """--set settings as the text --set took, which the grid's --set reads back the same."""
+    from fedbench.engine.config import parse_assignment
+
+    return {".".join(key): value for key, value in map(parse_assignment, assignments)}
+
+
+def method_part(found: Tuned, fixed: dict[str, str]) -> dict[str, Any]:
+    return {
+        "name": found.method,
+        "methods": [found.method],
+        "settings": {**fixed, **found.settings},
+        "tuned": {**found.provenance(), "cpu_hours": round(found.cpu_s / 3600, 3)},
+    }
+
+
+def adapter_part(found: Tuned, method: str, fixed: dict[str, str]) -> dict[str, Any]:
+    adapter = found.method.split(" on ")[0]
+    return {
+        "name": f"{adapter} tuned on {method}",
+        "holdout": found.holdout,
+        "methods": [method],
+        "adapters": [adapter],
+        "settings": {**fixed, **found.settings},
+        "tuned": {**found.provenance(), "cpu_hours": round(found.cpu_s / 3600, 3)},
+    }
+
+
+def adapter_tunings(spec: Any, reg: Any, trials: int, adapters: list[str]) -> Iterator[Tuned]:
+    """Each adapter tuned on `spec.method`'s federations, once per unseen site."""
+    from fedbench.engine.resolve import resolve
+    from fedbench.engine.tuning_adapters import adapter_space, tune_adapter
+
+    run = resolve(replace(spec, holdout="none"), reg)
+    sites = run.dataset.site_names(run.config["data"])
+    for name in adapters:
+        adapter_space(reg, name)  # one without a space is refused before any training
+        for unseen in sites:
+            say(f"tuning {name} on {spec.method} for unseen site {unseen}: {trials} trials")
+            line = lambda done, n, a=name: say(f"  {a}: trial {done}/{n}")  # noqa: E731
+            found = tune_adapter(replace(spec, adapter=name), reg, trials, unseen, line)
+            echo(line_for(found))
+            yield found
 
 
 def tuned_here(spec: Any, reg: Any, trials: int) -> Tuned:
@@ -96,11 +157,21 @@ def tuned_here(spec: Any, reg: Any, trials: int) -> Tuned:
     return tune_method(spec, reg, trials, lambda done, n: say(f"  {spec.method}: trial {done}/{n}"))
 
 
-def tuned_on_ray(spec: Any, reg: Any, trials: int, options: Any, parallel: int) -> Tuned:
+def tuned_on_ray(
+    spec: Any,
+    reg: Any,
+    trials: int,
+    address: str | None,
+    cpus: float,
+    gpus: float,
+    parallel: int,
+) -> Tuned:
     """One method's tuning as parallel trials on Ray."""
+    from fedbench.backends.ray_backend import RayOptions
     from fedbench.backends.ray_tuning import tune_on_ray
 
     say(f"  {spec.method}: {parallel} trials at a time on Ray")
+    options = RayOptions(address, cpus, gpus, tuple(STATE["plugins"]))
     return tune_on_ray(spec, reg, trials, options, parallel)
 
 
@@ -131,27 +202,12 @@ def check_destination(out: Path, top: dict[str, Any]) -> None:
         )
 
 
-def write_study(
-    out: Path, top: dict[str, Any], found: list[Tuned], fixed: list[str], trials: int
-) -> None:
-    """Write (or update) the tuned study file after each method, atomically."""
+def write_study(out: Path, top: dict[str, Any], parts: list[dict[str, Any]], trials: int) -> None:
+    """Write (or update) the tuned study file after each tuning, atomically."""
     from fedbench.backends.study import merged_parts, study_text
-    from fedbench.engine.config import parse_assignment
-    from fedbench.engine.tuning import OBJECTIVE
     from fedbench.storage import write_atomic
 
-    # fixed settings stay the text --set took, which the grid's --set reads back the same
-    fixed_settings = {".".join(key): value for key, value in map(parse_assignment, fixed)}
-    parts = [
-        {
-            "name": t.method,
-            "methods": [t.method],
-            "settings": {**fixed_settings, **t.settings},
-            "tuned": {**t.provenance(), "cpu_hours": round(t.cpu_s / 3600, 3)},
-        }
-        for t in found
-    ]
-    header = HEADER.format(day=date.today(), objective=OBJECTIVE, trials=trials, path=out)
+    header = HEADER.format(day=date.today(), trials=trials, path=out)
     name = {"name": out.stem, "description": "settings chosen by fedbench tune"}
     top = {**name, **top, "seeds": "0,1,2", "holdout": "all"}
     text = study_text(top, merged_parts(out, parts), header)

@@ -56,12 +56,15 @@ class Tuned:
     cpu_s: float
     seed: int
     space: dict[str, str] = field(default_factory=dict)
+    objective: str = OBJECTIVE
+    #: an adapter's tuning is one per real unseen site, which it never reads
+    holdout: str | None = None
 
     def provenance(self) -> dict[str, Any]:
         """What a record of a run with these settings says of where they came from."""
         return {
             "trials": self.trials,
-            "objective": OBJECTIVE,
+            "objective": self.objective,
             "value": round(self.value, 6),
             "seed": self.seed,
             "study": self.study,
@@ -181,15 +184,19 @@ def finished(study: Any) -> list[Any]:
     ]
 
 
+#: a trial's score: (sampled settings, report(step, value so far)) -> the value to maximize
+Score = Callable[[dict[str, Any], Callable[[int, float], None]], float]
+
+
 @dataclass
 class Tuning:
-    """One method's tuning, opened: its Optuna study, space, and the spec its trials run."""
+    """One tuning, opened: its Optuna study and space, where its runs write, and its score."""
 
     study: Any
     storage: Any
     space: Space
     runs: RunSpec
-    registry: Registry
+    score: Score
 
     def run_trials(self, count: int, on_trial: Callable[[int], None], seed: int) -> None:
         """Run `count` more trials here, drawing with a sampler seeded by `seed`; `on_trial(done)`
@@ -213,7 +220,7 @@ class Tuning:
 
             settings = suggested(trial, self.space)
             try:
-                return validation_score(trial_spec(self.runs, settings), self.registry, report)
+                return self.score(settings, report)
             except Pruned:
                 raise optuna.TrialPruned() from None
             except KeyboardInterrupt:  # Optuna fails the trial; it must not count
@@ -228,23 +235,32 @@ class Tuning:
 
 def open_tuning(spec: RunSpec, registry: Registry) -> Tuning:
     """The study of `spec.method`'s tuning under RESULTS/tuning, made or loaded."""
+    space = method_space(registry.get("methods", spec.method))
+    runs = replace(spec, results_dir=Path(spec.results_dir) / "tuning")
+    rounds = resolve(trial_spec(runs, {}), registry).config["train"]["rounds"]
+
+    def score(settings: dict[str, Any], report: Callable[[int, float], None]) -> float:
+        return validation_score(trial_spec(runs, settings), registry, report)
+
+    return opened(runs, study_name(spec, space), space, score, warmup=rounds // 3)
+
+
+def opened(runs: RunSpec, name: str, space: Space, score: Score, warmup: int) -> Tuning:
+    """The Optuna study `name` in RESULTS/tuning/optuna.db (`runs.results_dir`), made or loaded;
+    its pruner waits `warmup` reported steps."""
     import optuna
 
     optuna.logging.set_verbosity(logging.ERROR)  # fedbench says what failed, in one line
-    space = method_space(registry.get("methods", spec.method))
-    folder = Path(spec.results_dir) / "tuning"
-    folder.mkdir(parents=True, exist_ok=True)
-    runs = replace(spec, results_dir=folder)
-    rounds = resolve(trial_spec(runs, {}), registry).config["train"]["rounds"]
-    storage = optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.db'}")
+    Path(runs.results_dir).mkdir(parents=True, exist_ok=True)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{Path(runs.results_dir) / 'optuna.db'}")
     study = optuna.create_study(
-        study_name=study_name(spec, space),
+        study_name=name,
         storage=storage,
         direction="maximize",
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=rounds // 3),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=warmup),
         load_if_exists=True,
     )
-    return Tuning(study, storage, space, runs, registry)
+    return Tuning(study, storage, space, runs, score)
 
 
 @contextmanager
@@ -264,28 +280,42 @@ def tune_method(
 ) -> Tuned:
     """Run (or resume) the tuning of `spec.method` up to `trials` trials in all, in this
     process; `on_trial(done, trials)` after each."""
-    tuning = open_tuning(spec, registry)
+    return tune_here(open_tuning(spec, registry), spec, trials, on_trial)
+
+
+def tune_here(
+    tuning: Tuning,
+    spec: RunSpec,
+    trials: int,
+    on_trial: Callable[[int, int], None],
+    **what: Any,
+) -> Tuned:
+    """Run (or resume) `tuning` up to `trials` trials in all, in this process (`what`: see
+    `summary`)."""
     with held(tuning):
         left = trials - len(finished(tuning.study))
         if left > 0:
             # a resumed search draws on: seeded by the trials it has, it repeats none of them
             seed = spec.seed + len(tuning.study.trials)
             tuning.run_trials(left, lambda done: on_trial(done, trials), seed)
-    return summary(tuning.study, spec, tuning.space)
+    return summary(tuning.study, spec, tuning.space, **what)
 
 
-def summary(study: Any, spec: RunSpec, space: Space) -> Tuned:
-    """The best trial's settings and the whole tuning's cost."""
+def summary(study: Any, spec: RunSpec, space: Space, **what: Any) -> Tuned:
+    """The best trial's settings and the whole tuning's cost; `what`: the Tuned fields that
+    differ from a method's tuning (method, objective, holdout)."""
     from optuna.trial import TrialState
 
     done = finished(study)
     complete = [t for t in done if t.state == TrialState.COMPLETE]
     if not complete:
-        raise FedbenchError(f"no trial of {spec.method} finished; nothing to choose from")
+        label = what.get("method", spec.method)
+        raise FedbenchError(f"no trial of {label} finished; nothing to choose from")
     best = max(complete, key=lambda t: t.value)
     every = study.get_trials(deepcopy=False)
+    fields: dict[str, Any] = {"method": spec.method, **what}
     return Tuned(
-        method=spec.method,
+        **fields,
         study=study.study_name,
         settings=dict(best.params),
         value=float(best.value),
