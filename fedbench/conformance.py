@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedbench.errors import FedbenchError
+from fedbench.leaks import carries_data, image_statistics, undeclared
 
 if TYPE_CHECKING:
     from fedbench.engine.registry import Registry
@@ -174,12 +175,6 @@ def nbytes(state: dict[str, Any]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def carries_data(tensor: Any, model_shapes: set[tuple[int, ...]], sample_shapes: set) -> bool:
-    """A tensor shaped like no model state but like a batch of inputs or targets."""
-    shape = tuple(tensor.shape)
-    return shape not in model_shapes and len(shape) >= 1 and shape[1:] in sample_shapes
-
-
 def server_problems(run: Run, data: Any, rounds: list[dict[str, Any]], cost: dict) -> list[str]:
     """Only model-shaped tensors reach the server, and the bytes match what was sent."""
     problems: list[str] = []
@@ -187,13 +182,20 @@ def server_problems(run: Run, data: Any, rounds: list[dict[str, Any]], cost: dic
     model_shapes = {tuple(v.shape) for v in model_state.values()}
     sample_shapes = {tuple(s.train.inputs.shape[1:]) for s in data.sites}
     sample_shapes |= {tuple(s.train.targets.shape[1:]) for s in data.sites}
+    declared = run.method.shares_data
+    statistics = image_statistics(data)
     up = down = 0
     for entry in rounds:
         for update in entry["updates"]:
-            sent = {**update.state, **{f"extra:{k}": v for k, v in update.extras.items()}}
+            extras = {k: v for k, v in update.extras.items() if k not in declared}
+            sent = {**update.state, **{f"extra:{k}": v for k, v in extras.items()}}
             if any(carries_data(t, model_shapes, sample_shapes) for t in sent.values()):
                 problems.append("privacy: a client sent an image- or mask-shaped tensor")
+            problems += undeclared(extras, statistics, "a client sent")
             up += nbytes(update.state) + nbytes(update.extras)
+        for payload in entry["payloads"]:
+            kept = {k: v for k, v in payload.items() if k not in declared}
+            problems += undeclared(kept, statistics, "the server sent")
         down += sum(nbytes(payload) for payload in entry["payloads"])
         if entry["previous"] is not None:
             down += len(entry["updates"]) * nbytes(entry["previous"])

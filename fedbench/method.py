@@ -133,6 +133,10 @@ class Method:
     #: the settings `fedbench tune` searches, besides the shared client learning rate
     #: (fedbench.tuning: {"method.mu": Range(1e-3, 1.0, log=True)}); empty: nothing of its own
     search_space: ClassVar[dict[str, Any]] = {}
+    #: statistics of client data it sends, by message key (in extras up or payloads down), with
+    #: what they are: {"amplitude": "amplitude spectra of its training images"}. Counted apart
+    #: in the bytes, named on the board; the conformance kit fails one it finds undeclared
+    shares_data: ClassVar[dict[str, str]] = {}
     #: False for methods that never build a global model (e.g. `local`)
     has_global_model: ClassVar[bool] = True
     #: True for pooled training: one virtual client holding every site's data (a reference, not FL)

@@ -48,6 +48,7 @@ def run_identity(run: Run) -> dict[str, Any]:
         **({"study": spec.study} if spec.study else {}),
         **({"variant": spec.variant} if spec.variant else {}),
         **({"tuning": spec.tuning} if spec.tuning else {}),
+        **({"shares_data": dict(run.method.shares_data)} if run.method.shares_data else {}),
     }
 
 

@@ -97,7 +97,15 @@ class Training:
             "rounds": 0,
             "clients": len(self.clients),
             "train_s": 0.0,  # seconds of training and validation, summed over resumed parts
+            **({"bytes_data_statistics": 0} if method_cls.shares_data else {}),
         }
+
+    def count_data_statistics(self, payload: State, extras: State) -> None:
+        """Bytes of the statistics of client data the method declares (`shares_data`), both ways:
+        in bytes_up and bytes_down already, counted apart too so the board can say so."""
+        for part in (payload, extras) if self.server.shares_data else ():
+            sent = {k: v for k, v in part.items() if k in self.server.shares_data}
+            self.cost["bytes_data_statistics"] += state_nbytes(sent)
 
     def client_splits(self) -> list[tuple[Split, Split]]:
         """Each client's (train, validation) splits on the device: one per site, or a single
@@ -140,8 +148,8 @@ class Training:
             if not self.pooled:  # pooled training moves data, not models
                 self.cost["bytes_down"] += state_nbytes(shared_global) + state_nbytes(payload)
                 self.cost["bytes_up"] += state_nbytes(update.state) + state_nbytes(update.extras)
-        # a method that shares no keys may still send extras (FedAMP, FedFomo): its server
-        # reads them in server_update
+                self.count_data_statistics(payload, update.extras)
+        # a method sharing no keys may still send extras (FedAMP), read in server_update
         if self.shared or any(u.extras for u in updates):
             with PROFILE.phase("aggregation"):
                 new = boundary.call(self.server, "server_update", shared_global, updates)
@@ -303,9 +311,8 @@ def resumable(path: Path, fed: Training) -> dict[str, Any] | None:
 
 def replay(rows: list[dict[str, Any]], on_round: RoundCallback | None) -> None:
     """Tell `on_round` the rounds of a history again (restored, or cached)."""
-    if on_round is not None:
-        for row in rows:
-            on_round(row["round"], row["val"], True)
+    for row in rows if on_round is not None else ():
+        on_round(row["round"], row["val"], True)
 
 
 def train_federation(

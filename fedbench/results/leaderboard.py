@@ -272,6 +272,7 @@ def build_leaderboard(
     if not variants:  # variants differ in their settings by design
         notes += settings_notes([r for r in ok if r["run_id"] in kept])
     notes += tuning_notes([r for r in ok if r["run_id"] in kept])
+    notes += sharing_notes([r for r in ok if r["run_id"] in kept])
     notes += [line for board in boards for line in compute_notes(board)]
     return Leaderboard(name, metric, selection, boards, notes, rank_by)
 
@@ -342,6 +343,15 @@ def tuning_notes(records: list[dict[str, Any]]) -> list[str]:
         f"tuned on validation data by fedbench tune: {rows}; every other row runs its "
         "defaults or the study's settings"
     ]
+
+
+def sharing_notes(records: list[dict[str, Any]]) -> list[str]:
+    """The rows whose method sends statistics of client data besides models (declared)."""
+    shared = {r["method"]: r["shares_data"] for r in records if r.get("shares_data")}
+    if not shared:
+        return []
+    rows = "; ".join(f"{m} ({', '.join(sorted(s.values()))})" for m, s in sorted(shared.items()))
+    return [f"shares image statistics, not only models: {rows}"]
 
 
 def setting_of(record: dict[str, Any], key: str) -> Any:

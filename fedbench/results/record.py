@@ -147,7 +147,8 @@ def build_record(
         record["val_best_rounds"] = val_best_rounds
     if identity.get("hd95_unit"):
         record["hd95_unit"] = identity["hd95_unit"]
-    for key in ("study", "variant", "tuning"):  # a cell of a study file (tuned) or a --sweep
+    # a cell of a study file (tuned) or a --sweep; a method that sends statistics of client data
+    for key in ("study", "variant", "tuning", "shares_data"):
         if identity.get(key):
             record[key] = identity[key]
     if profile is not None:

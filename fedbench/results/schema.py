@@ -149,6 +149,7 @@ class Record(Part):
     study: str | None = None
     variant: str | None = None
     tuning: dict[str, Any] | None = None
+    shares_data: dict[str, str] = {}
 
     @model_validator(mode="after")
     def outside_rows_name_an_adapter(self) -> Record:

@@ -1,0 +1,60 @@
+"""What a method's messages must not carry, for the conformance kit: client images or masks, and
+statistics of client data (amplitude spectra, channel moments) that the method does not declare
+in `Method.shares_data`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def carries_data(tensor: Any, model_shapes: set[tuple[int, ...]], sample_shapes: set) -> bool:
+    """A tensor shaped like no model state but like a batch of inputs or targets."""
+    shape = tuple(tensor.shape)
+    return shape not in model_shapes and len(shape) >= 1 and shape[1:] in sample_shapes
+
+
+def image_statistics(data: Any) -> dict[str, Any]:
+    """Statistics of each site's training images a method might send instead of a model: the
+    images' amplitude spectra (as they are and centred) and their channel means and standard
+    deviations, per image ([N, ...]) and over the site ([...]), by name."""
+    import torch
+
+    found: dict[str, Any] = {}
+    for site in data.sites:
+        images = site.train.inputs.float()
+        amplitude = torch.fft.fft2(images).abs()
+        per_image = {
+            "amplitude spectra": amplitude,
+            "centred amplitude spectra": torch.fft.fftshift(amplitude, dim=(-2, -1)),
+            "channel means": images.mean(dim=(-2, -1)),
+            "channel standard deviations": images.std(dim=(-2, -1)),
+        }
+        for what, rows in per_image.items():
+            found[f"{what} of {site.name}'s images"] = rows
+            found[f"the mean {what} of {site.name}'s images"] = rows.mean(0, keepdim=True)
+    return found
+
+
+def undeclared(sent: dict[str, Any], statistics: dict[str, Any], who: str) -> list[str]:
+    """One line per sent tensor (not declared in `shares_data`) whose rows are rows of one of
+    the images' statistics."""
+    return [
+        f"privacy: {who} '{key}', {what}, undeclared (declare it in shares_data)"
+        for key, tensor in sent.items()
+        for what, rows in statistics.items()
+        if rows_of(tensor, rows)
+    ][:1]
+
+
+def rows_of(tensor: Any, rows: Any) -> bool:
+    """Whether every row of `tensor` (leading dimension, or itself) is one of `rows`."""
+    import torch
+
+    shape = tuple(rows.shape[1:])
+    if tuple(tensor.shape) == shape:
+        tensor = tensor.unsqueeze(0)
+    if tuple(tensor.shape[1:]) != shape or not tensor.is_floating_point():
+        return False
+    flat, pool = tensor.detach().float().flatten(1).cpu(), rows.flatten(1)
+    scale = pool.abs().max().clamp_min(1e-12)
+    return bool((torch.cdist(flat / scale, pool / scale).min(1).values < 1e-4).all())
