@@ -81,6 +81,10 @@ class Adapter:
     defaults: ClassVar[dict[str, Any]] = {}
     #: the settings `fedbench tune` searches (fedbench.tuning), e.g. the adaptation's lr
     search_space: ClassVar[dict[str, Any]] = {}
+    #: how it adapts, as its paper does, kept in the record: "online" (what it learns carries
+    #: over the stream of the unseen site's images), "episodic" (reset per image or volume),
+    #: "per batch" (nothing carried over: each batch's own statistics) or "none" (no adaptation)
+    mode: ClassVar[str] = "none"
     needs_global_model: ClassVar[bool] = True
     needs_normalization: ClassVar[bool] = False
     needs_dense_task: ClassVar[bool] = False

@@ -20,6 +20,7 @@ class BNAdapt(Adapter):
     image joins the previous batch, as for every adapter)."""
 
     name = "bn-adapt"
+    mode = "per batch"
     description = "BN-Adapt: global model, normalization from the test batch's statistics"
     needs_normalization = True
 

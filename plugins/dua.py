@@ -103,6 +103,7 @@ class Dua(Adapter):
     After `predict`, `momenta` lists the momentum each update used."""
 
     name = "dua"
+    mode = "online"
     description = "DUA: BatchNorm running statistics from augmented test images, decaying momentum"
     needs_normalization = True
     #: its augmentations flip and re-scale images: segmentation inputs

@@ -165,6 +165,7 @@ class Eata(Adapter):
     counts steps and `redundant` the images the diversity filter dropped."""
 
     name = "eata"
+    mode = "online"
     description = "EATA: reliable, non-redundant, reweighted entropy minimisation + Fisher anchor"
     needs_normalization = True
     needs_dense_task = True

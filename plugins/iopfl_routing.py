@@ -130,6 +130,7 @@ class IOPFLRouting(Adapter):
     `epochs` as every adapter's (fedbench.adapter.ADAPTATION_EPOCHS: 10 as released for paper)."""
 
     name = "iopfl-routing"
+    mode = "online"
     description = (
         "IOP-FL outside personalization: per-image routing of frozen expert kernels, "
         "routers + norm affine adapted online (entropy, consistency, shape)"

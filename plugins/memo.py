@@ -142,6 +142,7 @@ class MEMO(Adapter):
     (all parameters, single-point BatchNorm adaptation), predict the image, reset the model."""
 
     name = "memo"
+    mode = "episodic"
     description = "MEMO: per-image marginal entropy minimisation over invertible augmentations"
     needs_dense_task = True
     defaults = {

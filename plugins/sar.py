@@ -170,6 +170,7 @@ class SAR(Adapter):
     the updated model. After `predict`, `updates` and `recoveries` count steps and resets."""
 
     name = "sar"
+    mode = "online"
     description = "SAR: reliable, sharpness-aware entropy minimisation with model recovery"
     needs_normalization = True
     needs_dense_task = True

@@ -27,6 +27,7 @@ class Tent(Adapter):
     `epochs` such passes, as every adapter's (fedbench.adapter.ADAPTATION_EPOCHS)."""
 
     name = "tent"
+    mode = "online"
     description = "TENT: entropy minimisation of normalization affine weights at test time"
     needs_normalization = True
     needs_dense_task = True

@@ -49,6 +49,7 @@ def run_identity(run: Run) -> dict[str, Any]:
         **({"variant": spec.variant} if spec.variant else {}),
         **({"tuning": spec.tuning} if spec.tuning else {}),
         **({"shares_data": dict(run.method.shares_data)} if run.method.shares_data else {}),
+        **({"adapter_mode": run.adapter.mode} if run.adapter else {}),
     }
 
 

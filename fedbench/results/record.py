@@ -148,7 +148,7 @@ def build_record(
     if identity.get("hd95_unit"):
         record["hd95_unit"] = identity["hd95_unit"]
     # a cell of a study file (tuned) or a --sweep; a method that sends statistics of client data
-    for key in ("study", "variant", "tuning", "shares_data"):
+    for key in ("study", "variant", "tuning", "shares_data", "adapter_mode"):
         if identity.get(key):
             record[key] = identity[key]
     if profile is not None:
