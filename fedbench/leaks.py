@@ -16,10 +16,12 @@ def carries_data(tensor: Any, model_shapes: set[tuple[int, ...]], sample_shapes:
 def image_statistics(data: Any) -> dict[str, Any]:
     """Statistics of each site's training images a method might send instead of a model: the
     images' amplitude spectra (as they are and centred) and their channel means and standard
-    deviations, per image ([N, ...]) and over the site ([...]), by name."""
+    deviations, per image ([N, ...]) and over the site ([...]), by name; also every site's rows
+    together, for a message that mixes the rows of several sites (a server's bank)."""
     import torch
 
     found: dict[str, Any] = {}
+    pooled: dict[str, list[Any]] = {}
     for site in data.sites:
         images = site.train.inputs.float()
         amplitude = torch.fft.fft2(images).abs()
@@ -32,6 +34,10 @@ def image_statistics(data: Any) -> dict[str, Any]:
         for what, rows in per_image.items():
             found[f"{what} of {site.name}'s images"] = rows
             found[f"the mean {what} of {site.name}'s images"] = rows.mean(0, keepdim=True)
+            pooled.setdefault(what, []).append(rows)
+    for what, parts in pooled.items():
+        if len({tuple(p.shape[1:]) for p in parts}) == 1:  # sites of one image size
+            found[f"{what} of several sites' images"] = torch.cat(parts)
     return found
 
 

@@ -48,6 +48,9 @@ def test_the_statistics_of_the_images_are_recognized_and_nothing_else_is(data):
     assert undeclared({"m": images.mean(dim=(-2, -1))}, statistics, "a client sent")
     assert undeclared({"m": images.std(dim=(0, -2, -1))}, statistics, "x") == []  # pooled
     assert not rows_of(torch.randn(spectra.shape[1:]), statistics[next(iter(statistics))])
+    other = torch.fft.fft2(data.sites[1].train.inputs.float()).abs()
+    (mixed,) = undeclared({"bank": torch.cat([spectra[:2], other[:2]])}, statistics, "x")
+    assert "amplitude spectra of several sites' images" in mixed
     (line,) = undeclared({"amp": spectra.mean(0)}, statistics, "the server sent")
     assert line == (
         f"privacy: the server sent 'amp', the mean amplitude spectra of {site.name}'s images, "
