@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedbench.errors import FedbenchError
-from fedbench.leaks import carries_data, image_statistics, undeclared
+from fedbench.leaks import carries_data, image_statistics, raw_images, undeclared
 
 if TYPE_CHECKING:
     from fedbench.engine.registry import Registry
@@ -183,7 +183,7 @@ def server_problems(run: Run, data: Any, rounds: list[dict[str, Any]], cost: dic
     sample_shapes = {tuple(s.train.inputs.shape[1:]) for s in data.sites}
     sample_shapes |= {tuple(s.train.targets.shape[1:]) for s in data.sites}
     declared = run.method.shares_data
-    statistics = image_statistics(data)
+    statistics, raw = image_statistics(data), raw_images(data)
     up = down = 0
     for entry in rounds:
         for update in entry["updates"]:
@@ -192,10 +192,12 @@ def server_problems(run: Run, data: Any, rounds: list[dict[str, Any]], cost: dic
             if any(carries_data(t, model_shapes, sample_shapes) for t in sent.values()):
                 problems.append("privacy: a client sent an image- or mask-shaped tensor")
             problems += undeclared(extras, statistics, "a client sent")
+            problems += undeclared(update.extras, raw, "a client sent", "never allowed")
             up += nbytes(update.state) + nbytes(update.extras)
         for payload in entry["payloads"]:
-            kept = {k: v for k, v in payload.items() if k not in declared}
+            kept = {k: v for k, v in payload.items() if k not in {*declared, *model_state}}
             problems += undeclared(kept, statistics, "the server sent")
+            problems += undeclared(payload, raw, "the server sent", "never allowed")
         down += sum(nbytes(payload) for payload in entry["payloads"])
         if entry["previous"] is not None:
             down += len(entry["updates"]) * nbytes(entry["previous"])

@@ -69,9 +69,10 @@ def fedbench_round_end(
     :param metrics: validation score per site name of the sites' personalized models; empty
         when nothing was validated this round (leave-one-site-out federations, or
         `eval.history=false`, unless `eval.val_best` asks for validation).
-    :param replayed: True for a round this process did not train but heard again: restored
-        from a checkpoint, or kept by a cached federation (whose `metrics` are the ones the
-        cache kept). Every round of every federation of a run is heard once.
+    :param replayed: True for a round this process did not train itself: restored from a
+        checkpoint, kept by a cached federation, or trained by a worker process beside it
+        (`metrics` are the ones kept). Every round of every federation of a run is heard
+        once, so an observer that skips replayed rounds misses those federations.
     :param context: the run's results folder (`results_dir`), `run_id`, `method`, `adapter`,
         `dataset` and `seed`. An observer may name only the arguments it needs.
 

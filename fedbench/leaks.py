@@ -35,18 +35,36 @@ def image_statistics(data: Any) -> dict[str, Any]:
             found[f"{what} of {site.name}'s images"] = rows
             found[f"the mean {what} of {site.name}'s images"] = rows.mean(0, keepdim=True)
             pooled.setdefault(what, []).append(rows)
+        over_site = images.transpose(0, 1).flatten(1)  # [C, every pixel of the site]
+        found[f"the channel means over {site.name}'s pixels"] = over_site.mean(1)[None]
+        found[f"the channel standard deviations over {site.name}'s pixels"] = over_site.std(1)[None]
     for what, parts in pooled.items():
         if len({tuple(p.shape[1:]) for p in parts}) == 1:  # sites of one image size
             found[f"{what} of several sites' images"] = torch.cat(parts)
     return found
 
 
-def undeclared(sent: dict[str, Any], statistics: dict[str, Any], who: str) -> list[str]:
-    """One line per sent tensor (not declared in `shares_data`) whose rows are rows of one of
-    the images' statistics."""
+def raw_images(data: Any) -> dict[str, Any]:
+    """Each site's training images and masks themselves: never sent, declared or not."""
+    found = {}
+    for site in data.sites:
+        found[f"{site.name}'s training images themselves"] = site.train.inputs.float()
+        found[f"{site.name}'s training masks themselves"] = site.train.targets.float()
+    return found
+
+
+DECLARE = "undeclared (declare it in shares_data)"
+
+
+def undeclared(
+    sent: dict[str, Any], statistics: dict[str, Any], who: str, why: str = DECLARE
+) -> list[str]:
+    """The first sent tensor whose rows are rows of one of `statistics`, as one line. A tensor
+    of one number is left out: one number equal to one image's mean is no evidence."""
     return [
-        f"privacy: {who} '{key}', {what}, undeclared (declare it in shares_data)"
+        f"privacy: {who} '{key}', {what}, {why}"
         for key, tensor in sent.items()
+        if tensor.numel() > 1
         for what, rows in statistics.items()
         if rows_of(tensor, rows)
     ][:1]

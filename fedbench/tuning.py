@@ -44,12 +44,12 @@ class Choice:
     values: tuple[Any, ...]
 
     def __post_init__(self) -> None:
-        if len(self.values) < 2 or len(set(self.values)) != len(self.values):
-            raise FedbenchError(f"Choice needs two or more distinct values, got {self.values!r}")
         if not all(isinstance(v, bool | int | float | str) for v in self.values):
             raise FedbenchError(
-                f"Choice values must be numbers, strings or booleans: {self.values}"
+                f"Choice values must be numbers, strings or booleans: {self.values!r}"
             )
+        if len(self.values) < 2 or len(set(self.values)) != len(self.values):
+            raise FedbenchError(f"Choice needs two or more distinct values, got {self.values!r}")
 
 
 Space = dict[str, Range | Choice]
@@ -70,13 +70,21 @@ def space_problems(space: Any, section: str, defaults: dict[str, Any]) -> list[s
     problems = []
     for key, value in space.items():
         head, _, name = str(key).partition(".")
-        if head not in SECTIONS or not name:
+        if head not in SECTIONS or not name or (section == "adapter" and head != "adapter"):
             problems.append(f"search_space key '{key}' is not a setting such as '{section}.x'")
         elif head in ("method", "adapter") and (head != section or name not in defaults):
             problems.append(f"search_space key '{key}' is not one of this {section}'s settings")
         if not isinstance(value, Range | Choice):
             problems.append(f"search_space['{key}'] must be a Range or a Choice, got {value!r}")
     return problems
+
+
+def checked_space(plugin: type, section: str) -> Space:
+    """A plugin's declared space, or one FedbenchError naming the plugin and the problem."""
+    problems = space_problems(plugin.search_space, section, plugin.defaults)
+    if problems:
+        raise FedbenchError(f"{section} '{plugin.name}': {problems[0]}")
+    return dict(plugin.search_space)
 
 
 def full_space(own: Space, shared: Space) -> Space:

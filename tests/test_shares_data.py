@@ -46,7 +46,8 @@ def test_the_statistics_of_the_images_are_recognized_and_nothing_else_is(data):
     spectra = torch.fft.fft2(images).abs()
     assert undeclared({"s": spectra[:3]}, statistics, "a client sent")
     assert undeclared({"m": images.mean(dim=(-2, -1))}, statistics, "a client sent")
-    assert undeclared({"m": images.std(dim=(0, -2, -1))}, statistics, "x") == []  # pooled
+    assert undeclared({"r": torch.rand(images.shape[0], 2)}, statistics, "x") == []
+    assert undeclared({"w": torch.tensor([images[0].mean()])}, statistics, "x") == []  # 1 number
     assert not rows_of(torch.randn(spectra.shape[1:]), statistics[next(iter(statistics))])
     other = torch.fft.fft2(data.sites[1].train.inputs.float()).abs()
     (mixed,) = undeclared({"bank": torch.cat([spectra[:2], other[:2]])}, statistics, "x")
@@ -101,3 +102,11 @@ def test_the_kit_fails_undeclared_statistics_and_passes_declared_ones(tmp_path, 
             line.startswith("privacy: a client sent 'means', channel means of ")
             for line in problems
         )
+
+
+def test_images_themselves_are_refused_even_under_a_declared_key(data):
+    from fedbench.leaks import raw_images
+
+    images = data.sites[0].train.inputs
+    (line,) = undeclared({"amplitude": images[:2].clone()}, raw_images(data), "x", "never allowed")
+    assert line.endswith("training images themselves, never allowed")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import optuna
 import pytest
 from typer.testing import CliRunner
 
@@ -105,9 +104,8 @@ def test_a_killed_tuning_resumes_without_repeating_finished_trials(registry, tmp
     spec = spec_for(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         tuning.tune_method(spec, registry, 6, lambda *_: None)
-    space = tuning.method_space(registry.get("methods", "toy-tuned"))
-    storage = f"sqlite:///{tmp_path / 'r' / 'tuning' / 'optuna.db'}"
-    study = optuna.load_study(study_name=tuning.study_name(spec, space), storage=storage)
+    opened = tuning.open_tuning(spec, registry)
+    space, study = opened.space, opened.study
     killed = study.ask()
     killed_settings = tuning.suggested(killed, space)
     second = ToyObjective()
@@ -186,3 +184,56 @@ def test_tune_writes_a_study_the_grid_runs_and_keeps_other_methods(registry, tmp
     assert variant.tuning["trials"] == 3 and variant.tuning["objective"] == tuning.OBJECTIVE
     refused = CliRunner().invoke(app, [*args[:4], "default", *args[5:], "--method", "fedavg"])
     assert refused.exit_code == 2 and "give another --out" in refused.output
+
+
+def test_a_setting_fixed_with_set_cannot_also_be_searched(registry, tmp_path):
+    from fedbench.errors import FedbenchError
+
+    spec = dataclasses.replace(spec_for(tmp_path), overrides=["train.lr=0.01"])
+    with pytest.raises(FedbenchError, match="--set train.lr fixes a setting the tuning searches"):
+        tuning.tune_method(spec, registry, 2, lambda *_: None)
+
+
+def test_a_trial_that_fails_for_another_reason_than_its_settings_runs_again(
+    registry, tmp_path, monkeypatch
+):
+    """A full disk in the second trial: it does not count, and the resumed tuning reruns it."""
+    from fedbench.storage import StorageError
+
+    calls = []
+
+    def failing(spec, reg, on_round):
+        calls.append(sampled(spec))
+        if len(calls) == 2:
+            raise StorageError("disk full")
+        return toy_score(calls[-1])
+
+    monkeypatch.setattr(tuning, "validation_score", failing)
+    with pytest.raises(StorageError):
+        tuning.tune_method(spec_for(tmp_path), registry, 3, lambda *_: None)
+    found = tuning.tune_method(spec_for(tmp_path), registry, 3, lambda *_: None)
+    assert found.trials == 3 and len(calls) == 4 and calls[2] == calls[1]
+
+
+def test_a_smaller_budget_is_answered_with_its_own_first_trials(registry, tmp_path, monkeypatch):
+    toy = ToyObjective()
+    monkeypatch.setattr(tuning, "validation_score", toy)
+    spec = spec_for(tmp_path)
+    tuning.tune_method(spec, registry, 8, lambda *_: None)
+    small = tuning.tune_method(spec, registry, 3, lambda *_: None)
+    assert small.trials == 3 and small.value == max(toy_score(c) for c in toy.calls[:3])
+
+
+def test_a_bad_search_space_is_one_line(tmp_path):
+    from fedbench.errors import FedbenchError
+
+    path = tmp_path / "bad_space.py"
+    path.write_text(TOY_PLUGIN.replace("Range(1, 6, integer=True)", '"1-6"'))
+    with pytest.raises(FedbenchError, match="method 'toy-tuned': search_space\\['method.k'\\]"):
+        tuning.method_space(load_registry((path,)).get("methods", "toy-tuned"))
+
+
+def test_a_trials_federation_is_not_kept_in_the_cache(tmp_path):
+    spec = RunSpec(method="fedavg", preset="quick", rounds=1, results_dir=tmp_path / "r")
+    tuning.tune_method(spec, load_registry(), 1, lambda *_: None)
+    assert not list((tmp_path / "r" / "tuning" / "cache" / "federations").glob("*.pt"))

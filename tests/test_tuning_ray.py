@@ -21,7 +21,9 @@ def test_trials_are_shared_evenly_and_no_task_is_empty():
 @pytest.mark.slow
 def test_parallel_trials_on_ray_fill_one_study(tmp_path):
     results = tmp_path / "r"
-    args = ["tune", "--method", "fedavg", "--preset", "quick", "--rounds", "2", "--trials", "2"]
+    # default-preset trials of several seconds: the second Ray worker, which takes seconds to
+    # start, still finds the first trial running
+    args = ["tune", "--method", "fedavg", "--preset", "default", "--rounds", "2", "--trials", "2"]
     args += ["--results-dir", str(results), "--backend", "ray", "--parallel", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

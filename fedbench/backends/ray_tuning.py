@@ -51,9 +51,9 @@ def tune_on_ray(
         with held(tuning):
             left = trials - len(finished(tuning.study))
             base = spec.seed + len(tuning.study.trials)
-            task = ray.remote(num_cpus=options.cpus_per_run, num_gpus=options.gpus_per_run)(
-                trials_in_worker
-            )
+            task = ray.remote(  # a task that dies is not retried behind the budget's back
+                num_cpus=options.cpus_per_run, num_gpus=options.gpus_per_run, max_retries=0
+            )(trials_in_worker)
             plugins = tuple(str(Path(p).resolve()) for p in options.plugins)
             threads = max(1, int(options.cpus_per_run))
             refs = [
@@ -65,7 +65,10 @@ def tune_on_ray(
             except ray.exceptions.RayError as exc:
                 why = task_death(exc)
                 raise FedbenchError(f"a tuning task of {spec.method} failed: {why}") from None
-        return summary(tuning.study, spec, tuning.space)
+            finally:  # no task may go on once the study is released
+                for ref in refs:
+                    ray.cancel(ref, force=True)
+        return summary(tuning.study, spec, tuning.space, trials)
     finally:
         if started:
             ray.shutdown()

@@ -24,6 +24,10 @@ never reading that site: one part per site, one row on the board. Run it with
   fedbench grid --study {path}"""
 
 
+#: the description of the study files tune writes, and the only ones it adds parts to
+DESCRIPTION = "settings chosen by fedbench tune"
+
+
 def tune_command(
     method: Annotated[
         list[str] | None,
@@ -84,8 +88,10 @@ def tune_command(
         results_dir=results_dir,
     )
     fixed = fixed_settings(list(set_ or []))
+    methods = list(dict.fromkeys(method or (["fedavg"] if adapter else [])))
+    check_names(reg, methods, list(dict.fromkeys(adapter or [])))
     parts: list[dict[str, Any]] = []
-    for name in dict.fromkeys(method or (["fedavg"] if adapter else [])):
+    for name in methods:
         spec = replace(base, method=name)
         if adapter:
             for found in adapter_tunings(spec, reg, trials, list(dict.fromkeys(adapter))):
@@ -103,6 +109,20 @@ def tune_command(
         parts.append(method_part(found, fixed))
         write_study(out, top, parts, trials)
     echo(f"study {out}")
+
+
+def check_names(reg: Any, methods: list[str], adapters: list[str]) -> None:
+    """Every name and search space checked before any training: one line, not an error an
+    hour into the tuning."""
+    from fedbench.engine.tuning import method_space
+    from fedbench.engine.tuning_adapters import adapter_space
+
+    for name in methods:
+        found = reg.get("methods", name)
+        if not adapters:
+            method_space(found)
+    for name in adapters:
+        adapter_space(reg, name)
 
 
 def fixed_settings(assignments: list[str]) -> dict[str, str]:
@@ -136,12 +156,14 @@ def adapter_part(found: Tuned, method: str, fixed: dict[str, str]) -> dict[str, 
 def adapter_tunings(spec: Any, reg: Any, trials: int, adapters: list[str]) -> Iterator[Tuned]:
     """Each adapter tuned on `spec.method`'s federations, once per unseen site."""
     from fedbench.engine.resolve import resolve
-    from fedbench.engine.tuning_adapters import adapter_space, tune_adapter
+    from fedbench.engine.tuning_adapters import tune_adapter
 
     run = resolve(replace(spec, holdout="none"), reg)
     sites = run.dataset.site_names(run.config["data"])
+    if sites is None:  # a dataset that knows its sites only once loaded
+        cache = Path(spec.results_dir) / "tuning" / "cache"
+        sites = [s.name for s in run.dataset.load(run.config["data"], spec.seed, cache).sites]
     for name in adapters:
-        adapter_space(reg, name)  # one without a space is refused before any training
         for unseen in sites:
             say(f"tuning {name} on {spec.method} for unseen site {unseen}: {trials} trials")
             line = lambda done, n, a=name: say(f"  {a}: trial {done}/{n}")  # noqa: E731
@@ -194,6 +216,8 @@ def check_destination(out: Path, top: dict[str, Any]) -> None:
     if not out.exists():
         return
     old = load_study(out)
+    if old.description != DESCRIPTION:  # a study someone wrote: never rewritten
+        raise FedbenchError(f"{out} is not a study fedbench tune wrote; give another --out")
     theirs = {"dataset": old.dataset, "preset": old.preset, "rounds": old.rounds}
     ours = {"rounds": None, **top}
     if theirs != ours:
@@ -208,7 +232,7 @@ def write_study(out: Path, top: dict[str, Any], parts: list[dict[str, Any]], tri
     from fedbench.storage import write_atomic
 
     header = HEADER.format(day=date.today(), trials=trials, path=out)
-    name = {"name": out.stem, "description": "settings chosen by fedbench tune"}
+    name = {"name": out.stem, "description": DESCRIPTION}
     top = {**name, **top, "seeds": "0,1,2", "holdout": "all"}
     text = study_text(top, merged_parts(out, parts), header)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,12 +20,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fedbench.engine.federations import claimed, load_or_train
+from fedbench.engine import cache
+from fedbench.engine.federations import claimed, data_fingerprint, load_or_train
 from fedbench.engine.registry import Registry
 from fedbench.engine.resolve import RunSpec, resolve
 from fedbench.errors import Diverged, FedbenchError
 from fedbench.storage import stable_hash
-from fedbench.tuning import TRAIN_SPACE, Choice, Range, Space, full_space
+from fedbench.tuning import TRAIN_SPACE, Choice, Range, Space, checked_space, full_space
 
 #: what a trial's value is, as a tuned study and its records say
 OBJECTIVE = "mean validation dice over sites, personalized models, final round, no site held out"
@@ -63,6 +64,7 @@ class Tuned:
     def provenance(self) -> dict[str, Any]:
         """What a record of a run with these settings says of where they came from."""
         return {
+            "tuned": self.method,
             "trials": self.trials,
             "objective": self.objective,
             "value": round(self.value, 6),
@@ -73,7 +75,16 @@ class Tuned:
 
 def method_space(method_cls: type) -> Space:
     """The settings a tuning of this method samples: the shared ones, then its own."""
-    return full_space(dict(method_cls.search_space), TRAIN_SPACE)
+    return full_space(checked_space(method_cls, "method"), TRAIN_SPACE)
+
+
+def check_fixed(space: Space, overrides: list[str]) -> None:
+    """A setting fixed with --set cannot also be searched: one line instead of a --set that
+    the sampled value would silently replace."""
+    fixed = {text.partition("=")[0].strip() for text in overrides}
+    both = sorted(fixed & set(space))
+    if both:
+        raise FedbenchError(f"--set {both[0]} fixes a setting the tuning searches; drop it")
 
 
 def described(space: Space) -> dict[str, str]:
@@ -88,10 +99,13 @@ def described(space: Space) -> dict[str, str]:
     return out
 
 
-def study_name(spec: RunSpec, space: Space) -> str:
+def study_name(spec: RunSpec, space: Space, code: dict[str, str]) -> str:
     """The name of a tuning's Optuna study: the method, and a hash of everything that makes two
-    tunings comparable (data, preset, rounds, seed, fixed settings, space, objective)."""
+    tunings comparable (data, preset, rounds, seed, fixed settings, space, objective, the
+    plugins' code and the device): edited code starts a new study."""
     key = [
+        code,
+        spec.device,
         spec.method,
         spec.dataset,
         spec.preset,
@@ -131,7 +145,7 @@ def validation_score(
     spec: RunSpec, registry: Registry, on_round: Callable[[int, float], None]
 ) -> float:
     """Train the federation of every site under `spec` and return the mean over sites of its
-    final-round validation Dice; `on_round(round, mean so far)` hears each round."""
+    final-round validation Dice; `on_round(round, that round's mean)` hears each round."""
     run = resolve(spec, registry)
     results_dir = Path(spec.results_dir)
     data = run.dataset.load(run.config["data"], spec.seed, results_dir / "cache")
@@ -140,7 +154,12 @@ def validation_score(
         if scores:
             on_round(round_index, statistics.mean(scores.values()))
 
-    federation = load_or_train(run, data, None, heard)
+    fingerprint = data_fingerprint(data)
+    federation = load_or_train(run, data, None, heard, fingerprint)
+    # a trial's federation is read once: its cache entry (fedbench's own) is not kept
+    cache.cache_path(results_dir, run.federation_identity(None, fingerprint)).unlink(
+        missing_ok=True
+    )
     last = federation.history[-1]["val"] if federation.history else {}
     if not last:
         raise FedbenchError(f"{spec.dataset} has no validation split to tune on")
@@ -223,7 +242,9 @@ class Tuning:
                 return self.score(settings, report)
             except Pruned:
                 raise optuna.TrialPruned() from None
-            except KeyboardInterrupt:  # Optuna fails the trial; it must not count
+            except Diverged:  # the settings' own failure: it counts
+                raise
+            except BaseException:  # Ctrl-C, a full disk, a plugin's bug: run again on resume
                 trial.set_user_attr(INTERRUPTED, True)
                 raise
             finally:
@@ -236,13 +257,15 @@ class Tuning:
 def open_tuning(spec: RunSpec, registry: Registry) -> Tuning:
     """The study of `spec.method`'s tuning under RESULTS/tuning, made or loaded."""
     space = method_space(registry.get("methods", spec.method))
+    check_fixed(space, spec.overrides)
     runs = replace(spec, results_dir=Path(spec.results_dir) / "tuning")
-    rounds = resolve(trial_spec(runs, {}), registry).config["train"]["rounds"]
+    run = resolve(trial_spec(runs, {}), registry)
+    rounds = run.config["train"]["rounds"]
 
     def score(settings: dict[str, Any], report: Callable[[int, float], None]) -> float:
         return validation_score(trial_spec(runs, settings), registry, report)
 
-    return opened(runs, study_name(spec, space), space, score, warmup=rounds // 3)
+    return opened(runs, study_name(spec, space, run.code), space, score, warmup=rounds // 3)
 
 
 def opened(runs: RunSpec, name: str, space: Space, score: Score, warmup: int) -> Tuning:
@@ -251,15 +274,22 @@ def opened(runs: RunSpec, name: str, space: Space, score: Score, warmup: int) ->
     import optuna
 
     optuna.logging.set_verbosity(logging.ERROR)  # fedbench says what failed, in one line
-    Path(runs.results_dir).mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{Path(runs.results_dir) / 'optuna.db'}")
-    study = optuna.create_study(
-        study_name=name,
-        storage=storage,
-        direction="maximize",
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=warmup),
-        load_if_exists=True,
-    )
+    database = Path(runs.results_dir) / "optuna.db"
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        storage = optuna.storages.RDBStorage(
+            f"sqlite:///{database}", engine_kwargs={"connect_args": {"timeout": 60}}
+        )
+        study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            direction="maximize",
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=warmup),
+            load_if_exists=True,
+        )
+    except Exception as exc:  # a locked, corrupt or older database; a folder it cannot write
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FedbenchError(f"cannot open the tuning database {database}: {first}") from None
     return Tuning(study, storage, space, runs, score)
 
 
@@ -298,15 +328,16 @@ def tune_here(
             # a resumed search draws on: seeded by the trials it has, it repeats none of them
             seed = spec.seed + len(tuning.study.trials)
             tuning.run_trials(left, lambda done: on_trial(done, trials), seed)
-    return summary(tuning.study, spec, tuning.space, **what)
+    return summary(tuning.study, spec, tuning.space, trials, **what)
 
 
-def summary(study: Any, spec: RunSpec, space: Space, **what: Any) -> Tuned:
-    """The best trial's settings and the whole tuning's cost; `what`: the Tuned fields that
-    differ from a method's tuning (method, objective, holdout)."""
+def summary(study: Any, spec: RunSpec, space: Space, trials: int, **what: Any) -> Tuned:
+    """The best of the study's first `trials` finished trials (a study run further earlier
+    answers a smaller budget with that budget's trials) and the whole tuning's cost; `what`:
+    the Tuned fields that differ from a method's tuning (method, objective, holdout)."""
     from optuna.trial import TrialState
 
-    done = finished(study)
+    done = sorted(finished(study), key=lambda t: t.number)[:trials]
     complete = [t for t in done if t.state == TrialState.COMPLETE]
     if not complete:
         label = what.get("method", spec.method)

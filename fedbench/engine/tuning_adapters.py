@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedbench.data import Split
 from fedbench.engine.federations import data_fingerprint, load_or_train
 from fedbench.engine.registry import Registry
 from fedbench.engine.reporter import Reporter
@@ -24,6 +25,7 @@ from fedbench.engine.scoring import Scoring
 from fedbench.engine.tuning import Tuned, as_overrides, described, opened, tune_here
 from fedbench.errors import FedbenchError
 from fedbench.storage import stable_hash
+from fedbench.tuning import checked_space
 
 OBJECTIVE = (
     "mean validation dice of the stand-in sites (each held out from a federation without the "
@@ -32,8 +34,8 @@ OBJECTIVE = (
 
 
 def adapter_space(registry: Registry, name: str) -> dict[str, Any]:
-    """An adapter's declared space; one without one has nothing to tune."""
-    space = dict(registry.get("adapters", name).search_space)
+    """An adapter's declared space (checked); one without one has nothing to tune."""
+    space = checked_space(registry.get("adapters", name), "adapter")
     if not space:
         raise FedbenchError(f"adapter '{name}' declares no search space: nothing to tune")
     return space
@@ -47,20 +49,30 @@ def without(data: Any, site: str) -> Any:
 def stand_in_score(
     spec: RunSpec, registry: Registry, unseen: str, report: Callable[[int, float], None]
 ) -> float:
-    """The mean over the stand-ins of the adapter's validation Dice (see the module)."""
+    """The mean over the stand-ins of the adapter's validation Dice (see the module). A
+    stand-in streams its train and validation images, as an unseen site streams all of its
+    own, and its validation images are scored."""
     run = resolve(spec, registry)
-    cache = Path(spec.results_dir) / "cache"
-    fold = without(run.dataset.load(run.config["data"], spec.seed, cache), unseen)
-    fingerprint = data_fingerprint(fold)
-    scoring = Scoring(run, registry, Reporter(), "tuning", fingerprint)
+    data = run.dataset.load(run.config["data"], spec.seed, Path(spec.results_dir) / "cache")
+    scoring = Scoring(run, registry, Reporter(), "tuning", "")
     scores = []
-    for step, site in enumerate(fold.sites, 1):
-        federation = load_or_train(run, fold, site.name, lambda *_: None, fingerprint)
+    for step, site in enumerate(s for s in data.sites if s.name != unseen):
+        federation = without_both(run, data, unseen, site.name)
+        stream = Split.concat([site.train, site.val])
+        outputs = scoring.adapt(federation.selected("final"), stream.inputs, site.name, data.task)
         val = site.val
-        outputs = scoring.adapt(federation.selected("final"), val.inputs, site.name, fold.task)
-        scores.append(fold.task.validation_score(outputs, val.targets, val.cases))
-        report(step, statistics.mean(scores))
+        scored = outputs[len(site.train) :]
+        scores.append(data.task.validation_score(scored, val.targets, val.cases))
+        report(step + 1, statistics.mean(scores))
     return float(statistics.mean(scores))
+
+
+def without_both(run: Any, data: Any, unseen: str, stand_in: str) -> Any:
+    """The federation of every site but these two, the same whichever of them is the unseen
+    one (so unseen a with stand-in b and unseen b with stand-in a share one cache entry)."""
+    first, second = sorted((unseen, stand_in))
+    fold = without(data, first)
+    return load_or_train(run, fold, second, lambda *_: None, data_fingerprint(fold))
 
 
 def tune_adapter(

@@ -335,7 +335,8 @@ def tuning_notes(records: list[dict[str, Any]]) -> list[str]:
     for record in records:
         if record.get("tuning"):
             how = f"{record['tuning'].get('trials', '?')} trials"
-            tuned.setdefault(record["method"], set()).add(how)
+            what = record["tuning"].get("tuned", record["method"])  # a method, or "A on M"
+            tuned.setdefault(what, set()).add(how)
     if not tuned:
         return []
     rows = ", ".join(f"{m} ({'; '.join(sorted(h))})" for m, h in sorted(tuned.items()))

@@ -150,7 +150,7 @@ class Record(Part):
     variant: str | None = None
     tuning: dict[str, Any] | None = None
     shares_data: dict[str, str] = {}
-    adapter_mode: Literal["online", "episodic", "per batch", "none"] | None = None
+    adapter_mode: str | None = None
 
     @model_validator(mode="after")
     def outside_rows_name_an_adapter(self) -> Record:
