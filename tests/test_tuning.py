@@ -237,3 +237,13 @@ def test_a_trials_federation_is_not_kept_in_the_cache(tmp_path):
     spec = RunSpec(method="fedavg", preset="quick", rounds=1, results_dir=tmp_path / "r")
     tuning.tune_method(spec, load_registry(), 1, lambda *_: None)
     assert not list((tmp_path / "r" / "tuning" / "cache" / "federations").glob("*.pt"))
+
+
+def test_tune_never_rewrites_a_study_it_did_not_write(tmp_path):
+    study = tmp_path / "mine.toml"
+    text = '# my ablation\nname = "mine"\ndataset = "synth-prostate"\npreset = "quick"\n'
+    study.write_text(text + 'methods = ["fedavg"]\n')
+    args = ["tune", "--method", "fedavg", "--preset", "quick", "--out", str(study)]
+    result = CliRunner().invoke(app, [*args, "--results-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "is not a study fedbench tune wrote" in result.output
+    assert study.read_text() == text + 'methods = ["fedavg"]\n'
