@@ -3,6 +3,8 @@ the `model.name` setting) and helpers that select layers by type, never by a sub
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # torch loads when a run needs it, not when `fedbench list` reads the classes
@@ -96,3 +98,35 @@ def use_batch_statistics(model: nn.Module) -> nn.Module:
             module.running_var = None
             module.num_batches_tracked = None
     return model
+
+
+def running_batch_norms(model: nn.Module) -> list[nn.Module]:
+    """The model's BatchNorm layers that keep running statistics (what DUA and VPTTA read)."""
+    from torch import nn
+
+    return [
+        m
+        for _, m in normalization_modules(model)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+        and m.running_mean is not None
+    ]
+
+
+def pixel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """[N, C, ...] scores -> [N, ...] Shannon entropy (nats) of each pixel's softmax."""
+    log_probs = logits.log_softmax(1)
+    return -(log_probs.exp() * log_probs).sum(1)
+
+
+@contextmanager
+def output_layer_input(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """While open, `found["z"]` holds the latest input of the model's output layer: the
+    features a representation regularizer (FedSR, ELCFS) works on."""
+    found: dict[str, torch.Tensor] = {}
+    _, layer = output_layer(model)
+    handle = layer.register_forward_pre_hook(lambda m, args: found.__setitem__("z", args[0]))
+    try:
+        yield found
+    finally:
+        handle.remove()

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from fedbench.adapter import AdaptContext, Adapter, TrainedFederation
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
-from fedbench.models import normalization_modules
+from fedbench.models import running_batch_norms
 from fedbench.tuning import Range
 
 if TYPE_CHECKING:
@@ -48,19 +48,6 @@ if TYPE_CHECKING:
 def momentum_at(t: int, start: float, decay: float, floor: float) -> float:
     """DUA's momentum for the t-th image (t = 0, 1, ...): max(start * decay^t, floor)."""
     return max(start * decay**t, floor)
-
-
-def running_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """The model's BatchNorm layers that keep running statistics."""
-    from torch import nn
-
-    return [
-        m
-        for _, m in normalization_modules(model)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm)
-        and m.track_running_stats
-        and m.running_mean is not None
-    ]
 
 
 def augment(
@@ -142,7 +129,7 @@ class Dua(Adapter):
     def check(self, method: type, model: nn.Module, task: Task) -> None:
         super().check(method, model, task)
         self.check_settings()
-        if not running_norms(model):
+        if not running_batch_norms(model):
             raise FedbenchError(
                 f"adapter '{self.name}' needs BatchNorm layers with running statistics"
             )
@@ -156,7 +143,7 @@ class Dua(Adapter):
         p = self.params
         generator = torch.Generator().manual_seed(ctx.seed)
         model = federation.model(federation.global_state).eval()
-        norms = running_norms(model)
+        norms = running_batch_norms(model)
         momentum = (float(p["momentum"]), float(p["decay"]), float(p["min_momentum"]))
         copies_of = (int(p["augmentations"]), float(p["intensity"]), bool(p["flip"]))
         self.momenta = []

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 from fedbench.adapter import AdaptContext, Adapter, TrainedFederation, online_batches
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
-from fedbench.models import affine_parameters, use_batch_statistics
+from fedbench.models import affine_parameters, pixel_entropy, use_batch_statistics
 from fedbench.tuning import Range
 
 if TYPE_CHECKING:
@@ -57,12 +57,6 @@ if TYPE_CHECKING:
 
 #: the moving average of selected predictions keeps this much of its previous value (paper: 0.9)
 AVERAGE_KEEP = 0.9
-
-
-def pixel_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """[N, C, ...] scores -> [N, ...] Shannon entropy (nats) of each pixel's softmax."""
-    log_probs = logits.log_softmax(1)
-    return -(log_probs.exp() * log_probs).sum(1)
 
 
 def image_predictions(logits: torch.Tensor) -> torch.Tensor:

@@ -41,14 +41,12 @@ With meta_test_weight 0 and gamma 0 it is FedAvg bit for bit (no bank, nothing e
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from fedbench.errors import Diverged, FedbenchError
 from fedbench.hookspecs import hookimpl
 from fedbench.method import ClientUpdate, LocalContext, Method, State
-from fedbench.models import output_layer
+from fedbench.models import output_layer_input
 from fedbench.tuning import Range
 
 if TYPE_CHECKING:
@@ -161,18 +159,6 @@ def boundary_loss(
     return total
 
 
-@contextmanager
-def caught_features(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """While open, `found["z"]` holds the latest input of the model's output layer."""
-    found: dict[str, torch.Tensor] = {}
-    _, layer = output_layer(model)
-    handle = layer.register_forward_pre_hook(lambda m, args: found.__setitem__("z", args[0]))
-    try:
-        yield found
-    finally:
-        handle.remove()
-
-
 class ELCFS(Method):
     """FedAvg + episodic training on images interpolated towards other clients' amplitudes."""
 
@@ -243,7 +229,7 @@ class ELCFS(Method):
             return sent
         model.train()
         optimizer = ctx.make_optimizer(model.parameters())
-        with caught_features(model) as found:
+        with output_layer_input(model) as found:
             for _ in range(int(ctx.train["local_epochs"])):
                 for inputs, targets in ctx.batches():
                     shifted = self.interpolated(inputs, ctx.generator)

@@ -33,13 +33,12 @@ both zero the run is FedAvg's, bit for bit (no hook, no prior, nothing extra sen
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
 from fedbench.method import ClientUpdate, LocalContext, Method, State, clone_state, weighted_mean
-from fedbench.models import output_layer
+from fedbench.models import output_layer, output_layer_input
 from fedbench.tuning import Range
 
 if TYPE_CHECKING:
@@ -110,18 +109,6 @@ def prior_shape(model: nn.Module) -> tuple[int, int]:
     return int(classes), int(width)
 
 
-@contextmanager
-def caught_features(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """While open, `found["z"]` holds the latest input of the model's output layer."""
-    found: dict[str, torch.Tensor] = {}
-    _, layer = output_layer(model)
-    handle = layer.register_forward_pre_hook(lambda m, args: found.__setitem__("z", args[0]))
-    try:
-        yield found
-    finally:
-        handle.remove()
-
-
 def remembering(batches: Callable[[], Iterator], seen: dict[str, Any]) -> Callable[[], Iterator]:
     """`batches` that notes each batch's targets in `seen["targets"]` as it yields the batch."""
 
@@ -176,7 +163,7 @@ class FedSR(Method):
         batches = ctx.batches
         ctx.batches = remembering(batches, seen)
         try:
-            with caught_features(model) as found:
+            with output_layer_input(model) as found:
 
                 def term(m: nn.Module) -> torch.Tensor:
                     return regularizer(found["z"], seen["targets"], prior, alpha_l2r, alpha_cmi)

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 from fedbench.adapter import AdaptContext, Adapter, TrainedFederation, online_batches
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
-from fedbench.models import affine_parameters, use_batch_statistics
+from fedbench.models import affine_parameters, pixel_entropy, use_batch_statistics
 from fedbench.tuning import Range
 
 if TYPE_CHECKING:
@@ -58,12 +58,6 @@ if TYPE_CHECKING:
 
 EMA_MOMENTUM = 0.9
 OPTIMIZERS = ("sgd", "adam")
-
-
-def pixel_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """[N, C, ...] scores -> [N, ...] Shannon entropy of each pixel's softmax prediction."""
-    log_probs = logits.log_softmax(1)
-    return -(log_probs.exp() * log_probs).sum(1)
 
 
 def reliable_entropy(logits: torch.Tensor, e0: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from fedbench.adapter import AdaptContext, Adapter, TrainedFederation
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
-from fedbench.models import normalization_modules
+from fedbench.models import running_batch_norms
 from fedbench.tuning import Range
 
 if TYPE_CHECKING:
@@ -156,20 +156,9 @@ def aligned_batch_norm(
     return F.batch_norm(x, mean, var, module.weight, module.bias, False, 0.0, module.eps)
 
 
-def running_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """The model's BatchNorm layers that keep running statistics."""
-    from torch import nn
-
-    return [
-        m
-        for _, m in normalization_modules(model)
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
-    ]
-
-
 def use_alignment(model: nn.Module, alignment: Alignment) -> None:
     """Patch every BatchNorm with running statistics to `aligned_batch_norm`."""
-    for module in running_norms(model):
+    for module in running_batch_norms(model):
         module.forward = partial(aligned_batch_norm, module, alignment)  # type: ignore[method-assign]
 
 
@@ -226,7 +215,7 @@ class VPTTA(Adapter):
     def check(self, method: type, model: nn.Module, task: Task) -> None:
         super().check(method, model, task)
         self.check_settings()
-        if not running_norms(model):
+        if not running_batch_norms(model):
             raise FedbenchError(
                 f"adapter '{self.name}' needs BatchNorm layers with running statistics"
             )

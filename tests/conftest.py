@@ -116,3 +116,23 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip("../shared is not present")
     return SHARED
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """For the adapters' tests: a one-round FedAvg federation on two toy sites, the third held
+    out, and the held-out site's images."""
+    from fedbench.data import UnlabeledImages
+    from fedbench_plugins.fedavg import FedAvg
+
+    data = toy_data()
+    federation = toy_train(data, data.sites[1:], FedAvg, toy_config(1), 0, torch.device("cpu"))
+    return data, federation, UnlabeledImages(data.sites[0].all_samples().inputs)
+
+
+def predict(adapter, toy, batch_size: int = 4) -> torch.Tensor:
+    """An adapter's outputs on the `toy` fixture's unseen site."""
+    from fedbench.adapter import AdaptContext
+
+    data, federation, images = toy
+    return adapter.predict(federation, images, AdaptContext(batch_size, 0, data.task))

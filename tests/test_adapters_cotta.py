@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import toy_builder, toy_config, toy_data, toy_train
+from conftest import predict, toy_builder, toy_data
 from torch import nn
 
 from fedbench.adapter import AdaptContext, TrainedFederation
 from fedbench.conformance import check_plugin
-from fedbench.data import UnlabeledImages
 from fedbench.engine.registry import load_registry
 from fedbench.errors import FedbenchError
 from fedbench.tuning import space_problems
@@ -35,21 +34,6 @@ CPU = torch.device("cpu")
 REGISTRY = load_registry()
 #: no teacher lag, no restore, never augmented (every confidence is above 0)
 PLAIN = {"ema": 0.0, "restore_prob": 0.0, "threshold": 0.0}
-
-
-@pytest.fixture(scope="module")
-def toy():
-    """A one-round FedAvg federation on two toy sites, the third held out, and its images."""
-    data = toy_data()
-    federation = toy_train(
-        data, data.sites[1:], REGISTRY.get("methods", "fedavg"), toy_config(1), 0, CPU
-    )
-    return data, federation, UnlabeledImages(data.sites[0].all_samples().inputs)
-
-
-def predict(adapter, toy, batch_size: int = 4) -> torch.Tensor:
-    data, federation, images = toy
-    return adapter.predict(federation, images, AdaptContext(batch_size, 0, data.task))
 
 
 def sigmoid(z: float) -> float:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import toy_builder, toy_config, toy_data, toy_train
+from conftest import predict, toy_builder, toy_data
 from torch import nn
 
 from fedbench.adapter import AdaptContext, TrainedFederation
@@ -23,21 +23,6 @@ CPU = torch.device("cpu")
 REGISTRY = load_registry()
 #: one copy per image, as it is
 PLAIN = {"augmentations": 1, "intensity": 0.0, "flip": False}
-
-
-@pytest.fixture(scope="module")
-def toy():
-    """A one-round FedAvg federation on two toy sites, the third held out, and its images."""
-    data = toy_data()
-    federation = toy_train(
-        data, data.sites[1:], REGISTRY.get("methods", "fedavg"), toy_config(1), 0, CPU
-    )
-    return data, federation, UnlabeledImages(data.sites[0].all_samples().inputs)
-
-
-def predict(adapter, toy, batch_size: int = 4) -> torch.Tensor:
-    data, federation, images = toy
-    return adapter.predict(federation, images, AdaptContext(batch_size, 0, data.task))
 
 
 def test_momentum_schedule_by_hand():

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import toy_builder, toy_config, toy_data, toy_train
+from conftest import predict, toy_builder, toy_data
 from torch import nn
 
 from fedbench.adapter import AdaptContext
 from fedbench.conformance import check_plugin
-from fedbench.data import UnlabeledImages
 from fedbench.engine.registry import load_registry
 from fedbench.errors import FedbenchError
 from fedbench.models import affine_parameters, use_batch_statistics
@@ -33,21 +32,6 @@ REGISTRY = load_registry()
 #: EATA with every pixel and image kept, weights all 1 and no Fisher term: TENT
 EATA_AS_TENT = {"margin": math.inf, "d_margin": math.inf, "reweight": False, "fisher_alpha": 0.0}
 E0 = 0.4 * math.log(2)  # the paper's margin on two classes: 0.277 nats
-
-
-@pytest.fixture(scope="module")
-def toy():
-    """A one-round FedAvg federation on two toy sites, the third held out, and its images."""
-    data = toy_data()
-    federation = toy_train(
-        data, data.sites[1:], REGISTRY.get("methods", "fedavg"), toy_config(1), 0, CPU
-    )
-    return data, federation, UnlabeledImages(data.sites[0].all_samples().inputs)
-
-
-def predict(adapter, toy, batch_size: int = 4) -> torch.Tensor:
-    data, federation, images = toy
-    return adapter.predict(federation, images, AdaptContext(batch_size, 0, data.task))
 
 
 def sigmoid(z: float) -> float:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import toy_builder, toy_config, toy_data, toy_train
+from conftest import predict, toy_builder, toy_data
 
 from fedbench.adapter import AdaptContext
 from fedbench.data import UnlabeledImages
@@ -38,21 +38,6 @@ CPU = torch.device("cpu")
 REGISTRY = load_registry()
 #: SAR without its three ingredients, on tent's optimizer
 SAR_AS_TENT = {"rho": 0.0, "margin": math.inf, "reset": 0.0, "optimizer": "adam"}
-
-
-@pytest.fixture(scope="module")
-def toy():
-    """A one-round FedAvg federation on two toy sites, the third held out, and its images."""
-    data = toy_data()
-    federation = toy_train(
-        data, data.sites[1:], REGISTRY.get("methods", "fedavg"), toy_config(1), 0, CPU
-    )
-    return data, federation, UnlabeledImages(data.sites[0].all_samples().inputs)
-
-
-def predict(adapter, toy, batch_size: int = 4) -> torch.Tensor:
-    data, federation, images = toy
-    return adapter.predict(federation, images, AdaptContext(batch_size, 0, data.task))
 
 
 def builtin(name: str, **params) -> object:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import toy_builder, toy_config, toy_data, toy_train
+from conftest import predict, toy_builder, toy_data
 from torch import nn
 
 from fedbench.adapter import AdaptContext, TrainedFederation
@@ -35,21 +35,6 @@ from fedbench_plugins.vptta import (
 
 CPU = torch.device("cpu")
 REGISTRY = load_registry()
-
-
-@pytest.fixture(scope="module")
-def toy():
-    """A one-round FedAvg federation on two toy sites, the third held out, and its images."""
-    data = toy_data()
-    federation = toy_train(
-        data, data.sites[1:], REGISTRY.get("methods", "fedavg"), toy_config(1), 0, CPU
-    )
-    return data, federation, UnlabeledImages(data.sites[0].all_samples().inputs)
-
-
-def predict(adapter, toy, batch_size: int = 4) -> torch.Tensor:
-    data, federation, images = toy
-    return adapter.predict(federation, images, AdaptContext(batch_size, 0, data.task))
 
 
 def none_of(toy) -> torch.Tensor:

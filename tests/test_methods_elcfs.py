@@ -24,9 +24,9 @@ from fedbench_plugins import elcfs
 from fedbench_plugins.elcfs import (
     ELCFS,
     boundary_loss,
-    caught_features,
     cfsi,
     nt_xent,
+    output_layer_input,
     rims,
 )
 from fedbench_plugins.fedavg import FedAvg
@@ -175,7 +175,7 @@ def recomputed_gradient(model, task, batch, weight, gamma, lr, clip):
     with torch.no_grad():
         for p, g in zip(at_fast.parameters(), grads, strict=True):
             p -= lr * g.clamp(-clip, clip)
-    with caught_features(at_theta) as raw, caught_features(at_fast) as fast:
+    with output_layer_input(at_theta) as raw, output_layer_input(at_fast) as fast:
         total = task.loss(at_theta(inputs), targets) + weight * task.loss(at_fast(shifted), targets)
         if gamma:
             total = total + gamma * boundary_loss(raw["z"], fast["z"], targets, 2)
@@ -194,7 +194,7 @@ def test_the_meta_step_is_the_first_order_episodic_gradient(data, monkeypatch, g
     method = ELCFS({"gamma": gamma, "lr_inner": 0.05, "meta_test_weight": 0.7}, 3)
     expected, at_theta = recomputed_gradient(model, task, batch, 0.7, gamma, 0.05, clip)
     ctx = SimpleNamespace(task=task, autocast=nullcontext)
-    with caught_features(model) as found:
+    with output_layer_input(model) as found:
         method.meta_step(model, ctx, batch, found)
     for p, g in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
