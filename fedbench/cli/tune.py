@@ -229,14 +229,16 @@ def check_destination(out: Path, top: dict[str, Any]) -> None:
 def write_study(out: Path, top: dict[str, Any], parts: list[dict[str, Any]], trials: int) -> None:
     """Write (or update) the tuned study file after each tuning, atomically."""
     from fedbench.backends.study import merged_parts, study_text
+    from fedbench.engine.federations import claimed
     from fedbench.storage import write_atomic
 
     header = HEADER.format(day=date.today(), trials=trials, path=out)
     name = {"name": out.stem, "description": DESCRIPTION}
     top = {**name, **top, "seeds": "0,1,2", "holdout": "all"}
-    text = study_text(top, merged_parts(out, parts), header)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, lambda handle: handle.write(text.encode("utf-8")))
+    with claimed(out):  # two tunings writing one study file: neither loses the other's parts
+        text = study_text(top, merged_parts(out, parts), header)
+        write_atomic(out, lambda handle: handle.write(text.encode("utf-8")))
 
 
 app.command("tune")(user_errors(tune_command))
