@@ -192,7 +192,8 @@ def server_problems(run: Run, data: Any, rounds: list[dict[str, Any]], cost: dic
             if any(carries_data(t, model_shapes, sample_shapes) for t in sent.values()):
                 problems.append("privacy: a client sent an image- or mask-shaped tensor")
             problems += undeclared(extras, statistics, "a client sent")
-            problems += undeclared(update.extras, raw, "a client sent", "never allowed")
+            mine = {k: v for k, v in update.extras.items() if k in declared}  # shape-checked above
+            problems += undeclared(mine, raw, "a client sent", "never allowed")
             up += nbytes(update.state) + nbytes(update.extras)
         for payload in entry["payloads"]:
             kept = {k: v for k, v in payload.items() if k not in {*declared, *model_state}}
