@@ -99,13 +99,13 @@ def described(space: Space) -> dict[str, str]:
     return out
 
 
-def study_name(spec: RunSpec, space: Space, code: dict[str, str]) -> str:
+def study_name(spec: RunSpec, space: Space, code: dict[str, str], device: str) -> str:
     """The name of a tuning's Optuna study: the method, and a hash of everything that makes two
     tunings comparable (data, preset, rounds, seed, fixed settings, space, objective, the
     plugins' code and the device): edited code starts a new study."""
     key = [
         code,
-        spec.device,
+        device,  # the one a run resolves to: "auto" here is "cpu" on a Ray worker
         spec.method,
         spec.dataset,
         spec.preset,
@@ -265,7 +265,8 @@ def open_tuning(spec: RunSpec, registry: Registry) -> Tuning:
     def score(settings: dict[str, Any], report: Callable[[int, float], None]) -> float:
         return validation_score(trial_spec(runs, settings), registry, report)
 
-    return opened(runs, study_name(spec, space, run.code), space, score, warmup=rounds // 3)
+    name = study_name(spec, space, run.code, run.device.type)
+    return opened(runs, name, space, score, warmup=rounds // 3)
 
 
 def opened(runs: RunSpec, name: str, space: Space, score: Score, warmup: int) -> Tuning:
