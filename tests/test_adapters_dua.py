@@ -4,15 +4,12 @@ running-statistics recursion of one BatchNorm layer over two images by hand, no 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import predict, toy_builder, toy_data
 from torch import nn
 
 from fedbench.adapter import AdaptContext, TrainedFederation
-from fedbench.conformance import check_plugin
 from fedbench.data import UnlabeledImages
 from fedbench.engine.registry import load_registry
 from fedbench.errors import FedbenchError
@@ -168,9 +165,3 @@ def test_dua_settings_are_validated(setting, value):
     model = toy_builder(toy_data())()
     with pytest.raises(FedbenchError, match=f"adapter.{setting}"):
         Dua({setting: value}).check(REGISTRY.get("methods", "fedavg"), model, toy_data().task)
-
-
-@pytest.mark.slow  # a quick run on synth-prostate, twice, and the label check
-def test_dua_conforms():
-    path = Path(__file__).resolve().parents[1] / "plugins" / "dua.py"
-    assert check_plugin("dua", load_registry((path,))) == []

@@ -5,7 +5,6 @@ toy U-Net, the server's moving average by hand, the bytes, determinism and resum
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +19,7 @@ from method_checks import (
     start_spy,
 )
 
-from fedbench.conformance import check_plugin
 from fedbench.data import Split
-from fedbench.engine.registry import load_registry
 from fedbench.method import ClientUpdate, LocalContext, clone_state
 from fedbench.models import output_layer, output_layer_keys
 from fedbench_plugins.fedavg import FedAvg
@@ -255,9 +252,3 @@ def test_fediir_refuses_bad_settings_by_name():
         toy_config,
         {"gamma": [-0.1, "x", True, None], "ema": [1.0, -0.1, 1.5, "x", True, None]},
     )
-
-
-@pytest.mark.slow  # a quick run on synth-prostate, twice, resume and the byte checks
-def test_fediir_conforms():
-    path = Path(__file__).resolve().parents[1] / "plugins" / "fediir.py"
-    assert check_plugin("fediir", load_registry((path,))) == []
