@@ -89,7 +89,7 @@ def tune_command(
     )
     fixed = fixed_settings(list(set_ or []))
     methods = list(dict.fromkeys(method or (["fedavg"] if adapter else [])))
-    check_names(reg, methods, list(dict.fromkeys(adapter or [])))
+    check_names(reg, methods, list(dict.fromkeys(adapter or [])), list(set_ or []))
     parts: list[dict[str, Any]] = []
     for name in methods:
         spec = replace(base, method=name)
@@ -111,18 +111,18 @@ def tune_command(
     echo(f"study {out}")
 
 
-def check_names(reg: Any, methods: list[str], adapters: list[str]) -> None:
-    """Every name and search space checked before any training: one line, not an error an
-    hour into the tuning."""
-    from fedbench.engine.tuning import method_space
+def check_names(reg: Any, methods: list[str], adapters: list[str], fixed: list[str]) -> None:
+    """Every name, search space and --set checked before any training: one line, not an error
+    an hour into the tuning."""
+    from fedbench.engine.tuning import check_fixed, method_space
     from fedbench.engine.tuning_adapters import adapter_space
 
     for name in methods:
         found = reg.get("methods", name)
         if not adapters:
-            method_space(found)
+            check_fixed(method_space(found), fixed)
     for name in adapters:
-        adapter_space(reg, name)
+        check_fixed(adapter_space(reg, name), fixed)
 
 
 def fixed_settings(assignments: list[str]) -> dict[str, str]:
