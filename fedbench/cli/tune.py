@@ -17,9 +17,9 @@ from fedbench.errors import FedbenchError
 if TYPE_CHECKING:
     from fedbench.engine.tuning import Tuned
 
-HEADER = """Written by `fedbench tune` on {day}: each part holds the settings its tuning chose with
-{trials} trials on the preset's training budget, on validation data only; its `tuned` table says
-how (trials, objective, best value, seed, CPU-hours). An adapter is tuned once per unseen site,
+HEADER = """Written by `fedbench tune` (last on {day}): each part holds the settings its tuning
+chose on the preset's training budget, on validation data only; its `tuned` table says how
+(trials, objective, best value, seed, CPU-hours). An adapter is tuned once per unseen site,
 never reading that site: one part per site, one row on the board. Run it with
   fedbench grid --study {path}"""
 
@@ -96,7 +96,7 @@ def tune_command(
         if adapter:
             for found in adapter_tunings(spec, reg, trials, list(dict.fromkeys(adapter))):
                 parts.append(adapter_part(found, name, fixed))
-                write_study(out, top, parts, trials)
+                write_study(out, top, parts)
             continue
         say(f"tuning {name}: {trials} trials")
         if backend == "ray":
@@ -107,7 +107,7 @@ def tune_command(
             found = tuned_here(spec, reg, trials)
         echo(line_for(found))
         parts.append(method_part(found, fixed))
-        write_study(out, top, parts, trials)
+        write_study(out, top, parts)
     echo(f"study {out}")
 
 
@@ -226,13 +226,13 @@ def check_destination(out: Path, top: dict[str, Any]) -> None:
         )
 
 
-def write_study(out: Path, top: dict[str, Any], parts: list[dict[str, Any]], trials: int) -> None:
+def write_study(out: Path, top: dict[str, Any], parts: list[dict[str, Any]]) -> None:
     """Write (or update) the tuned study file after each tuning, atomically."""
     from fedbench.backends.study import merged_parts, study_text
     from fedbench.engine.federations import claimed
     from fedbench.storage import write_atomic
 
-    header = HEADER.format(day=date.today(), trials=trials, path=out)
+    header = HEADER.format(day=date.today(), path=out)
     name = {"name": out.stem, "description": DESCRIPTION}
     top = {**name, **top, "seeds": "0,1,2", "holdout": "all"}
     out.parent.mkdir(parents=True, exist_ok=True)
