@@ -87,6 +87,8 @@ class Adapter:
     mode: ClassVar[str] = "none"
     needs_global_model: ClassVar[bool] = True
     needs_normalization: ClassVar[bool] = False
+    #: True for an adapter that reads BatchNorm running statistics (DUA, VPTTA)
+    needs_running_statistics: ClassVar[bool] = False
     needs_dense_task: ClassVar[bool] = False
     required: ClassVar[tuple[str, ...]] = ("predict",)
 
@@ -114,7 +116,7 @@ class Adapter:
     def check(self, method: type, model: nn.Module, task: Task) -> None:
         """Raise a clear error, before any training, when this adapter cannot apply to the
         method (class), its model or the task."""
-        from fedbench.models import normalization_modules
+        from fedbench.models import normalization_modules, running_batch_norms
 
         self.check_method(method)
         if self.needs_dense_task and not task.dense_prediction:
@@ -122,6 +124,10 @@ class Adapter:
         if self.needs_normalization and not normalization_modules(model):
             raise FedbenchError(
                 f"adapter '{self.name}' needs normalization layers, and this model has none"
+            )
+        if self.needs_running_statistics and not running_batch_norms(model):
+            raise FedbenchError(
+                f"adapter '{self.name}' needs BatchNorm layers with running statistics"
             )
 
     def predict(

@@ -93,6 +93,7 @@ class Dua(Adapter):
     mode = "online"
     description = "DUA: BatchNorm running statistics from augmented test images, decaying momentum"
     needs_normalization = True
+    needs_running_statistics = True
     #: its augmentations flip and re-scale images: segmentation inputs
     needs_dense_task = True
     defaults = {
@@ -129,10 +130,6 @@ class Dua(Adapter):
     def check(self, method: type, model: nn.Module, task: Task) -> None:
         super().check(method, model, task)
         self.check_settings()
-        if not running_batch_norms(model):
-            raise FedbenchError(
-                f"adapter '{self.name}' needs BatchNorm layers with running statistics"
-            )
 
     def predict(
         self, federation: TrainedFederation, images: UnlabeledImages, ctx: AdaptContext

@@ -182,6 +182,7 @@ class VPTTA(Adapter):
     mode = "online"
     description = "VPTTA: per-image low-frequency amplitude prompt from a memory bank, BN alignment"
     needs_normalization = True
+    needs_running_statistics = True
     #: its prompts act on images' spectra: segmentation inputs
     needs_dense_task = True
     defaults = {
@@ -215,10 +216,6 @@ class VPTTA(Adapter):
     def check(self, method: type, model: nn.Module, task: Task) -> None:
         super().check(method, model, task)
         self.check_settings()
-        if not running_batch_norms(model):
-            raise FedbenchError(
-                f"adapter '{self.name}' needs BatchNorm layers with running statistics"
-            )
 
     def adapt_and_predict(self, s: Stream, image: torch.Tensor) -> torch.Tensor:
         """The [1, C, H, W] output for one [C, H, W] image with its trained prompt."""
