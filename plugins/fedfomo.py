@@ -21,10 +21,14 @@ steers that choice, is not kept): in each round client i
   4. trains theta_i for `train.local_epochs` epochs exactly as FedAvg does, and sends its full
      state (as extras: the method shares no keys, so the engine's FedAvg averaging never runs;
      the server keeps the latest state of each client).
-Each client is scored with its own model. The model an unseen site receives is the engine's for a
-method sharing no keys: the sample-weighted mean of the clients' own states (each sends it once,
-after the last round, counted in the bytes up); FedFomo itself defines none. FedFomo has no
-settings and draws nothing at random (its batches come from the client's own stream as FedAvg's)."""
+Each client is scored with its own model. FedFomo defines no model for an unseen site, so its
+default adapter is `ensemble` (the mean of the personalized models' predictions), as for `local`.
+The engine's weight mean of the clients' states (what `none` scores; each client sends its state
+once, after the last round, counted in the bytes up) is no model at all here: the clients drift
+into groups far apart in weight space (seed 0, BIDMC held out: RUNMC's model at 0.14-0.15 of its
+norm from I2CVB's and UCL's, 0.66-0.67 from BMC's and HK's), and their mean scored 0.012 on
+BIDMC and 0.11-0.57 on the clients' own test splits. FedFomo has no settings and draws nothing at
+random (its batches come from the client's own stream as FedAvg's)."""
 
 from __future__ import annotations
 
@@ -115,6 +119,7 @@ class FedFomo(Method):
 
     name = "fedfomo"
     description = "FedFomo: own models moved to the others' that lower the own validation loss"
+    default_adapter = "ensemble"
 
     def __init__(self, params: dict[str, Any], num_clients: int) -> None:
         super().__init__(params, num_clients)
