@@ -173,7 +173,19 @@ def test_only_ok_records_count_and_others_get_a_note(results):
     write(results, make_record("beta-nan", "beta", 8, {"x": 0.0}, status="diverged"))
     lb = build_leaderboard(load_records(results)[0])
     assert board_row(lb, "inside", "alpha")["seeds"] == 3
-    assert "not counted: 1 diverged, 1 failed run(s)" in lb.notes
+    (note,) = [n for n in lb.notes if n.startswith("not counted")]
+    assert note.startswith("not counted: 1 diverged, 1 failed run(s): ")
+    # which cells, so a row with fewer seeds says why (its mean is of the survivors only)
+    assert "alpha + none seed 7 (failed)" in note and "beta + none seed 8 (diverged)" in note
+
+
+def test_the_note_on_runs_not_counted_groups_a_cells_seeds(results):
+    for seed in (4, 5):
+        bad = make_record(f"beta-nan{seed}", "beta", seed, {"x": 0.0}, status="diverged")
+        bad["variant"] = "sgd"
+        write(results, bad)
+    lb = build_leaderboard(load_records(results)[0])
+    assert any("beta + none [sgd] seeds 4, 5 (diverged)" in n for n in lb.notes)
 
 
 def test_latest_record_of_a_repeated_cell_counts(results):

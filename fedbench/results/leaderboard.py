@@ -304,12 +304,23 @@ def other_datasets(records: list[dict[str, Any]], chosen: str) -> list[str]:
 
 
 def status_notes(records: list[dict[str, Any]]) -> list[str]:
-    """One line counting the runs that did not end ok (they are never scored)."""
-    bad = pd.Series([r["status"] for r in records if r["status"] != "ok"], dtype=object)
-    if bad.empty:
+    """One line counting the runs that did not end ok (they are never scored) and naming their
+    cells: a row that lost a seed averages the seeds that survived."""
+    bad = [r for r in records if r["status"] != "ok"]
+    if not bad:
         return []
-    counts = ", ".join(f"{n} {status}" for status, n in sorted(bad.value_counts().items()))
-    return [f"not counted: {counts} run(s)"]
+    counts = pd.Series([r["status"] for r in bad], dtype=object).value_counts()
+    counted = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    seeds: dict[tuple[str, str], set[int]] = {}
+    for r in bad:
+        variant = f" [{r['variant']}]" if r.get("variant") else ""
+        cell = f"{r['method']} + {r.get('adapter') or 'none'}{variant}"
+        seeds.setdefault((cell, r["status"]), set()).add(int(r["seed"]))
+    cells = "; ".join(
+        f"{cell} seed{'s' if len(s) > 1 else ''} {', '.join(map(str, sorted(s)))} ({status})"
+        for (cell, status), s in sorted(seeds.items())
+    )
+    return [f"not counted: {counted} run(s): {cells}"]
 
 
 def settings_notes(records: list[dict[str, Any]]) -> list[str]:
