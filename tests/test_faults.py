@@ -103,7 +103,11 @@ def only_record(results: Path) -> dict:
             "failed",
             "adapter 'adapt-raises' failed: KeyError: 'no such layer'",
         ),
-        (["--method", "nan-loss", "--holdout", "none"], "diverged", "loss became nan"),
+        (
+            ["--method", "nan-loss", "--holdout", "none"],
+            "diverged",
+            "loss became nan in local training (client 0, round 1); federation, all sites",
+        ),
     ],
 )
 def test_a_raising_plugin_ends_its_run_with_a_named_error(plugin, tmp_path, args, status, error):

@@ -16,6 +16,7 @@ from fedbench.data import Split
 from fedbench.engine import boundary, precision
 from fedbench.engine.config import Config
 from fedbench.engine.profiling import PROFILE
+from fedbench.errors import Diverged
 from fedbench.method import ClientUpdate, LocalContext, Method, State, clone_state
 from fedbench.storage import stable_hash
 from fedbench.task import Task
@@ -115,7 +116,10 @@ class Client:
         """Train `model` from its view of the received state; the update it sends (copies)."""
         model.load_state_dict(self.view(shared))
         ctx = self.context(setup, shared, payload, round_index)
-        sent = boundary.call(self.method, "local_update", model, ctx)
+        try:
+            sent = boundary.call(self.method, "local_update", model, ctx)
+        except Diverged as exc:  # where, so a diverged record says which client and round
+            raise Diverged(f"{exc} (client {self.index}, round {round_index})") from None
         sent = boundary.extras(self.method, "local_update", sent)
         self.state = clone_state(model.state_dict())
         boundary.call(self.method, "after_local_update", self.index, self.state)

@@ -84,8 +84,12 @@ class Scoring:
             )
 
         self.reporter.start(label, self.run.config["train"]["rounds"])
-        federation = load_or_train(self.run, data, holdout, on_round, self.fingerprint)
-        self.reporter.finish()
+        try:
+            federation = load_or_train(self.run, data, holdout, on_round, self.fingerprint)
+        except Diverged as exc:
+            raise Diverged(f"{exc}; {label}") from None
+        finally:
+            self.reporter.finish()
         self.costs[holdout or "inside"] = dict(federation.cost)  # a copy: adapt_s joins it
         if federation.val_best_rounds:
             self.val_best_rounds[holdout or "inside"] = federation.val_best_rounds
