@@ -13,7 +13,7 @@ from conftest import toy_config, toy_train
 from fedbench.conformance import check_plugin
 from fedbench.engine.registry import load_registry
 from fedbench.leaks import image_statistics, rows_of, undeclared
-from fedbench.results.leaderboard import sharing_notes
+from fedbench.results.notes import sharing_notes
 from fedbench_plugins.fedavg import FedAvg
 
 CPU = torch.device("cpu")
