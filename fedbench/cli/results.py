@@ -64,6 +64,13 @@ def leaderboard_command(
         str,
         typer.Option(help="mean (over sites) or pooled (all sites' test sets at once)."),
     ] = "mean",
+    versus: Annotated[
+        str | None,
+        typer.Option(
+            help="Compare every row with this one instead of the best: 'METHOD[ + ADAPTER]"
+            "[ + VARIANT]', e.g. 'fedavg + none'."
+        ),
+    ] = None,
 ) -> None:
     """Rank methods inside and outside the federation from the run records."""
     from fedbench.cli.tables import to_text_table
@@ -90,7 +97,7 @@ def leaderboard_command(
         dataset, variants, study_notes = _study_board(study, dataset, records)
     elif group_by is not None:
         variants = lbm.setting_variants(group_by, records)
-    board = lbm.build_leaderboard(records, dataset, metric, selection, variants, rank_by)
+    board = lbm.build_leaderboard(records, dataset, metric, selection, variants, rank_by, versus)
     board.notes += study_notes
     if out is not None:
         text = to_text_table(board) if fmt == "table" else formats.render(board, fmt)

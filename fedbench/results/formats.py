@@ -53,12 +53,18 @@ def display_frame(board: Board, metric: str) -> pd.DataFrame:
     out["steps"] = [_fmt(v, None, 0) for v in f["client_steps"]]
     out["wall s"] = [_fmt(v, None, 0) for v in f["seconds"]]
     out["seeds"] = f["seeds"].astype(str)
-    out["p vs best (Holm)"] = [
-        f"= {twin}" if twin else "best" if s is None else _fmt(p, None, 3)
+    top = "best" if board.versus is None else "reference"
+    out[p_column(board)] = [
+        f"= {twin}" if twin else top if s is None else _fmt(p, None, 3)
         for p, s, twin in zip(f["p holm"], f["significant"], f["same as"])
     ]
     out["sig."] = ["*" if s else "" for s in f["significant"]]
     return out
+
+
+def p_column(board: Board) -> str:
+    """'p vs best (Holm)', or 'p vs ROW (Holm)' on a board compared with a chosen row."""
+    return f"p vs {board.versus or 'best'} (Holm)"
 
 
 def _intervals(frame: pd.DataFrame, digits: int) -> list[str]:
@@ -72,12 +78,14 @@ def _intervals(frame: pd.DataFrame, digits: int) -> list[str]:
 def legend_lines(lb: Leaderboard) -> list[str]:
     """What the columns mean, then the notes."""
     order = "lower is better" if lb.lower_is_better else "higher is better"
+    chosen = any(board.versus for board in lb.boards)
+    compared = "the row its p column names (--versus)" if chosen else "the best row"
     return [
         f"{lb.metric} ({order}), selection '{lb.selection}', dataset {lb.dataset}: mean ± std "
         "over seeds; worst site = worst site score of each run; site sd = standard deviation "
         "across sites of each run (fairness); spread = max - min of site means",
-        "* = differs from the best row: two-sided Wilcoxon signed-rank test over (site, seed) "
-        "pairs, p corrected with Holm's method for the comparisons of every row with the best, "
+        f"* = differs from {compared}: two-sided Wilcoxon signed-rank test over (site, seed) "
+        f"pairs, p corrected with Holm's method for the comparisons of every row with it, "
         f"p < {ALPHA}; p is '-' when there are no pairs to compare; '= ROW': the same value in "
         "every (site, seed) block as a higher row (one result under two names: its rank, no "
         "comparison of its own)",
@@ -131,7 +139,7 @@ MARKDOWN_MARKS = re.compile(r"[\\`*_\[\]|~]")
 HTML_START = re.compile(r"<(?=[A-Za-z/!?])")
 ENTITY = re.compile(r"&(?=#?\w+;)")
 #: the display columns whose cells carry names (the twin a row equals is one)
-NAME_COLUMNS = ("method", "adapter", "variant", "p vs best (Holm)")
+NAME_COLUMNS = ("method", "adapter", "variant")
 
 
 def md_text(value: object) -> str:
@@ -155,7 +163,7 @@ def to_markdown(lb: Leaderboard) -> str:
     parts = [f"# Leaderboard: {name}", ""]
     for board in lb.boards:
         shown = display_frame(board, lb.metric)
-        names = [c in board.keys or c in NAME_COLUMNS for c in shown.columns]
+        names = [c in board.keys or c in (*NAME_COLUMNS, p_column(board)) for c in shown.columns]
         cells = [
             [
                 md_text(c) if is_name else md_line(str(c)).replace("|", "\\|")
@@ -240,6 +248,7 @@ def to_json(lb: Leaderboard) -> str:
         boards[b.regime] = {
             "sites": [str(s) for s in b.sites],
             "smallest_p": _clean(b.smallest_p),
+            "versus": b.versus,
             "rows": rows,
         }
     payload = {

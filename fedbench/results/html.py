@@ -9,6 +9,7 @@ from html import escape
 
 import pandas as pd
 
+from fedbench.results.formats import p_column
 from fedbench.results.leaderboard import TITLES, Board, Leaderboard
 
 # Display column -> the board frame's number it sorts by; the keys (method, adapter) sort as text.
@@ -18,10 +19,9 @@ SORT_SOURCE = {
     "MB sent": "bytes",
     "steps": "client_steps",
     "wall s": "seconds",
-    "p vs best (Holm)": "p holm",
 }
 # Columns where a small number is good whatever the metric; "seeds" and "sig." put big first.
-SMALL_FIRST = ("rank", "site sd", "spread", "MB sent", "steps", "wall s", "p vs best (Holm)")
+SMALL_FIRST = ("rank", "site sd", "spread", "MB sent", "steps", "wall s")
 
 STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1f2328;
@@ -110,7 +110,7 @@ def sort_keys(board: Board, shown: pd.DataFrame) -> dict[str, list[str] | None]:
     """Per display column the number each cell sorts by ('' when missing); None for text."""
     keys: dict[str, list[str] | None] = {}
     for label in shown.columns:
-        source = SORT_SOURCE.get(label, label)
+        source = "p holm" if label == p_column(board) else SORT_SOURCE.get(label, label)
         if label in board.keys or label == "sig." or source not in board.frame:
             keys[label] = None
             continue
@@ -121,7 +121,7 @@ def sort_keys(board: Board, shown: pd.DataFrame) -> dict[str, list[str] | None]:
 
 def first_order(label: str, board: Board, lower_is_better: bool) -> str:
     """The order a first click gives: the best first, as the metric or the column has it."""
-    if label in board.keys or label in SMALL_FIRST:
+    if label in board.keys or label in SMALL_FIRST or label == p_column(board):
         return "ascending"
     if label in ("seeds", "sig."):
         return "descending"

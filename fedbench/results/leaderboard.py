@@ -50,6 +50,8 @@ class Board:
     rank_by: str = "mean"
     #: the smallest Holm-corrected p this board's design can reach (nan: no test)
     smallest_p: float = math.nan
+    #: the row every other is compared with, when not the best (`--versus`)
+    versus: str | None = None
 
     def label(self, row: Any) -> str:
         """'fedavg' or 'fedavg + tent': how a row is named in pictures."""
@@ -156,10 +158,12 @@ def build_board(
     metric: str,
     keys: list[str] | None = None,
     rank_by: str = "mean",
+    versus: list[str] | None = None,
 ) -> Board:
     """The ranked board of one regime from the metric rows of that regime (one metric); a row
     per `keys` (the regime's own, with "variant" added on a board of variants), ranked by
-    `rank_by`. The pooled-test rows make a column of their own and are no site."""
+    `rank_by`, each compared with the best or with the row `versus` names (`reference_row`).
+    The pooled-test rows make a column of their own and are no site."""
     keys = keys or REGIMES[regime]
     frame = frame.assign(adapter=frame["adapter"].fillna("-"))
     # only the (row, seed) pairs that ran; a site a run lacks stays NaN
@@ -201,11 +205,28 @@ def build_board(
         out[column] = bound
     # the best row is compared over (site, seed) pairs, or over seeds for the pooled value
     compared = pooled.dropna() if rank_by == POOLED and pooled is not None else long
-    smallest = compare_with_best(out, compared, twins)
+    reference = reference_row(out.index, keys, versus) if versus else None
+    smallest = compare_with_best(out, compared, twins, reference or 0)
     board = Board(regime, keys, sites, out.reset_index(), rank_by=rank_by, smallest_p=smallest)
+    if reference is not None:
+        board.versus = _label(keys, out.index[twins.get(reference, reference)])
     blocks.index = [board.label(row) for row in board.frame.to_dict("records")]
     board.blocks = blocks
     return board
+
+
+def reference_row(index: pd.Index, keys: list[str], versus: list[str]) -> int | None:
+    """The position of the best-ranked row named by `versus` (its method, then any of its
+    adapter and variant; the parts that are no value of this board's keys, such as an adapter on
+    the inside board, are left out), or None."""
+    rows = [dict(zip(keys, key if isinstance(key, tuple) else (key,))) for key in index]
+    known = {str(row[k]) for row in rows for k in keys[1:]}
+    wanted = [part for part in versus[1:] if part in known]
+    for position, row in enumerate(rows):
+        others = [str(row[k]) for k in keys[1:]]
+        if str(row["method"]) == versus[0] and all(part in others for part in wanted):
+            return position
+    return None
 
 
 def _label(keys: list[str], key: Any) -> str:
@@ -225,10 +246,12 @@ def build_leaderboard(
     selection: str = "final",
     variants: Variants | None = None,
     rank_by: str = "mean",
+    versus: str | None = None,
 ) -> Leaderboard:
     """Both boards for a dataset from valid records (only status ok counts); with `variants`,
     a row per method (+ adapter) and variant, and only the records that have a variant; the
-    rows ranked by `rank_by` (RANK_BY)."""
+    rows ranked by `rank_by` (RANK_BY), each compared with the best or with the row `versus`
+    names ("METHOD[ + ADAPTER][ + VARIANT]")."""
     if rank_by not in RANK_BY:
         raise FedbenchError(f"unknown --rank-by '{rank_by}'; known: {', '.join(RANK_BY)}")
     name = pick_dataset(records, dataset)
@@ -264,7 +287,10 @@ def build_leaderboard(
             )
         kept |= set(part["run_id"])
         order = board_rank_by(part, regime, rank_by, name, notes)
-        boards.append(build_board(part, regime, metric, keys, order))
+        wanted = [p.strip() for p in versus.split("+")] if versus else None
+        boards.append(build_board(part, regime, metric, keys, order, wanted))
+    if versus:
+        notes += versus_notes(boards, versus)
     if not variants and repeated_runs(ok):
         notes.append(
             f"{repeated_runs(ok)} older run(s) of a repeated cell set aside (latest counts)"
@@ -275,6 +301,23 @@ def build_leaderboard(
     notes += sharing_notes([r for r in ok if r["run_id"] in kept])
     notes += [line for board in boards for line in compute_notes(board)]
     return Leaderboard(name, metric, selection, boards, notes, rank_by)
+
+
+def versus_notes(boards: list[Board], versus: str) -> list[str]:
+    """A note per board without the `versus` row (compared with its best); an error when no
+    board has it."""
+    if all(board.versus is None for board in boards):
+        rows = "; ".join(
+            f"{', '.join(sorted(board.label(r) for r in board.frame.to_dict('records')))} "
+            f"({board.regime})"
+            for board in boards
+        )
+        raise FedbenchError(f"--versus '{versus}': no such row; rows: {rows}")
+    return [
+        f"{board.regime}: no row '{versus}', so its rows are compared with the best"
+        for board in boards
+        if board.versus is None
+    ]
 
 
 def board_rank_by(

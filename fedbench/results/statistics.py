@@ -109,12 +109,16 @@ def shared_ranks(rows: int, twins: dict[int, int]) -> list[int]:
     return ranks
 
 
-def compare_with_best(out: pd.DataFrame, compared: pd.Series, twins: dict[int, int]) -> float:
-    """p, Holm-corrected p and significance of each distinct row against the best (a repeated
-    result takes its twin's); returns the smallest corrected p the design can reach."""
-    best = out.index[0]
-    distinct = [key for i, key in enumerate(out.index) if i not in twins]
-    pairs = {key: (pairs_of(compared, key), pairs_of(compared, best)) for key in distinct[1:]}
+def compare_with_best(
+    out: pd.DataFrame, compared: pd.Series, twins: dict[int, int], reference: int = 0
+) -> float:
+    """p, Holm-corrected p and significance of each distinct row against the best, or against
+    the row at position `reference` (a repeated result takes its twin's); returns the smallest
+    corrected p the design can reach."""
+    reference = twins.get(reference, reference)
+    best = out.index[reference]
+    distinct = [key for i, key in enumerate(out.index) if i not in twins and i != reference]
+    pairs = {key: (pairs_of(compared, key), pairs_of(compared, best)) for key in distinct}
     raw = pd.Series(
         {key: paired_p(row, top) for key, (row, top) in pairs.items()}, dtype=float
     ).reindex(out.index)
@@ -123,7 +127,7 @@ def compare_with_best(out: pd.DataFrame, compared: pd.Series, twins: dict[int, i
         raw.iloc[i], adjusted.iloc[i] = raw.iloc[j], adjusted.iloc[j]
     out["p"], out["p holm"] = raw, adjusted
     out["significant"] = [
-        None if key == best or twins.get(i) == 0 else bool(p < ALPHA)
+        None if key == best or twins.get(i) == reference else bool(p < ALPHA)
         for i, (key, p) in enumerate(adjusted.items())
     ]
     tested = [
