@@ -70,3 +70,15 @@ def test_the_cli_names_the_reference_in_the_column_and_the_legend(results):
     assert "* = differs from the row its p column names (--versus)" in out.stdout
     row = next(line for line in out.stdout.splitlines() if line.startswith("| 3 | alpha"))
     assert "reference" in row
+
+
+def test_a_reference_with_a_twin_keeps_its_own_name_and_the_twins_values(tmp_path):
+    for method in ("alpha", "beta", "gamma"):  # gamma repeats beta's result under a new name
+        source = "beta" if method == "gamma" else method
+        for seed, inside in enumerate(SCORES[source]):
+            write(tmp_path, make_record(f"{method}-{seed}", method, seed, inside))
+    lb = build_leaderboard(load_records(tmp_path)[0], versus="gamma")
+    board = next(b for b in lb.boards if b.regime == "inside")
+    frame = board.frame.set_index("method")
+    assert board.versus == "gamma"
+    assert frame.loc["alpha", "p"] == pytest.approx(paired_p(pairs("alpha"), pairs("beta")))

@@ -209,7 +209,7 @@ def build_board(
     smallest = compare_with_best(out, compared, twins, reference or 0)
     board = Board(regime, keys, sites, out.reset_index(), rank_by=rank_by, smallest_p=smallest)
     if reference is not None:
-        board.versus = _label(keys, out.index[twins.get(reference, reference)])
+        board.versus = _label(keys, out.index[reference])
     blocks.index = [board.label(row) for row in board.frame.to_dict("records")]
     board.blocks = blocks
     return board
