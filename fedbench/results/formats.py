@@ -54,17 +54,12 @@ def display_frame(board: Board, metric: str) -> pd.DataFrame:
     out["wall s"] = [_fmt(v, None, 0) for v in f["seconds"]]
     out["seeds"] = f["seeds"].astype(str)
     top = "best" if board.versus is None else "reference"
-    out[p_column(board)] = [
+    out[board.p_column] = [
         f"= {twin}" if twin else top if s is None else _fmt(p, None, 3)
         for p, s, twin in zip(f["p holm"], f["significant"], f["same as"])
     ]
     out["sig."] = ["*" if s else "" for s in f["significant"]]
     return out
-
-
-def p_column(board: Board) -> str:
-    """'p vs best (Holm)', or 'p vs ROW (Holm)' on a board compared with a chosen row."""
-    return f"p vs {board.versus or 'best'} (Holm)"
 
 
 def _intervals(frame: pd.DataFrame, digits: int) -> list[str]:
@@ -163,7 +158,7 @@ def to_markdown(lb: Leaderboard) -> str:
     parts = [f"# Leaderboard: {name}", ""]
     for board in lb.boards:
         shown = display_frame(board, lb.metric)
-        names = [c in board.keys or c in (*NAME_COLUMNS, p_column(board)) for c in shown.columns]
+        names = [c in board.keys or c in (*NAME_COLUMNS, board.p_column) for c in shown.columns]
         cells = [
             [
                 md_text(c) if is_name else md_line(str(c)).replace("|", "\\|")

@@ -9,7 +9,6 @@ from html import escape
 
 import pandas as pd
 
-from fedbench.results.formats import p_column
 from fedbench.results.leaderboard import TITLES, Board, Leaderboard
 
 # Display column -> the board frame's number it sorts by; the keys (method, adapter) sort as text.
@@ -110,7 +109,7 @@ def sort_keys(board: Board, shown: pd.DataFrame) -> dict[str, list[str] | None]:
     """Per display column the number each cell sorts by ('' when missing); None for text."""
     keys: dict[str, list[str] | None] = {}
     for label in shown.columns:
-        source = "p holm" if label == p_column(board) else SORT_SOURCE.get(label, label)
+        source = "p holm" if label == board.p_column else SORT_SOURCE.get(label, label)
         if label in board.keys or label == "sig." or source not in board.frame:
             keys[label] = None
             continue
@@ -121,7 +120,7 @@ def sort_keys(board: Board, shown: pd.DataFrame) -> dict[str, list[str] | None]:
 
 def first_order(label: str, board: Board, lower_is_better: bool) -> str:
     """The order a first click gives: the best first, as the metric or the column has it."""
-    if label in board.keys or label in SMALL_FIRST or label == p_column(board):
+    if label in board.keys or label in SMALL_FIRST or label == board.p_column:
         return "ascending"
     if label in ("seeds", "sig."):
         return "descending"

@@ -53,6 +53,11 @@ class Board:
     #: the row every other is compared with, when not the best (`--versus`)
     versus: str | None = None
 
+    @property
+    def p_column(self) -> str:
+        """'p vs best (Holm)', or 'p vs ROW (Holm)' on a board compared with a chosen row."""
+        return f"p vs {self.versus or 'best'} (Holm)"
+
     def label(self, row: Any) -> str:
         """'fedavg' or 'fedavg + tent': how a row is named in pictures."""
         return " + ".join(str(row[k]) for k in self.keys)
