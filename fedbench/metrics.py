@@ -32,12 +32,17 @@ Spacing = Sequence[float]
 
 
 def _one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """[N, H, W] integer labels -> [N, C, H, W] float one-hot."""
-    return F.one_hot(labels.long(), num_classes).permute(0, 3, 1, 2).float()
+    """[N, *spatial] integer labels -> [N, C, *spatial] float one-hot."""
+    return F.one_hot(labels.long(), num_classes).movedim(-1, 1).float()
 
 
 def _volume(stack: torch.Tensor) -> torch.Tensor:
-    """A case's [S, C, H, W] slices -> one [1, C, S, H, W] volume."""
+    """A case's [S, C, H, W] slices -> one [1, C, S, H, W] volume; a case that is one volume
+    already ([1, C, D, H, W], a 3D task's sample) stays as it is."""
+    if stack.ndim == 5:
+        if stack.shape[0] != 1:
+            raise ValueError(f"a 3D case must be one volume, got {stack.shape[0]}")
+        return stack
     return stack.permute(1, 0, 2, 3).unsqueeze(0)
 
 

@@ -136,3 +136,19 @@ def test_prostate_png_slices_state_no_pixel_size(tmp_path):
     if not samples.is_dir():
         pytest.skip("../shared/data/realdata/midss_multisite_samples is not present")
     assert load_task(samples, tmp_path / "cache").hd95_unit == "voxel"
+
+
+def test_a_3d_task_scores_each_volume_as_one_case_with_anisotropic_spacing():
+    """Samples that are volumes ([N, D, H, W] labels, one case each, issue 26): a single voxel
+    predicted 2 slices and 1 row away from the true one is sqrt((2 * 3)^2 + 1^2) mm off at
+    spacing (3, 1, 1) mm, and sqrt(5) voxels off without spacing."""
+    true = torch.zeros(2, 6, 8, 8, dtype=torch.long)
+    pred = torch.zeros_like(true)
+    true[0, 1, 2, 2], pred[0, 3, 3, 2] = 1, 1  # volume 0: one voxel, moved
+    true[1, 2:4, 2:4, 2:4], pred[1, 2:4, 2:4, 2:4] = 1, 1  # volume 1: exact
+    cases = torch.arange(2)
+    in_mm = segmentation_scores(pred, true, cases, ["organ"], (3.0, 1.0, 1.0))
+    assert in_mm["hd95"] == pytest.approx((math.sqrt(37) + 0.0) / 2, rel=1e-5)
+    assert in_mm["dice"] == pytest.approx((0.0 + 1.0) / 2)
+    in_voxels = segmentation_scores(pred, true, cases, ["organ"])
+    assert in_voxels["hd95"] == pytest.approx(math.sqrt(5) / 2, rel=1e-5)
