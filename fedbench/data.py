@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -47,21 +47,24 @@ class Split:
             yield self.inputs[idx], self.targets[idx]
 
     def to(self, device: torch.device | str) -> Split:
-        return Split(self.inputs.to(device), self.targets.to(device), self.cases.to(device))
+        moved = (self.inputs.to(device), self.targets.to(device), self.cases.to(device))
+        return replace(self, inputs=moved[0], targets=moved[1], cases=moved[2])
 
     @staticmethod
     def concat(splits: list[Split]) -> Split:
-        """Pool several splits into one (cases are renumbered so they stay distinct)."""
+        """Pool several splits into one (cases are renumbered so they stay distinct), of the
+        first one's kind: pooled patch splits still hand out patches."""
         import torch
 
         offset, cases = 0, []
         for split in splits:
             cases.append(split.cases + offset)
             offset += int(split.cases.max()) + 1 if len(split) else 0
-        return Split(
-            torch.cat([s.inputs for s in splits]),
-            torch.cat([s.targets for s in splits]),
-            torch.cat(cases),
+        return replace(
+            splits[0],
+            inputs=torch.cat([s.inputs for s in splits]),
+            targets=torch.cat([s.targets for s in splits]),
+            cases=torch.cat(cases),
         )
 
 

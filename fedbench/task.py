@@ -57,6 +57,14 @@ class Task:
         model's risk scores, say) unless the task says otherwise."""
         return outputs
 
+    def predict(self, model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """The model's outputs on whole samples, as the engine scores them (eval mode, no
+        gradients, on the model's device, returned on the CPU): batch by batch; a volumetric
+        task slides a window over each volume instead (fedbench.volumes)."""
+        from fedbench.adapter import predict_batched
+
+        return predict_batched(model, inputs, batch_size)
+
 
 def predicted_labels(outputs: torch.Tensor) -> torch.Tensor:
     """[N, C, H, W] scores -> [N, H, W] class per pixel. The same as argmax(1) (first maximum on

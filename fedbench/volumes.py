@@ -7,13 +7,17 @@ Shapes: inputs [N, C, *spatial], labels [N, *spatial], patch sizes one int per s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fedbench.data import Split
 from fedbench.errors import FedbenchError
+from fedbench.task import SegmentationTask
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
 
 def checked_patch(patch: Sequence[int], spatial: Sequence[int]) -> tuple[int, ...]:
@@ -167,3 +171,48 @@ def sliding_window_predict(
             total[box] += outputs[j * len(inputs) : (j + 1) * len(inputs)] * w
             weight[box[1:]] += w
     return (total / weight)[(..., *(slice(0, n) for n in spatial))]
+
+
+@dataclass(frozen=True)
+class PatchSplit(Split):
+    """A split of whole volumes that trains on patches: its shuffled batches (with a generator,
+    as a client's local training asks) are one random patch of each volume of the batch
+    (`sample_patches`, from that generator); unshuffled batches are the whole volumes."""
+
+    patch: tuple[int, ...] = ()
+    foreground_rate: float = 0.33
+
+    def batches(
+        self, batch_size: int, generator: torch.Generator | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if generator is None:
+            yield from super().batches(batch_size)
+            return
+        for inputs, targets in super().batches(batch_size, generator):
+            yield sample_patches(inputs, targets, self.patch, self.foreground_rate, generator)
+
+
+@dataclass
+class VolumeSegmentationTask(SegmentationTask):
+    """3D segmentation: SegmentationTask's loss and scores on volumes (each sample one case, HD95
+    in mm from `spacing`), predicted by `sliding_window_predict` in windows of `patch`
+    overlapping by `overlap`."""
+
+    patch: tuple[int, ...] = (16, 32, 32)
+    overlap: float = 0.5
+
+    def predict(self, model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Each volume in blended windows, `batch_size` windows at a time (eval mode, no
+        gradients, on the model's device; returned on the CPU)."""
+        import torch
+
+        model.eval()
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            outputs = [
+                sliding_window_predict(
+                    model, volume[None].to(device), self.patch, self.overlap, batch_size
+                )
+                for volume in inputs
+            ]
+        return torch.cat(outputs).float().cpu()

@@ -33,11 +33,13 @@ def entropy_loss(probs: torch.Tensor) -> torch.Tensor:
 
 def shape_loss(probs: torch.Tensor) -> torch.Tensor:
     """Frobenius norm of the 21x21 local range (max - min pool) of the foreground probabilities:
-    small for compact masks with short boundaries."""
+    small for compact masks with short boundaries. A volume's range is taken in each slice."""
     import torch
     import torch.nn.functional as F
 
     foreground = probs[:, 1:]
+    if foreground.ndim == 5:  # [B, C, D, H, W] -> the B * D slices [B * D, C, H, W]
+        foreground = foreground.transpose(1, 2).flatten(0, 1)
     dilated = F.max_pool2d(foreground, 21, stride=1, padding=10)
     eroded = -F.max_pool2d(-foreground, 21, stride=1, padding=10)
     return torch.linalg.vector_norm(dilated - eroded)
@@ -45,22 +47,28 @@ def shape_loss(probs: torch.Tensor) -> torch.Tensor:
 
 def perturb(x: torch.Tensor, noise_std: float) -> tuple[torch.Tensor, torch.Tensor, int]:
     """View 1: Gaussian noise, a per-image vertical flip (p = 0.5), then one rot90 by k for the
-    batch (k = 0 when H != W, as rot90 would change the shape). Returns view, flips, k."""
+    batch (k = 0 when H != W, as rot90 would change the shape); a volume's in its slices (the
+    last two axes). Returns view, flips, k."""
     import torch
 
     view = x + noise_std * torch.randn_like(x)
     flips = torch.rand(x.shape[0], device=x.device) < 0.5
-    view = torch.where(flips.view(-1, 1, 1, 1), view.flip(2), view)
-    k = int(torch.randint(0, 4, ()).item()) if x.shape[2] == x.shape[3] else 0
-    return torch.rot90(view, k, dims=(2, 3)), flips, k
+    view = torch.where(per_image(flips, x), view.flip(-2), view)
+    k = int(torch.randint(0, 4, ()).item()) if x.shape[-2] == x.shape[-1] else 0
+    return torch.rot90(view, k, dims=(-2, -1)), flips, k
+
+
+def per_image(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B] flags shaped to broadcast over `like`'s [B, ...] images."""
+    return flags.view(-1, *([1] * (like.ndim - 1)))
 
 
 def unperturb(y: torch.Tensor, flips: torch.Tensor, k: int) -> torch.Tensor:
     """Map view-1 outputs back to the input frame: inverse rotation, then inverse flip."""
     import torch
 
-    y = torch.rot90(y, -k, dims=(2, 3))
-    return torch.where(flips.view(-1, 1, 1, 1), y.flip(2), y)
+    y = torch.rot90(y, -k, dims=(-2, -1))
+    return torch.where(per_image(flips, y), y.flip(-2), y)
 
 
 def consistency_loss(model: nn.Module, x: torch.Tensor, noise_std: float) -> torch.Tensor:

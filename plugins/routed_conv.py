@@ -1,7 +1,8 @@
 """The routed convolution of IOP-FL's outside personalization, and the routed network built from
 a federation's models: every convolution mixes, per image, the frozen kernels of the K
-personalized models and the global one with weights from a small router (CondConv-style). The
-adapter that trains the routers at test time is plugins/iopfl_routing.py."""
+personalized models and the global one with weights from a small router (CondConv-style), in 2D
+or, for volumes, 3D (the same rule on every spatial axis). The adapter that trains the routers
+at test time is plugins/iopfl_routing.py."""
 
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ from fedbench.models import normalization_modules, use_batch_statistics
 
 #: the routing spaces (ablation): which models lend their kernels as experts
 SPACES = ("both", "global", "personalized")
-ConvLayer = nn.Conv2d | nn.ConvTranspose2d
+ConvLayer = nn.Conv2d | nn.ConvTranspose2d | nn.Conv3d | nn.ConvTranspose3d
+#: the functional convolution of each kind, by spatial dimensions
+CONVS = {2: F.conv2d, 3: F.conv3d}
+TRANSPOSED = {2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 class RoutedConv(nn.Module):
@@ -54,7 +58,7 @@ class RoutedConv(nn.Module):
 
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Per-image mixing weights [B, E] in (0, 1): sigmoid, so they need not sum to 1."""
-        return torch.sigmoid(self.router(x.mean(dim=(2, 3))))
+        return torch.sigmoid(self.router(x.mean(dim=tuple(range(2, x.ndim)))))
 
     def mixed_kernels(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Kernels [B, *weight.shape] and biases [B, C_out] (or None) mixed per image."""
@@ -94,28 +98,29 @@ class RoutedConv(nn.Module):
     @classmethod
     def from_layers(cls, experts: list[ConvLayer]) -> RoutedConv:
         """The routed layer matching the experts' kind (transposed or not)."""
-        if isinstance(experts[0], nn.ConvTranspose2d):
-            return RoutedConvTranspose2d(experts)
-        return RoutedConv2d(experts)
+        if isinstance(experts[0], nn.ConvTranspose2d | nn.ConvTranspose3d):
+            return RoutedConvTranspose(experts)
+        return RoutedConvolution(experts)
 
 
-class RoutedConv2d(RoutedConv):
-    """Routed nn.Conv2d."""
+class RoutedConvolution(RoutedConv):
+    """Routed nn.Conv2d or nn.Conv3d."""
 
     def _conv(
         self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, reps: int
     ) -> torch.Tensor:
         padding = self.padding if self.padding_mode == "zeros" else 0
-        return F.conv2d(x, w, b, self.stride, padding, self.dilation, self.groups * reps)
+        conv = CONVS[x.ndim - 2]
+        return conv(x, w, b, self.stride, padding, self.dilation, self.groups * reps)
 
 
-class RoutedConvTranspose2d(RoutedConv):
-    """Routed nn.ConvTranspose2d (grouped layout: [B * C_in, C_out / groups, kh, kw])."""
+class RoutedConvTranspose(RoutedConv):
+    """Routed nn.ConvTranspose2d or 3d (grouped layout: [B * C_in, C_out / groups, *kernel])."""
 
     def _conv(
         self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, reps: int
     ) -> torch.Tensor:
-        return F.conv_transpose2d(
+        return TRANSPOSED[x.ndim - 2](
             x,
             w,
             b,
@@ -165,7 +170,7 @@ def build_routed_model(
     model.requires_grad_(False)
     for name, conv in convs:
         chosen = sources
-        if drop_expert and isinstance(conv, nn.Conv2d):
+        if drop_expert and isinstance(conv, nn.Conv2d | nn.Conv3d):
             chosen = _drop_last_personalized(sources)
         experts = [_expert_layer(global_lookup if s is None else lookups[s], name) for s in chosen]
         routed = RoutedConv.from_layers(experts).to(conv.weight.device)

@@ -50,14 +50,26 @@ CONV_CASES = [
             "output_padding": 1,
         },
     ),
+    # volumes (issue 26): the same rule in 3D
+    (nn.Conv3d, {"in_channels": 3, "out_channels": 5, "kernel_size": 3, "stride": 2, "padding": 1}),
+    (
+        nn.ConvTranspose3d,
+        {"in_channels": 4, "out_channels": 2, "kernel_size": 2, "stride": 2},
+    ),
 ]
+
+
+def spatial(layer_type: type, side: int) -> tuple[int, ...]:
+    """An input's spatial shape for the layer: square, or a short volume for 3D layers."""
+    three_d = layer_type in (nn.Conv3d, nn.ConvTranspose3d)
+    return (5, side, side) if three_d else (side, side)
 
 
 @pytest.mark.parametrize(("layer_type", "kwargs"), CONV_CASES)
 def test_vectorised_equals_per_image_loop(layer_type: type, kwargs: dict) -> None:
     experts = experts_of(layer_type, **kwargs)
     layer = rc.RoutedConv.from_layers(experts)
-    x = torch.randn(4, kwargs["in_channels"], 9, 9)
+    x = torch.randn(4, kwargs["in_channels"], *spatial(layer_type, 9))
     weights = torch.rand(4, 3)
     fast = layer.mixed_forward(x, weights)
     slow = rc.per_image_reference(layer, x, weights)
@@ -69,7 +81,7 @@ def test_vectorised_equals_per_image_loop(layer_type: type, kwargs: dict) -> Non
 def test_one_hot_weights_give_that_experts_convolution(layer_type: type, kwargs: dict) -> None:
     experts = experts_of(layer_type, **kwargs)
     layer = rc.RoutedConv.from_layers(experts)
-    x = torch.randn(3, kwargs["in_channels"], 8, 8)
+    x = torch.randn(3, kwargs["in_channels"], *spatial(layer_type, 8))
     chosen = torch.tensor([0, 2, 1])
     out = layer.mixed_forward(x, nn.functional.one_hot(chosen, 3).float())
     for b, e in enumerate(chosen.tolist()):
@@ -121,7 +133,7 @@ def test_quirks_drop_last_expert_in_convs_and_freeze_bottleneck() -> None:
     widest = max(layer.out_channels for layer in routed_convs(model).values())
     frozen = []
     for layer in routed_convs(model).values():
-        transposed = isinstance(layer, rc.RoutedConvTranspose2d)
+        transposed = isinstance(layer, rc.RoutedConvTranspose)
         assert layer.num_experts == (K + 1 if transposed else K)
         trainable = all(p.requires_grad for p in layer.router.parameters())
         assert trainable == (layer.out_channels != widest)
@@ -208,6 +220,20 @@ def test_perturbation_is_inverted() -> None:
     torch.testing.assert_close(ir.unperturb(view, flips, k), x)
     view, flips, k = ir.perturb(torch.randn(2, 1, 8, 6), noise_std=0.0)
     assert k == 0 and view.shape == (2, 1, 8, 6)
+
+
+def test_a_volume_is_perturbed_and_shape_scored_in_its_slices() -> None:
+    torch.manual_seed(1)
+    volume = torch.randn(4, 2, 3, 8, 8)  # [B, C, D, H, W]
+    view, flips, k = ir.perturb(volume, noise_std=0.0)
+    torch.testing.assert_close(ir.unperturb(view, flips, k), volume)
+    for b in range(4):  # slices stay slices: depth is never flipped or rotated
+        for d in range(3):
+            expected = volume[b, :, d].flip(-2) if flips[b] else volume[b, :, d]
+            torch.testing.assert_close(view[b, :, d], torch.rot90(expected, k, dims=(-2, -1)))
+    probs = torch.rand(2, 3, 4, 8, 8).softmax(1)
+    slices = probs.transpose(1, 2).flatten(0, 1)  # the 8 slices as 2D images
+    torch.testing.assert_close(ir.shape_loss(probs), ir.shape_loss(slices))
 
 
 def test_losses() -> None:

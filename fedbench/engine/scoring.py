@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from fedbench.adapter import AdaptContext, TrainedFederation, predict_batched
+from fedbench.adapter import AdaptContext, TrainedFederation
 from fedbench.data import FederatedData, Split, UnlabeledImages
 from fedbench.engine.federations import load_or_train
 from fedbench.engine.precision import deterministic_mode
@@ -120,7 +120,7 @@ class Scoring:
             for site, state in zip(data.sites, states, strict=True):
                 with PROFILE.phase("evaluation"):
                     model = federation.model(state)
-                    outputs = predict_batched(model, site.test.inputs, batch)
+                    outputs = data.task.predict(model, site.test.inputs, batch)
                 if not torch.isfinite(outputs).all():
                     name = self.run.method.name
                     raise Diverged(f"method '{name}' gives non-finite outputs on {site.name}")

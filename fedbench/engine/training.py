@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedbench.adapter import TrainedFederation, predict_batched
+from fedbench.adapter import TrainedFederation
 from fedbench.data import FederatedData, Site, Split
 from fedbench.engine import boundary, checkpoint, precision
 from fedbench.engine.boundary import copied
@@ -41,7 +41,7 @@ def instance(method_cls: type[Method], config: Config, clients: int, client: int
 def validation_score(model: nn.Module, split: Split, task: Task, batch_size: int) -> float:
     if len(split) == 0:  # no validation split (e.g. data.val_fraction=0): a NaN score
         return float("nan")
-    outputs = predict_batched(model, split.inputs, batch_size)
+    outputs = task.predict(model, split.inputs, batch_size)
     return task.validation_score(outputs, split.targets, split.cases)
 
 
