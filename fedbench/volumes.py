@@ -170,7 +170,8 @@ def sliding_window_predict(
             w = window_weights(gaussian, start, grown, margin).to(outputs)
             total[box] += outputs[j * len(inputs) : (j + 1) * len(inputs)] * w
             weight[box[1:]] += w
-    return (total / weight)[(..., *(slice(0, n) for n in spatial))]
+    total /= weight
+    return total[(..., *(slice(0, n) for n in spatial))]
 
 
 @dataclass(frozen=True)
@@ -208,11 +209,13 @@ class VolumeSegmentationTask(SegmentationTask):
 
         model.eval()
         device = next(model.parameters()).device
+        outputs = torch.empty(0)
         with torch.inference_mode():
-            outputs = [
-                sliding_window_predict(
+            for i, volume in enumerate(inputs):
+                one = sliding_window_predict(
                     model, volume[None].to(device), self.patch, self.overlap, batch_size
                 )
-                for volume in inputs
-            ]
-        return torch.cat(outputs).float().cpu()
+                if i == 0:  # filled in place: one volume's buffers at a time besides it
+                    outputs = torch.empty((len(inputs), *one.shape[1:]), dtype=torch.float32)
+                outputs[i] = one[0]
+        return outputs
