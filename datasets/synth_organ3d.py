@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -124,10 +126,10 @@ def cached(path: Path, make: Any) -> dict[str, Any]:
     import numpy as np
 
     try:
-        with np.load(path) as npz:
+        with np.load(path, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError):
-        pass
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error):
+        pass  # missing or damaged: made again
     arrays = make()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda handle: np.savez_compressed(handle, **arrays))

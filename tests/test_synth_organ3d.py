@@ -71,3 +71,11 @@ def test_iopfl_runs_inside_and_outside_on_volumes(tmp_path):
     regimes = {(m["regime"], m["site"]) for m in record["metrics"] if m["metric"] == "hd95"}
     assert ("outside", "A") in regimes and ("inside", "B") in regimes
     assert record["hd95_unit"] == "mm" and record["adapter"] == "iopfl-routing"
+
+
+def test_a_damaged_cache_file_is_made_again(tmp_path):
+    first = loaded(tmp_path)
+    (cache,) = (tmp_path / "synth-organ-3d").glob("*.npz")
+    cache.write_bytes(cache.read_bytes()[:100])  # truncated, as a killed write could leave it
+    again = loaded(tmp_path)
+    assert torch.equal(again.sites[0].train.inputs, first.sites[0].train.inputs)
