@@ -1,14 +1,14 @@
 """Model `unet3d`: MONAI's 3D U-Net with BatchNorm, the default network of volumetric datasets.
-Width and depth come from `model.channels` (one level per entry, strides of 2 between levels, so
-a patch's sides must divide by 2 ** (levels - 1)), residual blocks from `model.res_units`."""
+The `unet` model's settings in 3D: width and depth from `model.channels` (one level per entry,
+strides of 2 between levels, so a patch's sides must divide by 2 ** (levels - 1)), residual
+blocks from `model.res_units`."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
-from fedbench.models import Model
+from fedbench_plugins.unet import UNet
 
 if TYPE_CHECKING:
     from torch import nn
@@ -21,8 +21,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-class UNet3D(Model):
-    """MONAI `UNet(spatial_dims=3, norm="batch")`."""
+class UNet3D(UNet):
+    """MONAI `UNet(spatial_dims=3, norm="batch")`; its settings are checked as `unet`'s."""
 
     name = "unet3d"
     description = "MONAI 3D U-Net with BatchNorm (model.channels, model.res_units)"
@@ -32,22 +32,17 @@ class UNet3D(Model):
     def preset(cls, preset: str) -> dict[str, Any]:
         return dict(PRESETS.get(preset, {}))
 
-    @classmethod
-    def check(cls, cfg: dict[str, Any]) -> None:
-        channels = cfg["channels"]
-        if len(channels) < 2 or any(c <= 0 for c in channels):
-            raise FedbenchError("setting model.channels needs at least two positive widths")
-
     def build(self, task: Task, cfg: dict[str, Any]) -> nn.Module:
         from monai.networks.nets import UNet as MonaiUNet
 
         channels = tuple(int(c) for c in cfg["channels"])
+        strides = (2,) * (len(channels) - 1)
         return MonaiUNet(
-            spatial_dims=3,
-            in_channels=task.in_channels,
-            out_channels=task.num_classes,
-            channels=channels,
-            strides=(2,) * (len(channels) - 1),
+            3,
+            task.in_channels,
+            task.num_classes,
+            channels,
+            strides,
             num_res_units=int(cfg["res_units"]),
             norm="batch",
         )
