@@ -210,12 +210,12 @@ class VolumeSegmentationTask(SegmentationTask):
         model.eval()
         device = next(model.parameters()).device
         outputs = torch.empty(0)
-        with torch.inference_mode():
-            for i, volume in enumerate(inputs):
+        for i, volume in enumerate(inputs):
+            with torch.inference_mode():
                 one = sliding_window_predict(
                     model, volume[None].to(device), self.patch, self.overlap, batch_size
                 )
-                if i == 0:  # filled in place: one volume's buffers at a time besides it
-                    outputs = torch.empty((len(inputs), *one.shape[1:]), dtype=torch.float32)
-                outputs[i] = one[0]
+            if i == 0:  # a plain tensor, filled in place: one volume's buffers at a time
+                outputs = torch.empty((len(inputs), *one.shape[1:]), dtype=torch.float32)
+            outputs[i] = one[0]
         return outputs

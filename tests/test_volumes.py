@@ -99,3 +99,13 @@ def test_bad_windows_are_one_clear_error():
         sliding_window_predict(net, x, (8, 8, 8), overlap=1.0)
     with pytest.raises(FedbenchError, match="margin of 3 needs windows"):
         sliding_window_predict(net, x, (8, 8, 8), overlap=0.25, margin=3)
+
+
+def test_the_volume_task_predicts_plain_tensors_that_later_code_may_change():
+    from fedbench.volumes import VolumeSegmentationTask
+
+    task = VolumeSegmentationTask(in_channels=1, patch=(8, 8, 8))
+    x, _ = volumes(n=2, shape=(8, 16, 16))
+    outputs = task.predict(small_unet(), x, 4)
+    assert outputs.shape == (2, 2, 8, 16, 16) and not outputs.is_inference()
+    outputs += 1.0  # an inference tensor would refuse this outside inference mode
