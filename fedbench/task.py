@@ -57,6 +57,13 @@ class Task:
         model's risk scores, say) unless the task says otherwise."""
         return outputs
 
+    def adaptation_view(
+        self, inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """What an adapter is given of an unseen site's images, and how its outputs on that
+        become outputs of the images: the images themselves here; a volumetric task's windows."""
+        return inputs, lambda outputs: outputs
+
     def predict(self, model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
         """The model's outputs on whole samples, as the engine scores them (eval mode, no
         gradients, on the model's device, returned on the CPU): batch by batch; a volumetric

@@ -120,6 +120,71 @@ def window_weights(
     return weights
 
 
+@dataclass(frozen=True)
+class Windows:
+    """The windows that cover volumes of one `spatial` shape, scanned as MONAI's
+    `sliding_window_inference` scans (`overlap` a fraction of the patch), on the volume
+    zero-padded at its ends to at least the patch (`grown`), as MONAI pads."""
+
+    spatial: tuple[int, ...]
+    patch: tuple[int, ...]
+    overlap: float
+    margin: int = 0
+
+    @property
+    def grown(self) -> tuple[int, ...]:
+        return tuple(max(p, n) for p, n in zip(self.patch, self.spatial, strict=True))
+
+    @property
+    def starts(self) -> list[tuple[int, ...]]:
+        import itertools
+
+        axes = (window_starts(n, p, self.overlap) for n, p in zip(self.grown, self.patch))
+        return list(itertools.product(*axes))
+
+    def box(self, start: tuple[int, ...]) -> tuple:
+        return (..., *(slice(s, s + p) for s, p in zip(start, self.patch, strict=True)))
+
+    def padded(self, inputs: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        pad = [x for g, n in zip(reversed(self.grown), reversed(self.spatial)) for x in (0, g - n)]
+        return F.pad(inputs, pad) if any(pad) else inputs
+
+    def blend(self, pieces: Iterator[tuple[tuple[int, ...], torch.Tensor]]) -> torch.Tensor:
+        """[N, K, *spatial] from (start, outputs [N, K, *patch]) of every window, weighted by
+        `window_weights`."""
+        from monai.data.utils import compute_importance_map
+
+        gaussian = compute_importance_map(self.patch, mode="gaussian", sigma_scale=0.125)
+        total = weight = None
+        for start, outputs in pieces:
+            if total is None:
+                total = outputs.new_zeros((*outputs.shape[:2], *self.grown))
+                weight = outputs.new_zeros(self.grown)
+            w = window_weights(gaussian, start, self.grown, self.margin).to(outputs)
+            total[self.box(start)] += outputs * w
+            weight[self.box(start)[1:]] += w
+        total /= weight
+        return total[(..., *(slice(0, n) for n in self.spatial))]
+
+
+def windows_for(
+    spatial: Sequence[int], patch: Sequence[int], overlap: float, margin: int = 0
+) -> Windows:
+    """The checked `Windows` of volumes of shape `spatial`, or one clear error."""
+    sizes = checked_patch(patch, spatial)
+    if not 0.0 <= overlap < 1.0:
+        raise FedbenchError(f"window overlap must be in [0, 1), got {overlap}")
+    steps = [max(1, int(p * (1 - overlap))) for p in sizes]
+    if any(p - 2 * margin < step for p, step in zip(sizes, steps, strict=True)):
+        raise FedbenchError(
+            f"a margin of {margin} needs windows {list(sizes)} overlapping by at least "
+            f"{2 * margin} voxels per axis; raise the overlap ({overlap}) or the patch"
+        )
+    return Windows(tuple(spatial), sizes, overlap, margin)
+
+
 def sliding_window_predict(
     model: Callable[[torch.Tensor], torch.Tensor],
     inputs: torch.Tensor,
@@ -129,49 +194,46 @@ def sliding_window_predict(
     margin: int = 0,
 ) -> torch.Tensor:
     """`model`'s outputs [N, K, *spatial] for whole volumes `inputs` [N, C, *spatial], in
-    windows of `patch` overlapping by `overlap` (a fraction, scanned as MONAI's
-    `sliding_window_inference` scans), `batch_size` windows at a time, blended by
-    `window_weights`. A network whose receptive field reaches no further than `margin` voxels
-    then gives exactly its whole-volume output; 0 is MONAI's Gaussian blending. A window that
-    covers the volume is the model on the volume itself; an axis shorter than the patch is
-    zero-padded at its end, as MONAI pads."""
-    import itertools
-
+    `Windows` of `patch`, `batch_size` windows at a time, blended by `window_weights`. A network
+    whose receptive field reaches no further than `margin` voxels then gives exactly its
+    whole-volume output; 0 is MONAI's Gaussian blending. A window that covers the volume is the
+    model on the volume itself."""
     import torch
-    import torch.nn.functional as F
-    from monai.data.utils import compute_importance_map
 
-    spatial = tuple(inputs.shape[2:])
-    sizes = checked_patch(patch, spatial)
-    if not 0.0 <= overlap < 1.0:
-        raise FedbenchError(f"window overlap must be in [0, 1), got {overlap}")
-    if all(p >= n for p, n in zip(sizes, spatial, strict=True)):
+    windows = windows_for(inputs.shape[2:], patch, overlap, margin)
+    if all(p >= n for p, n in zip(windows.patch, windows.spatial, strict=True)):
         return model(inputs)
-    steps = [max(1, int(p * (1 - overlap))) for p in sizes]
-    if any(p - 2 * margin < step for p, step in zip(sizes, steps, strict=True)):
-        raise FedbenchError(
-            f"a margin of {margin} needs windows {list(sizes)} overlapping by at least "
-            f"{2 * margin} voxels per axis; raise the overlap ({overlap}) or the patch"
-        )
-    grown = tuple(max(p, n) for p, n in zip(sizes, spatial, strict=True))
-    pad = [x for p, n in zip(reversed(grown), reversed(spatial)) for x in (0, p - n)]
-    volume = F.pad(inputs, pad) if any(pad) else inputs
-    gaussian = compute_importance_map(sizes, mode="gaussian", sigma_scale=0.125)
-    windows = list(itertools.product(*(window_starts(n, p, overlap) for n, p in zip(grown, sizes))))
-    total = weight = None
-    for first in range(0, len(windows), batch_size):
-        chunk = windows[first : first + batch_size]
-        boxes = [(..., *(slice(s, s + p) for s, p in zip(w, sizes))) for w in chunk]
-        outputs = model(torch.cat([volume[box] for box in boxes]))
-        if total is None:
-            total = outputs.new_zeros((len(inputs), outputs.shape[1], *grown))
-            weight = outputs.new_zeros(grown)
-        for j, (start, box) in enumerate(zip(chunk, boxes)):
-            w = window_weights(gaussian, start, grown, margin).to(outputs)
-            total[box] += outputs[j * len(inputs) : (j + 1) * len(inputs)] * w
-            weight[box[1:]] += w
-    total /= weight
-    return total[(..., *(slice(0, n) for n in spatial))]
+    volume, starts, n = windows.padded(inputs), windows.starts, len(inputs)
+
+    def pieces() -> Iterator[tuple[tuple[int, ...], torch.Tensor]]:
+        for first in range(0, len(starts), batch_size):
+            chunk = starts[first : first + batch_size]
+            outputs = model(torch.cat([volume[windows.box(s)] for s in chunk]))
+            for j, start in enumerate(chunk):
+                yield start, outputs[j * n : (j + 1) * n]
+
+    return windows.blend(pieces())
+
+
+def as_windows(
+    inputs: torch.Tensor, patch: Sequence[int], overlap: float
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """Every window of every volume as one batch [N * W, C, *patch] (volume by volume, each in
+    scan order), and the function that blends outputs of those windows back into [N, K,
+    *spatial]: how an adapter meets volumes, on the inputs the network trained on."""
+    import torch
+
+    windows = windows_for(inputs.shape[2:], patch, overlap)
+    volume, starts = windows.padded(inputs), windows.starts
+    tiles = torch.cat(
+        [volume[i : i + 1][windows.box(s)] for i in range(len(inputs)) for s in starts]
+    )
+
+    def restored(outputs: torch.Tensor) -> torch.Tensor:
+        per_volume = outputs.view(len(inputs), len(starts), *outputs.shape[1:])
+        return windows.blend((s, per_volume[:, j]) for j, s in enumerate(starts))
+
+    return tiles, restored
 
 
 @dataclass(frozen=True)
@@ -201,6 +263,13 @@ class VolumeSegmentationTask(SegmentationTask):
 
     patch: tuple[int, ...] = (16, 32, 32)
     overlap: float = 0.5
+
+    def adaptation_view(
+        self, inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """The windows of each volume (`as_windows`): an adapter meets inputs of the size the
+        network trained on, so the statistics it estimates at test time are of such inputs."""
+        return as_windows(inputs, self.patch, self.overlap)
 
     def predict(self, model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
         """Each volume in blended windows, `batch_size` windows at a time (eval mode, no

@@ -109,3 +109,16 @@ def test_the_volume_task_predicts_plain_tensors_that_later_code_may_change():
     outputs = task.predict(small_unet(), x, 4)
     assert outputs.shape == (2, 2, 8, 16, 16) and not outputs.is_inference()
     outputs += 1.0  # an inference tensor would refuse this outside inference mode
+
+
+def test_windows_handed_to_an_adapter_blend_back_as_the_sliding_window_does():
+    from fedbench.volumes import as_windows
+
+    x, _ = volumes(n=2, shape=(12, 20, 16))
+    net = small_unet()
+    tiles, restored = as_windows(x, (8, 8, 8), 0.5)
+    assert tiles.shape[1:] == (1, 8, 8, 8) and len(tiles) % 2 == 0
+    with torch.no_grad():
+        through_tiles = restored(net(tiles))  # BatchNorm in eval mode: per-window outputs
+        sliding = sliding_window_predict(net, x, (8, 8, 8), overlap=0.5)
+    torch.testing.assert_close(through_tiles, sliding, atol=1e-6, rtol=1e-5)

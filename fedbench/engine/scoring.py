@@ -165,7 +165,8 @@ class Scoring:
                 blamed_on(f"adapter '{adapter.name}' failed"),
                 deterministic_mode(self.run.config["train"]),  # adapters train at test time
             ):
-                outputs = adapter.predict(federation, UnlabeledImages(inputs), ctx)
+                view, restored = task.adaptation_view(inputs)
+                outputs = restored(adapter.predict(federation, UnlabeledImages(view), ctx))
         finally:
             self.reporter.finish()
         if not torch.isfinite(outputs).all():
