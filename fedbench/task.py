@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedbench.errors import FedbenchError
 
@@ -123,6 +123,8 @@ class SegmentationTask(Task):
     primary_metric: str = "dice"
     dense_prediction: bool = True
     spacing: tuple[float, float, float] | None = None
+    #: the spatial axes of a sample: 2 (images) or 3 (volumes)
+    spatial_dims: ClassVar[int] = 2
 
     #: the training loss, one of LOSSES (a segmentation dataset's `data.loss`)
     loss_name: str = "dice_ce"

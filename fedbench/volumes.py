@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from fedbench.data import Split
 from fedbench.errors import FedbenchError
@@ -263,6 +263,7 @@ class VolumeSegmentationTask(SegmentationTask):
 
     patch: tuple[int, ...] = (16, 32, 32)
     overlap: float = 0.5
+    spatial_dims: ClassVar[int] = 3
 
     def adaptation_view(
         self, inputs: torch.Tensor

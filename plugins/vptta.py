@@ -215,6 +215,11 @@ class VPTTA(Adapter):
 
     def check(self, method: type, model: nn.Module, task: Task) -> None:
         super().check(method, model, task)
+        if getattr(task, "spatial_dims", 2) != 2:
+            raise FedbenchError(
+                "adapter 'vptta' prompts a 2D image's amplitude spectrum (its paper segments 2D "
+                "images); this task's samples are volumes"
+            )
         self.check_settings()
 
     def adapt_and_predict(self, s: Stream, image: torch.Tensor) -> torch.Tensor:

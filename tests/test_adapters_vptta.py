@@ -285,3 +285,16 @@ def test_vptta_settings_are_validated(setting, value):
     model = toy_builder(toy_data())()
     with pytest.raises(FedbenchError, match=f"adapter.{setting}"):
         VPTTA({setting: value}).check(REGISTRY.get("methods", "fedavg"), model, toy_data().task)
+
+
+def test_volumes_are_refused_in_one_line():
+    from fedbench.errors import FedbenchError as Refusal
+    from fedbench.volumes import VolumeSegmentationTask
+    from fedbench_plugins.fedavg import FedAvg
+    from fedbench_plugins.unet3d import UNet3D
+    from fedbench_plugins.vptta import VPTTA
+
+    task = VolumeSegmentationTask(in_channels=1, patch=(8, 8, 8))
+    model = UNet3D().build(task, UNet3D.defaults)
+    with pytest.raises(Refusal, match="adapter 'vptta' prompts a 2D image's amplitude spectrum"):
+        VPTTA({**VPTTA.defaults}).check(FedAvg, model, task)
