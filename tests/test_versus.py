@@ -82,3 +82,21 @@ def test_a_reference_with_a_twin_keeps_its_own_name_and_the_twins_values(tmp_pat
     frame = board.frame.set_index("method")
     assert board.versus == "gamma"
     assert frame.loc["alpha", "p"] == pytest.approx(paired_p(pairs("alpha"), pairs("beta")))
+
+
+def test_a_row_made_of_one_record_per_held_out_site_keeps_every_site_and_its_whole_cost(tmp_path):
+    """A tuned adapter's row (fedbench tune: one part per unseen site): records with the same
+    settings (config hash) and seed, each holding out another site, are one row of all sites,
+    and the row's cost per seed is theirs together."""
+    for seed in (0, 1):
+        for site in ("x", "y"):
+            record = make_record(f"t-{seed}-{site}", "alpha", seed, {site: 0.5 + 0.1 * seed})
+            record["config_hash"] = "same-settings"
+            record["holdouts"] = [site]
+            record["metrics"] = [m for m in record["metrics"] if m["regime"] == "outside"]
+            record["cost"]["federations"] = {site: {"bytes_up": 1000, "bytes_down": 1000}}
+            write(tmp_path, record)
+    lb = build_leaderboard(load_records(tmp_path)[0], variants=lambda r, regime: ["tuned"])
+    board = next(b for b in lb.boards if b.regime == "outside")
+    assert board.blocks.notna().sum(axis=1).iloc[0] == 4  # 2 sites x 2 seeds
+    assert board.frame.iloc[0]["bytes"] == 4000  # both sites' federations, per seed

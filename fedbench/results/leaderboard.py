@@ -105,8 +105,8 @@ def pick_dataset(records: list[dict[str, Any]], dataset: str | None) -> str:
 
 
 FRAME_COLUMNS = (
-    "run_id finished_at config_hash method adapter variant seed bytes client_steps seconds "
-    "regime site metric selection value"
+    "run_id finished_at config_hash holdouts method adapter variant seed bytes client_steps "
+    "seconds regime site metric selection value"
 )
 
 
@@ -118,6 +118,7 @@ def metric_frame(records: list[dict[str, Any]], variants: Variants | None = None
             "run_id": rec["run_id"],
             "finished_at": str(rec.get("finished_at") or ""),
             "config_hash": str(rec.get("config_hash") or ""),
+            "holdouts": ",".join(map(str, rec.get("holdouts") or [])),
             "method": rec["method"],
             "adapter": rec.get("adapter"),
             "variant": label,
@@ -192,10 +193,9 @@ def build_board(
     if pooled is not None:
         per_row = pooled.groupby(level=keys)
         out[POOLED], out[f"{POOLED} std"] = per_row.mean(), per_row.std()
-    runs = frame.drop_duplicates([*keys, "run_id"]).groupby(keys)
-    for column in ("bytes", "client_steps", "seconds"):
-        out[column] = runs[column].mean()
-    out["seeds"] = runs["seed"].nunique()
+    out["seeds"] = frame.groupby(keys)["seed"].nunique()
+    for column, cost in row_costs(frame, keys, regime).items():
+        out[column] = cost
     out = out.sort_values(rank_by, ascending=lower_is_better(metric), na_position="last")
     long = values.stack().rename("value")
     blocks = long.unstack(["site", "seed"]).reindex(out.index)
@@ -218,6 +218,20 @@ def build_board(
     blocks.index = [board.label(row) for row in board.frame.to_dict("records")]
     board.blocks = blocks
     return board
+
+
+def row_costs(frame: pd.DataFrame, keys: list[str], regime: str) -> pd.DataFrame:
+    """Each row's cost per seed, then its mean over seeds. Runs of a seed that hold out the same
+    sites share their federations (one per adapter, say): their mean. Outside, runs that hold
+    out other sites (a tuned adapter's parts, one per site) add up."""
+    runs = frame.drop_duplicates([*keys, "run_id"])
+    columns = ["bytes", "client_steps", "seconds"]
+    per_set = runs.groupby([*keys, "seed", "holdouts"], dropna=False)[columns].mean()
+    if regime == "outside":
+        per_seed = per_set.groupby(level=[*keys, "seed"]).sum(min_count=1)
+    else:
+        per_seed = per_set.groupby(level=[*keys, "seed"]).mean()
+    return per_seed.groupby(level=keys).mean()
 
 
 def reference_row(index: pd.Index, keys: list[str], versus: list[str]) -> int | None:
@@ -285,7 +299,7 @@ def build_leaderboard(
             continue
         # a row of variants may hold several settings per seed (other swept keys): the latest
         # run of each is kept, and the row averages them
-        part = latest_runs(part, [*keys, "config_hash"] if variants else keys)
+        part = latest_runs(part, [*keys, "config_hash", "holdouts"] if variants else keys)
         if variants and part.groupby([*keys, "seed"])["config_hash"].nunique().max() > 1:
             notes.append(
                 f"{regime}: a row averages the runs that differ in settings it is not named by"
