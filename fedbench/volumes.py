@@ -1,7 +1,9 @@
 """Volumes: what 3D segmentation needs beyond 2D. Training draws fixed-size patches from whole
 volumes, a share of them centred on foreground (small structures are rare among random patches),
-from the caller's own random stream; prediction covers a whole volume with MONAI's sliding
-window, its overlapping windows blended, so memory grows with the window, not the volume.
+from the caller's own random stream; prediction covers a whole volume in overlapping windows,
+scanned as MONAI's `sliding_window_inference` scans and blended with MONAI's Gaussian importance
+map (here, so that faces inside the volume can weigh 0: `window_weights`), so the network's
+memory grows with the window, not the volume. Adapters meet volumes as those windows too.
 
 Shapes: inputs [N, C, *spatial], labels [N, *spatial], patch sizes one int per spatial axis."""
 
