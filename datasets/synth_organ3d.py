@@ -60,25 +60,52 @@ def ellipsoid(grid: tuple[np.ndarray, ...], centre: np.ndarray, radii: np.ndarra
     return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0
 
 
-def anatomy(
-    shape: tuple[int, ...], fov: float, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """One case: signal in [0, 1] and labels (0 background, 1 organ, 2 lesion), in mm."""
+@dataclass(frozen=True)
+class Geometry:
+    """One case's anatomy in mm from the volume's centre: the body's radii (centred), and the
+    organ's and the lesion's centre and radii (axis-aligned ellipsoids)."""
+
+    body: np.ndarray
+    organ_centre: np.ndarray
+    organ_radii: np.ndarray
+    lesion_centre: np.ndarray
+    lesion_radii: np.ndarray
+
+
+def drawn_geometry(shape: tuple[int, ...], fov: float, rng: np.random.Generator) -> Geometry:
+    """A random case: the organ somewhere in the body, the lesion inside the organ."""
+    import numpy as np
+
+    extent = np.array([n * s / 2 for n, s in zip(shape, SPACING)])
+    body = extent * fov * rng.uniform(0.85, 0.95, 3)
+    organ_radii = fov * np.array([rng.uniform(12, 18), rng.uniform(10, 15), rng.uniform(10, 15)])
+    room = np.maximum(extent * fov * 0.8 - organ_radii, 1.0)
+    organ_centre = rng.uniform(-room, room) * 0.6
+    lesion_radii = fov * rng.uniform(3.5, 6.0) * np.array([1.0, 1.0, 1.0])
+    lesion_centre = organ_centre + rng.uniform(-1, 1, 3) * (organ_radii - lesion_radii) * 0.5
+    return Geometry(body, organ_centre, organ_radii, lesion_centre, lesion_radii)
+
+
+def labelled(shape: tuple[int, ...], g: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """The body mask and the labels (0 background, 1 organ, 2 lesion) of `g` on the grid."""
     import numpy as np
 
     axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, SPACING)]
     grid = np.meshgrid(*axes, indexing="ij")
-    extent = np.array([n * s / 2 for n, s in zip(shape, SPACING)])
-    body = ellipsoid(grid, np.zeros(3), extent * fov * rng.uniform(0.85, 0.95, 3))
-    organ_radii = fov * np.array([rng.uniform(12, 18), rng.uniform(10, 15), rng.uniform(10, 15)])
-    room = np.maximum(extent * fov * 0.8 - organ_radii, 1.0)
-    organ_centre = rng.uniform(-room, room) * 0.6
-    organ = ellipsoid(grid, organ_centre, organ_radii) & body
-    lesion_radii = fov * rng.uniform(3.5, 6.0) * np.array([1.0, 1.0, 1.0])
-    lesion_centre = organ_centre + rng.uniform(-1, 1, 3) * (organ_radii - lesion_radii) * 0.5
-    lesion = ellipsoid(grid, lesion_centre, lesion_radii) & organ
-    labels = organ.astype(np.uint8) + lesion.astype(np.uint8)
-    signal = 0.4 * body + 0.3 * organ
+    body = ellipsoid(grid, np.zeros(3), g.body)
+    organ = ellipsoid(grid, g.organ_centre, g.organ_radii) & body
+    lesion = ellipsoid(grid, g.lesion_centre, g.lesion_radii) & organ
+    return body, organ.astype(np.uint8) + lesion.astype(np.uint8)
+
+
+def anatomy(
+    shape: tuple[int, ...], fov: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """One case: signal in [0, 1] and labels (0 background, 1 organ, 2 lesion)."""
+    import numpy as np
+
+    body, labels = labelled(shape, drawn_geometry(shape, fov, rng))
+    signal = 0.4 * body + 0.3 * (labels > 0)
     texture = rng.normal(0.0, 0.03, shape)
     return np.clip(signal + texture * body, 0.0, 1.0), labels
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -79,3 +80,27 @@ def test_a_damaged_cache_file_is_made_again(tmp_path):
     cache.write_bytes(cache.read_bytes()[:100])  # truncated, as a killed write could leave it
     again = loaded(tmp_path)
     assert torch.equal(again.sites[0].train.inputs, first.sites[0].train.inputs)
+
+
+def test_the_labels_are_the_ellipsoids_of_the_geometry_in_mm():
+    """A known answer: an organ of radii (15, 12, 12) mm with a 5 mm lesion at its centre, on
+    the 3 x 1.5 x 1.5 mm grid, has the volumes of the formula 4/3 pi abc."""
+    import math
+
+    import numpy as np
+
+    from fedbench_datasets.synth_organ3d import Geometry, labelled
+
+    centre = np.zeros(3)
+    shape = (32, 64, 64)
+    g = Geometry(
+        np.array([45.0, 45.0, 45.0]), centre, np.array([15.0, 12.0, 12.0]), centre, np.full(3, 5.0)
+    )
+    _, labels = labelled(shape, g)
+    voxel = math.prod(SPACING)
+    assert (labels > 0).sum() * voxel == pytest.approx(4 / 3 * math.pi * 15 * 12 * 12, rel=0.03)
+    assert (labels == 2).sum() * voxel == pytest.approx(4 / 3 * math.pi * 5**3, rel=0.15)
+    assert labels[16, 32, 32] == 2 and labels[0, 0, 0] == 0
+    organ = np.argwhere(labels > 0)  # its extent per axis: 2 * radius / spacing voxels
+    extent = [int(organ[:, axis].max() - organ[:, axis].min() + 1) for axis in range(3)]
+    assert extent == pytest.approx([2 * 15 / 3.0, 2 * 12 / 1.5, 2 * 12 / 1.5], abs=1)
