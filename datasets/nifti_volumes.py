@@ -210,8 +210,9 @@ class NiftiVolumes(PreparedDataset):
     ) -> FederatedData:
         import torch
 
-        shape, spacing, labels = self.grid(cfg)
+        _, spacing, labels = self.grid(cfg)
         patch = tuple(int(n) for n in cfg["patch"])
+        rate = float(cfg["foreground_rate"])
         sites, record = [], {}
         for index, name in enumerate(self.chosen_sites(cfg)):
             a = arrays[name]
@@ -227,7 +228,6 @@ class NiftiVolumes(PreparedDataset):
                 np.random.default_rng([seed, index]),
             )
             train = site.train
-            rate = float(cfg["foreground_rate"])
             patched = PatchSplit(train.inputs, train.targets, train.cases, patch, rate)
             sites.append(type(site)(site.name, patched, site.val, site.test))
         settings = {k: cfg[k] for k in ("val_fraction", "test_fraction")}

@@ -112,6 +112,8 @@ def window_weights(
     """One window's blending weights: MONAI's Gaussian, 0 within `margin` voxels of each of its
     faces that lies inside the volume (there its output depends on its own zero padding); a
     face on the volume's boundary keeps its weights, as the whole volume has the same padding."""
+    if margin == 0:
+        return gaussian
     weights = gaussian.clone()
     for axis, (s, p, n) in enumerate(zip(start, gaussian.shape, size, strict=True)):
         view = weights.movedim(axis, 0)
@@ -164,7 +166,8 @@ class Windows:
             if total is None:
                 total = outputs.new_zeros((*outputs.shape[:2], *self.grown))
                 weight = outputs.new_zeros(self.grown)
-            w = window_weights(gaussian, start, self.grown, self.margin).to(outputs)
+                gaussian = gaussian.to(outputs)  # once, on the outputs' device and dtype
+            w = window_weights(gaussian, start, self.grown, self.margin)
             total[self.box(start)] += outputs * w
             weight[self.box(start)[1:]] += w
         total /= weight
