@@ -12,8 +12,8 @@ What fedbench takes from FLamby: each centre's train and test sets from `FedXxx(
 train=...)` (materialised into tensors; items must be fixed-shape (X, y) pairs), the model
 `Baseline()`, the loss `BaselineLoss()` and `metric(y_true, y_pred)` on the raw model outputs
 (NaN, with one warning, where it raises on a split: lifelines' C-index without a comparable
-pair). The preset holds FLamby's constants: batch size, LR, optimizer (Adam or SGD; others fall
-back to Adam with a warning), rounds = get_nb_max_rounds(100) and local_epochs =
+pair). The preset holds FLamby's constants: batch size, LR, optimizer (Adam, AdamW or SGD;
+others fall back to Adam with a warning), rounds = get_nb_max_rounds(100) and local_epochs =
 NUM_EPOCHS_POOLED / rounds (the engine counts epochs, FLamby 100 batches).
 
 Validation: FLamby has none. `data.val_fraction` of each centre's training samples, drawn with
@@ -55,6 +55,7 @@ from fedbench_datasets.flamby_support import (
     flamby_io,
     import_line,
     label_strata,
+    library_shims,
     materialise,
     one_line,
 )
@@ -89,6 +90,8 @@ SITES_AND_METRIC: dict[str, tuple[tuple[str, ...], str]] = {
     ),
 }
 FALLBACK_METRIC = "flamby_metric"
+#: FLamby modules of volumes, which `flamby_volumes` serves as 3D tasks
+VOLUMETRIC = frozenset({"fed_ixi", "fed_kits19"})
 
 
 class WrappedTask(Task):
@@ -170,7 +173,7 @@ def flamby_modules() -> dict[str, Path]:
 def import_flamby_module(dataset: str, module: str) -> ModuleType:
     """FLamby's dataset module, imported now, or one error line saying why it cannot be used."""
     try:
-        with flamby_io(dataset):
+        with flamby_io(dataset), library_shims():
             loaded = importlib.import_module(f"flamby.datasets.{module}")
     except ImportError as exc:
         raise FedbenchError(import_line(dataset, module, exc)) from None
@@ -233,9 +236,10 @@ class FlambyDataset(Dataset):
     def preset(self, preset: str) -> dict[str, Any]:
         m = self.module
         rounds = max(1, int(self.call(lambda: m.get_nb_max_rounds(100), self.name)))
-        optimizer = {"Adam": "adam", "SGD": "sgd"}.get(m.Optimizer.__name__)
+        optimizer = {"Adam": "adam", "AdamW": "adamw", "SGD": "sgd"}.get(m.Optimizer.__name__)
         if optimizer is None:
-            warn(f"{self.name}: FLamby uses {m.Optimizer.__name__}; fedbench offers adam or sgd")
+            used = m.Optimizer.__name__
+            warn(f"{self.name}: FLamby uses {used}; fedbench offers adam, adamw or sgd")
         train = {
             "rounds": rounds,
             "local_epochs": max(1, round(m.NUM_EPOCHS_POOLED / rounds)),
@@ -313,4 +317,5 @@ def dataset_class(module: str, folder: Path) -> type[FlambyDataset]:
 
 @hookimpl
 def fedbench_datasets() -> list[type]:
-    return [dataset_class(module, folder) for module, folder in flamby_modules().items()]
+    found = flamby_modules().items()
+    return [dataset_class(module, folder) for module, folder in found if module not in VOLUMETRIC]

@@ -76,6 +76,41 @@ def flamby_io(dataset: str) -> Iterator[None]:
     sys.stderr.write(held.getvalue())
 
 
+class AddChannel:
+    """MONAI's AddChannel as FLamby's Fed-IXI calls it (removed in MONAI 1.3): a leading axis of
+    size one, the image's channel."""
+
+    def __call__(self, image: Any) -> Any:
+        return image[None]
+
+
+#: names FLamby imports from a library that no longer has them, and what stands in for each
+LIBRARY_SHIMS = {"monai.transforms": {"AddChannel": AddChannel}}
+
+
+@contextlib.contextmanager
+def library_shims() -> Iterator[None]:
+    """While FLamby's modules import, the names its libraries removed are there again; a library
+    that still has a name keeps its own, and the libraries are left as they were afterwards."""
+    import importlib
+
+    added: list[tuple[Any, str]] = []
+    for library, names in LIBRARY_SHIMS.items():
+        try:
+            module = importlib.import_module(library)
+        except ImportError:  # FLamby's own import then says what is missing
+            continue
+        for name, stand_in in names.items():
+            if not hasattr(module, name):
+                setattr(module, name, stand_in)
+                added.append((module, name))
+    try:
+        yield
+    finally:
+        for module, name in added:
+            delattr(module, name)
+
+
 def package_version(name: str) -> str:
     module = sys.modules.get(name)
     if getattr(module, "__version__", None):

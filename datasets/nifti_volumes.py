@@ -25,7 +25,7 @@ import numpy as np
 from fedbench.data import FederatedData
 from fedbench.errors import FedbenchError
 from fedbench.hookspecs import hookimpl
-from fedbench.volumes import PatchSplit, VolumeSegmentationTask
+from fedbench.volumes import PatchSplit, VolumeSegmentationTask, centred
 from fedbench_datasets.prepared import (
     PreparedDataset,
     Scan,
@@ -95,16 +95,7 @@ def on_grid(
     tensor = torch.from_numpy(np.ascontiguousarray(volume))[None, None]
     mode = "nearest-exact" if nearest else "trilinear"
     resampled = F.interpolate(tensor, size=size, mode=mode)[0, 0].numpy()
-    out = np.zeros(shape, dtype=np.float32)
-    source, dest = [], []
-    for n, m in zip(resampled.shape, shape):
-        start = max(0, (n - m) // 2)
-        offset = max(0, (m - n) // 2)
-        width = min(n, m)
-        source.append(slice(start, start + width))
-        dest.append(slice(offset, offset + width))
-    out[tuple(dest)] = resampled[tuple(source)]
-    return out
+    return centred(resampled, shape)
 
 
 class NiftiVolumes(PreparedDataset):

@@ -18,8 +18,25 @@ from fedbench.errors import FedbenchError
 from fedbench.task import SegmentationTask
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
     from torch import nn
+
+
+def centred(volume: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """`volume` centre-cropped or zero-padded to `shape` (its trailing axes), as float32."""
+    import numpy as np
+
+    lead = volume.shape[: volume.ndim - len(shape)]
+    out = np.zeros((*lead, *shape), dtype=np.float32)
+    source, dest = [slice(None)] * len(lead), [slice(None)] * len(lead)
+    for n, m in zip(volume.shape[len(lead) :], shape):
+        width = min(n, m)
+        start, offset = max(0, (n - m) // 2), max(0, (m - n) // 2)
+        source.append(slice(start, start + width))
+        dest.append(slice(offset, offset + width))
+    out[tuple(dest)] = volume[tuple(source)]
+    return out
 
 
 def checked_patch(patch: Sequence[int], spatial: Sequence[int]) -> tuple[int, ...]:

@@ -78,3 +78,20 @@ def test_sgd_momentum_is_a_setting():
     for bad in ("train.momentum=1", "train.momentum=-0.1"):
         with pytest.raises(FedbenchError, match="train.momentum"):
             resolved_config(bad)
+
+
+def test_adamw_decays_weights_apart_from_the_gradient():
+    """AdamW (FLamby's Fed-IXI optimizer): with a zero gradient Adam leaves a weight where it is,
+    AdamW shrinks it by lr * 0.01 (torch's default decoupled weight decay)."""
+    from fedbench.engine.clients import optimizer_factory
+
+    moved = {}
+    for name in ("adam", "adamw"):
+        param = torch.nn.Parameter(torch.ones(2))
+        optimizer = optimizer_factory(resolved_config(f"train.optimizer={name}")["train"])([param])
+        param.grad = torch.zeros(2)
+        optimizer.step()
+        moved[name] = 1 - param.detach()
+    lr = resolved_config()["train"]["lr"]
+    assert torch.equal(moved["adam"], torch.zeros(2))
+    torch.testing.assert_close(moved["adamw"], torch.full((2,), lr * 0.01))

@@ -30,6 +30,8 @@ def optimizer_factory(train_cfg: Config) -> Callable[[Any], torch.optim.Optimize
         momentum = train_cfg["momentum"]
         return lambda params: torch.optim.SGD(params, lr=lr, momentum=momentum)
     amsgrad = train_cfg["amsgrad"]
+    if train_cfg["optimizer"] == "adamw":  # torch's decoupled weight decay, 0.01 (FLamby's IXI)
+        return lambda params: torch.optim.AdamW(params, lr=lr, amsgrad=amsgrad)
     return lambda params: torch.optim.Adam(params, lr=lr, amsgrad=amsgrad)
 
 

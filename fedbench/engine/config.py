@@ -41,7 +41,7 @@ PRESETS: dict[str, Config] = {
 }
 
 POSITIVE = ("train.rounds", "train.local_epochs", "train.batch_size", "train.lr", "eval.batch_size")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("fp32", "bf16")  # fedbench.engine.precision applies them
 #: settings a config holds only once `--set` gives them, each with the value its type is read
 #: from, so that adding one changes no existing run's settings (nor their hash). Local steps:
