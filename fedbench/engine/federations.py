@@ -121,7 +121,7 @@ def cached_or_trained(
         blamed_on(f"method '{run.method.name}' failed in training"),
         deterministic_mode(run.config["train"]),
     ):
-        federation = train_federation(
+        federation = (run.trainer or train_federation)(
             data,
             sites,
             run.method,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,6 +75,9 @@ class Run:
     device: torch.device
     #: fedbench's version and each used plugin's source hash, read at resolve time
     code: dict[str, str] = field(default_factory=dict)
+    #: what trains a federation, with `train_federation`'s signature: None for the in-process
+    #: engine; a bridge's own (fedbench.flower), which marks its runs in `config["backend"]`
+    trainer: Callable[..., Any] | None = None
 
     @property
     def adapter_name(self) -> str | None:

@@ -14,28 +14,19 @@ from torch import nn
 
 from fedbench.adapter import TrainedFederation
 from fedbench.data import FederatedData, Site, Split
-from fedbench.engine import boundary, checkpoint, precision
+from fedbench.engine import boundary, checkpoint
 from fedbench.engine.boundary import copied
 from fedbench.engine.clients import Client, Setup, client_stream
-from fedbench.engine.config import Config, clients_per_round
+from fedbench.engine.config import Config
 from fedbench.engine.profiling import PROFILE
-from fedbench.errors import PluginFailure, blamed_on
-from fedbench.method import Method, State, clone_state, state_nbytes, weighted_mean
-from fedbench.storage import stable_hash
+from fedbench.engine.server import ModelBuilder, Server, initial_model, instance
+from fedbench.errors import PluginFailure
+from fedbench.method import Method, State, clone_state
 from fedbench.task import Task
 
 #: called after each round with (round, validation scores per site, replayed): replayed is
 #: True for a round restored from a checkpoint or a cached federation, heard again
 RoundCallback = Callable[[int, dict[str, float], bool], None]
-ModelBuilder = Callable[[], nn.Module]
-
-
-def instance(method_cls: type[Method], config: Config, clients: int, client: int | None) -> Method:
-    """The server's (`client` None) or one client's own instance of the method."""
-    with blamed_on(f"method '{method_cls.name}' failed in __init__"):
-        method = method_cls(config["method"], clients)
-    method.client = client
-    return method
 
 
 def validation_score(model: nn.Module, split: Split, task: Task, batch_size: int) -> float:
@@ -45,9 +36,9 @@ def validation_score(model: nn.Module, split: Split, task: Task, batch_size: int
     return task.validation_score(outputs, split.targets, split.cases)
 
 
-class Training:
-    """One federated training in progress: the server side (the method's server instance, the
-    global state) and the clients (`fedbench.engine.clients`), the participation and the cost."""
+class Training(Server):
+    """One federated training in progress, in this process: the server side (`Server`) and the
+    clients (`fedbench.engine.clients`), each with its own method instance, state and stream."""
 
     def __init__(
         self,
@@ -59,14 +50,10 @@ class Training:
         seed: int,
         device: torch.device,
     ) -> None:
-        self.task, self.sites, self.config, self.device = data.task, sites, config, device
+        self.task, self.sites, self.device = data.task, sites, device
         self.build_model = build_model
-        torch.manual_seed(seed)
-        self.model = precision.laid_out(build_model().to(device), config["train"])
-        self.pooled = method_cls.pooled
-        self.server = instance(method_cls, config, len(sites), None)
-        self.shared = list(boundary.call(self.server, "shared_keys", self.model))
-        self.global_state = clone_state(self.model.state_dict())
+        model = initial_model(build_model, config, seed, device)
+        super().__init__(method_cls, model, config, len(sites), seed)
         self.clients = [
             Client(
                 i,
@@ -86,26 +73,7 @@ class Training:
                     f"instance and client {client.index}'s; expected the same keys on every side"
                 )
         self.setup = Setup(self.task, config["train"], device, tuple(self.shared))
-        # the server's stream: drawing clients never shifts a client's own draws
-        self.sampler = torch.Generator().manual_seed(int(stable_hash(["clients", seed])[:15], 16))
-        self.participation: list[list[int]] = []
         self.finished: list[State] | None = None
-        self.cost = {
-            "bytes_up": 0,
-            "bytes_down": 0,
-            "client_steps": 0,
-            "rounds": 0,
-            "clients": len(self.clients),
-            "train_s": 0.0,  # seconds of training and validation, summed over resumed parts
-            **({"bytes_data_statistics": 0} if method_cls.shares_data else {}),
-        }
-
-    def count_data_statistics(self, payload: State, extras: State) -> None:
-        """Bytes of the statistics of client data the method declares (`shares_data`), both ways:
-        in bytes_up and bytes_down already, counted apart too so the board can say so."""
-        for part in (payload, extras) if self.server.shares_data else ():
-            sent = {k: v for k, v in part.items() if k in self.server.shares_data}
-            self.cost["bytes_data_statistics"] += state_nbytes(sent)
 
     def client_splits(self) -> list[tuple[Split, Split]]:
         """Each client's (train, validation) splits on the device: one per site, or a single
@@ -115,48 +83,21 @@ class Training:
             pairs = [(Split.concat([t for t, _ in pairs]), Split.concat([v for _, v in pairs]))]
         return [(t.to(self.device), v.to(self.device)) for t, v in pairs]
 
-    def shared_global(self) -> State:
-        """The global shared state as the server holds it (references, not a message)."""
-        return {k: self.global_state[k] for k in self.shared}
-
-    def participants(self) -> list[int]:
-        """This round's clients: all of them, or `train.clients_per_round` drawn without
-        replacement from the sampling stream (nothing is drawn when all take part)."""
-        total = len(self.clients)
-        count = clients_per_round(self.config["train"]["clients_per_round"], total)
-        if count == total:
-            return list(range(total))
-        return sorted(torch.randperm(total, generator=self.sampler)[:count].tolist())
-
     def run_round(self) -> None:
         """The round's clients train locally from the global model, then the server updates it.
         Every message crosses as a copy and is counted."""
         round_index = self.cost["rounds"] + 1
         shared_global = self.shared_global()
-        chosen = self.participants()
-        self.participation.append(chosen)
         updates = []
-        for i in chosen:
-            payload = boundary.call(self.server, "server_payload", i)
-            payload = boundary.extras(self.server, "server_payload", payload)
+        for i in self.participants():
+            payload = self.payload(i)
             with PROFILE.phase("local training"):
                 update = self.clients[i].local_update(
                     self.model, self.setup, copied(shared_global), copied(payload), round_index
                 )
-            self.cost["client_steps"] += update.steps
+            self.count(shared_global, payload, update)
             updates.append(update)
-            if not self.pooled:  # pooled training moves data, not models
-                self.cost["bytes_down"] += state_nbytes(shared_global) + state_nbytes(payload)
-                self.cost["bytes_up"] += state_nbytes(update.state) + state_nbytes(update.extras)
-                self.count_data_statistics(payload, update.extras)
-        # a method sharing no keys may still send extras (FedAMP), read in server_update
-        if self.shared or any(u.extras for u in updates):
-            with PROFILE.phase("aggregation"):
-                new = boundary.call(self.server, "server_update", shared_global, updates)
-                self.global_state.update(
-                    boundary.like(self.server, "server_update", new, shared_global)
-                )
-        self.cost["rounds"] += 1
+        self.apply(shared_global, updates)
 
     def personalized(self, site_index: int) -> State:
         """The model site `site_index` keeps (the global model for pooled training)."""
@@ -190,20 +131,14 @@ class Training:
         return finished
 
     def unseen_site_model(self) -> tuple[State, int]:
-        """The global model an unseen site receives, and the bytes it took: the shared state,
-        with every key the server never shared filled by the sample-weighted mean of the
-        clients' own values (each client sends those once, after the last round)."""
-        own = [k for k in self.global_state if k not in self.shared]
+        """The global model an unseen site receives (`Server.unseen_site_state`), each taking
+        part client sending its values of the keys the server never shared."""
+        own = self.own_keys()
         taking_part = sorted({i for chosen in self.participation for i in chosen})
-        sent = 0
-        state = clone_state(self.global_state)
-        if own and taking_part:
-            parts = [copied({k: self.clients[i].state[k] for k in own}) for i in taking_part]
-            sizes = [len(self.clients[i].train) for i in taking_part]
-            state.update(weighted_mean(parts, sizes))
-            sent = sum(state_nbytes(p) for p in parts)
-        given = boundary.call(self.server, "unseen_site_state", state)
-        return boundary.like(self.server, "unseen_site_state", given, state), sent
+        if not own or not taking_part:
+            return self.unseen_site_state([], [])
+        parts = [copied({k: self.clients[i].state[k] for k in own}) for i in taking_part]
+        return self.unseen_site_state(parts, [len(self.clients[i].train) for i in taking_part])
 
     def validate(self) -> dict[str, float]:
         """Validation score of each site's personalized model."""
@@ -265,11 +200,7 @@ class Training:
         """The models handed to unseen sites (independent copies) with cost and history, and
         the validation-best ones when `best` (what `_update_best` kept) is given. The one-time
         upload of unshared keys happens (and is counted) only `for_unseen_site`."""
-        cost: dict[str, Any] = dict(self.cost)
-        per = max(1, sum(len(chosen) for chosen in self.participation))  # client-rounds
-        cost["bytes_up_per_client_round"] = cost["bytes_up"] // per
-        cost["bytes_down_per_client_round"] = cost["bytes_down"] // per
-        cost["participation"] = [list(chosen) for chosen in self.participation]
+        cost: dict[str, Any] = self.round_cost()
         global_state = None
         if self.server.has_global_model and for_unseen_site:
             global_state, sent = self.unseen_site_model()
