@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
-from fedbench.cli import datasets, grid, plugin, results, run, tune  # noqa: F401  (each registers)
+from fedbench.cli import datasets, flower, grid, plugin, results, run, tune  # noqa: F401
 from fedbench.cli.app import app
 from fedbench.errors import one_line
 

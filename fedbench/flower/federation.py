@@ -17,7 +17,7 @@ from fedbench.engine.config import Config
 from fedbench.engine.server import Server, initial_model
 from fedbench.errors import FedbenchError
 from fedbench.flower.records import from_record, to_record
-from fedbench.flower.strategy import Exchange, MethodStrategy, cost_of_flower
+from fedbench.flower.strategy import ClientFailed, Exchange, MethodStrategy, cost_of_flower
 from fedbench.method import Method, State
 
 if TYPE_CHECKING:
@@ -40,28 +40,31 @@ def supported(method_cls: type[Method], config: Config) -> None:
 
 def connect(grid: Grid, sites: list[str], timeout: float) -> dict[int, int]:
     """{client index: node id}: every site's node, found by asking each connected node which
-    site it is; waits up to `timeout` seconds for as many nodes as sites."""
+    site it is, once as many nodes as sites are connected or `timeout` seconds have passed; a
+    site no node answers for fails the run (ClientFailed, naming it)."""
     from flwr.app import Message, RecordDict
 
     deadline = time.monotonic() + timeout
-    while len(list(grid.get_node_ids())) < len(sites):
-        if time.monotonic() > deadline:
-            found = len(list(grid.get_node_ids()))
-            raise FedbenchError(f"{found} of {len(sites)} nodes connected within {timeout:g} s")
+    while len(list(grid.get_node_ids())) < len(sites) and time.monotonic() < deadline:
         time.sleep(POLL_S)
     ids = list(grid.get_node_ids())
     asked = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in ids]
     nodes: dict[int, int] = {}
     for reply in grid.send_and_receive(asked, timeout=timeout):
-        if reply.has_error():
-            raise FedbenchError(reply.error.reason)
+        if reply.has_error() and reply.metadata.src_node_id in ids:
+            raise ClientFailed(f"{reply.error.reason} (round 0, connecting)")
+        if reply.has_error():  # the SuperLink answers for a node it lost: not a site
+            continue
         site = str(reply.content["meta"]["site"])
         if site in (sites[i] for i in nodes):
             raise FedbenchError(f"two nodes say they are site {site}")
         nodes[sites.index(site)] = reply.metadata.src_node_id
     missing = [s for i, s in enumerate(sites) if i not in nodes]
     if missing:
-        raise FedbenchError(f"no node is site {', '.join(missing)}")
+        raise ClientFailed(
+            f"site {', '.join(missing)}: no node answered as this site within {timeout:g} s "
+            "(round 0, connecting)"
+        )
     return nodes
 
 

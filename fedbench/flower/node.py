@@ -21,7 +21,7 @@ from fedbench.engine.registry import load_registry
 from fedbench.engine.resolve import Run, resolve
 from fedbench.engine.server import initial_model, instance
 from fedbench.engine.training import validation_score
-from fedbench.errors import FedbenchError
+from fedbench.errors import Diverged, FedbenchError
 from fedbench.flower.plan import Plan
 from fedbench.flower.records import from_blob, from_record, to_blob, to_record
 from fedbench.method import Method
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 #: the node config key naming a deployed node's site, and one pointing at its own data
 SITE_KEY, DATA_KEY = "site", "data-path"
+#: error codes of a node's reply: its client diverged (a non-finite loss), or failed otherwise
+FAILED, DIVERGED = 1, 2
 
 
 @functools.lru_cache(maxsize=4)
@@ -149,6 +151,12 @@ def finish(node: Node, message: Message) -> dict[str, Any]:
 Handler = Callable[[Node, "Message"], dict[str, Any]]
 
 
+def failure(exc: Exception, site: object) -> tuple[int, str]:
+    """A node's error reply: DIVERGED or FAILED, and one line naming the site."""
+    line = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return DIVERGED if isinstance(exc, Diverged) else FAILED, f"site {site}: {line}"
+
+
 def replying(plan: Plan | None, handler: Handler) -> Callable[[Message, Context], Message]:
     """A ClientApp function: the node restored, `handler` run, the node saved, its result sent
     (ArrayRecords as they are, dicts as a ConfigRecord, `scores` as a MetricRecord); an exception
@@ -166,8 +174,7 @@ def replying(plan: Plan | None, handler: Handler) -> Callable[[Message, Context]
                 result = handler(node, message)
             node.save(context)
         except Exception as exc:  # the server names the site and the round
-            line = " ".join(f"{type(exc).__name__}: {exc}".split())
-            return Message(Error(code=1, reason=f"site {site}: {line}"), reply_to=message)
+            return Message(Error(*failure(exc, site)), reply_to=message)
         content = RecordDict()
         for key, value in result.items():
             if isinstance(value, ArrayRecord):

@@ -13,7 +13,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp.strategy import Strategy
 
 from fedbench.engine.server import Server
-from fedbench.errors import PluginFailure
+from fedbench.errors import Diverged, PluginFailure
+from fedbench.flower.node import DIVERGED
 from fedbench.flower.records import from_record, to_record, wire_bytes
 from fedbench.method import ClientUpdate, State
 
@@ -53,17 +54,21 @@ class Exchange:
         without a reply raises ClientFailed."""
         by_node = {node: client for client, node in self.nodes.items()}
         got: dict[int, RecordDict] = {}
+        why = f"within {self.timeout:g} s: its node stopped or lost its connection"
         for answer in answers:
-            client = by_node[answer.metadata.src_node_id]
+            client = by_node.get(answer.metadata.src_node_id)
+            if client is None:  # the SuperLink answers for a node it lost (no heartbeat)
+                why = " ".join(answer.error.reason.split()) if answer.has_error() else why
+                continue
             if answer.has_error():
-                raise ClientFailed(f"{answer.error.reason} (round {round_index}, {phase})")
+                line = f"{answer.error.reason} (round {round_index}, {phase})"
+                raise Diverged(line) if answer.error.code == DIVERGED else ClientFailed(line)
             self.flower_bytes["up"] += wire_bytes(answer)
             got[client] = answer.content
         silent = [self.sites[c] for c in wanted if c not in got]
         if silent:
             raise ClientFailed(
-                f"site {', '.join(silent)}: no reply in round {round_index} ({phase}) within "
-                f"{self.timeout:g} s: its node stopped or lost its connection"
+                f"site {', '.join(silent)}: no reply in round {round_index} ({phase}) {why}"
             )
         return got
 
