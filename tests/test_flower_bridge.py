@@ -70,7 +70,9 @@ def test_a_failed_reply_names_the_site_and_the_round():
 def test_a_missing_reply_names_the_silent_site():
     from fedbench.flower.strategy import ClientFailed
 
-    with pytest.raises(ClientFailed, match=r"^site A, C: no reply in round 4 \(validation\)"):
+    with pytest.raises(
+        ClientFailed, match=r"^site A, C: no reply in round 4 \(validation\): none within 5 s"
+    ):
         exchange().checked([0, 1, 2], [reply(11)], 4, "validation")
 
 
@@ -79,7 +81,7 @@ def test_a_node_the_superlink_lost_is_named_with_flowers_reason():
 
     lost = reply(1, (5, "Error: Node Unavailable - no heartbeat"))  # from the SuperLink itself
     with pytest.raises(
-        ClientFailed, match=r"^site B: no reply in round 2 \(training\) Error: Node"
+        ClientFailed, match=r"^site B: no reply in round 2 \(training\): Error: Node"
     ):
         exchange().checked([0, 1], [reply(10), lost], 2, "training")
 

@@ -7,9 +7,12 @@ Flower's simulated nodes does, so both do the same arithmetic."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 pytestmark = [
     pytest.mark.slow,
@@ -80,3 +83,34 @@ def test_a_flower_simulation_equals_the_in_process_run(method, tmp_path, single_
     for key in ("bytes_up", "bytes_down", "client_steps", "participation"):
         assert theirs.cost[key] == ours.cost[key], key
     assert theirs.cost["flower_bytes_train_down"] >= ours.cost["bytes_down"]
+
+
+def invoke(*args: str):
+    from fedbench.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def test_a_flower_run_writes_a_normal_record_a_board_tells_apart(tmp_path):
+    results = str(tmp_path / "results")
+    common = ["--method", "fedavg", "--preset", "quick", "--results-dir", results, "--json"]
+    flower = invoke("flower", "run", *common, "--holdout", "BIDMC")
+    assert flower.exit_code == 0, flower.output
+    record = json.loads(flower.stdout)
+    assert record["status"] == "ok" and record["holdouts"] == ["BIDMC"]
+    assert record["config"]["backend"]["engine"] == "simulation"
+    assert {m["regime"] for m in record["metrics"]} == {"inside", "outside"}
+    ours = invoke("run", *common, "--holdout", "BIDMC")
+    assert ours.exit_code == 0, ours.output
+    board = invoke("leaderboard", "--results-dir", results, "--group-by", "backend.engine")
+    assert board.exit_code == 0, board.output
+    assert "backend.engine=simulation" in board.stdout and "backend.engine=-" in board.stdout
+
+
+def test_a_client_that_diverges_is_recorded_diverged_naming_its_site_and_round(tmp_path):
+    args = ["--method", "fedavg", "--preset", "quick", "--holdout", "none", "--json"]
+    result = invoke("flower", "run", *args, "--set", "train.lr=1e9", "--results-dir", str(tmp_path))
+    assert result.exit_code != 0
+    record = json.loads(result.stdout)
+    assert record["status"] == "diverged"
+    assert re.match(r"^site \w+: Diverged: .* \(round \d+, training\)", record["error"])

@@ -54,7 +54,7 @@ class Exchange:
         without a reply raises ClientFailed."""
         by_node = {node: client for client, node in self.nodes.items()}
         got: dict[int, RecordDict] = {}
-        why = f"within {self.timeout:g} s: its node stopped or lost its connection"
+        why = f"none within {self.timeout:g} s: its node stopped or lost its connection"
         for answer in answers:
             client = by_node.get(answer.metadata.src_node_id)
             if client is None:  # the SuperLink answers for a node it lost (no heartbeat)
@@ -68,7 +68,7 @@ class Exchange:
         silent = [self.sites[c] for c in wanted if c not in got]
         if silent:
             raise ClientFailed(
-                f"site {', '.join(silent)}: no reply in round {round_index} ({phase}) {why}"
+                f"site {', '.join(silent)}: no reply in round {round_index} ({phase}): {why}"
             )
         return got
 
