@@ -17,6 +17,7 @@ from fedbench.cli.run import print_summary
 flower_app = typer.Typer(
     help="Run a method through Flower (simulation), or write a Flower app to deploy it.",
     no_args_is_help=True,
+    add_completion=False,
 )
 
 
@@ -35,12 +36,13 @@ def run_command(
     results_dir: Annotated[Path, typer.Option(help="Where records go.")] = Path("results"),
     json_: Annotated[bool, typer.Option("--json", help="Print only the run record.")] = False,
 ) -> None:
-    """`fedbench run`, with every federation trained on Flower's simulation engine (one virtual
-    SuperNode per site); the record's config says so (`backend`)."""
-    from fedbench.engine.resolve import RunSpec
-    from fedbench.flower.run import flower_run, plan_of, require_flower, simulation_trainer
+    """`fedbench run` with every federation trained on Flower's simulation engine."""
+    from fedbench.flower import require_flower
 
     require_flower()
+    from fedbench.engine.resolve import RunSpec
+    from fedbench.flower.run import flower_run, plan_of, simulation_trainer
+
     spec = RunSpec(
         method=method,
         adapter=adapter,
@@ -76,6 +78,9 @@ def new_command(
     ] = None,
 ) -> None:
     """Write a Flower app project that runs METHOD on DATASET over SuperNodes, one per site."""
+    from fedbench.flower import require_flower
+
+    require_flower()
     from fedbench.engine.registry import load_registry
     from fedbench.engine.resolve import RunSpec, resolve
     from fedbench.flower.federation import supported

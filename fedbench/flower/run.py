@@ -18,29 +18,15 @@ from fedbench.engine.reporter import Reporter
 from fedbench.engine.resolve import Run, RunSpec, resolve
 from fedbench.engine.run import Outcome, execute
 from fedbench.errors import FedbenchError
+from fedbench.flower import FLOWER_VERSION, require_flower
 from fedbench.flower.federation import supported, train_over_grid
 from fedbench.flower.plan import Plan
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
 
-#: the Flower release the bridge is written and tested for (the `flower` extra pins it)
-FLOWER_VERSION = "1.42.0"
 ROUND_TIMEOUT_S = 600.0
 Trainer = Callable[..., Any]
-
-
-def require_flower() -> None:
-    """One line when Flower is missing or another release than the bridge's."""
-    try:
-        import flwr
-    except ImportError:
-        raise FedbenchError("the Flower bridge needs flwr: pip install fedbench[flower]") from None
-    if flwr.__version__ != FLOWER_VERSION:
-        raise FedbenchError(
-            f"the Flower bridge is written for flwr {FLOWER_VERSION}, this is "
-            f"{flwr.__version__}: pip install 'fedbench[flower]'"
-        )
 
 
 def plan_of(spec: RunSpec) -> Plan:
