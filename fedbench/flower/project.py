@@ -79,7 +79,7 @@ def write_project(folder: Path, plan: Plan, sites: list[str]) -> list[Path]:
 
 def readme(plan: Plan, sites: list[str]) -> str:
     nodes = "\n".join(
-        f"flower-supernode --insecure --superlink 127.0.0.1:9092 --port {9094 + i} "
+        f"flower-supernode --insecure --superlink 127.0.0.1:8000 --port {9094 + i} "
         f"--node-config \"site='{site}'\" &"
         for i, site in enumerate(sites)
     )
@@ -95,7 +95,7 @@ On one machine, without TLS (a test):
 flower-superlink --insecure --disable-runtime-dependency-installation &
 {nodes}
 flwr run . local-fedbench --stream   # local-fedbench: [superlink.local-fedbench] in
-                                     # $FLWR_HOME/config.toml, address "127.0.0.1:9093",
+                                     # $FLWR_HOME/config.toml, address "127.0.0.1:8000",
                                      # insecure = true
 ```
 
