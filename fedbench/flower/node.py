@@ -24,7 +24,7 @@ from fedbench.engine.training import validation_score
 from fedbench.errors import Diverged, FedbenchError
 from fedbench.flower.plan import Plan
 from fedbench.flower.records import from_blob, from_record, to_blob, to_record
-from fedbench.method import Method
+from fedbench.method import Method, State, clone_state
 
 if TYPE_CHECKING:
     from flwr.app import Context, Message
@@ -38,15 +38,16 @@ FAILED, DIVERGED = 1, 2
 
 
 @functools.lru_cache(maxsize=4)
-def loaded(plan: Plan, data_path: str | None) -> tuple[Run, FederatedData, nn.Module]:
-    """The run, its data and a scratch network, once per process (a node's messages reuse them)."""
+def loaded(plan: Plan, data_path: str | None) -> tuple[Run, FederatedData, nn.Module, State]:
+    """The run, its data, a scratch network and the federation's first model state, once per
+    process (its messages, of any node it serves, reuse them)."""
     spec = plan.spec()
     if data_path:
         spec.overrides.append(f"data.path={data_path}")
     run = resolve(spec, load_registry())
     data = run.dataset.load(run.config["data"], plan.seed, spec.results_dir / "cache")
     model = initial_model(lambda: run.build_model(data.task), run.config, plan.seed, run.device)
-    return run, data, model
+    return run, data, model, clone_state(model.state_dict())
 
 
 def federation_sites(data: FederatedData, holdout: str | None) -> list[Site]:
@@ -77,7 +78,7 @@ class Node:
 
     @classmethod
     def restore(cls, plan: Plan, context: Context) -> Node:
-        run, data, model = loaded(plan, context.node_config.get(DATA_KEY))
+        run, data, model, first = loaded(plan, context.node_config.get(DATA_KEY))
         sites = federation_sites(data, plan.holdout)
         index = own_site(plan, context, sites)
         method = instance(run.method, run.config, len(sites), index)
@@ -86,8 +87,8 @@ class Node:
         if "state" in kept:
             state = from_record(kept["state"])
             method.load_state_dict(from_blob(kept["method"]))
-        else:
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:  # its first message: the federation's first model, as every client starts
+            state = clone_state(first)
         generator = client_stream(plan.seed, index)
         if "generator" in kept:
             generator.set_state(from_blob(kept["generator"]))
