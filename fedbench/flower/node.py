@@ -107,7 +107,7 @@ class Node:
 
 
 def hello(node: Node, message: Message) -> dict[str, Any]:
-    """Which site this node is and how many samples it trains on."""
+    """Which site this node is (the server matches nodes to clients by it)."""
     return {"meta": {"site": node.site.name, "index": node.client.index}}
 
 
