@@ -170,7 +170,7 @@ class FlambyVolumes(FlambyDataset):
         read, first = {}, None
         for i, name in enumerate(names):
             train, test = self.centre(i, True, cfg), self.centre(i, False, cfg)
-            first = first or train
+            first = train if first is None else first
             read[name] = (self.read(train, f"{name} train"), self.read(test, f"{name} test"))
         every = [case for pair in read.values() for part in pair for case in part]
         shape = self.shape(cfg, every)
