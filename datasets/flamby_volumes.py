@@ -57,14 +57,19 @@ def kits_cases(fed: Any) -> Iterator[Case]:
     (outside the cropped body) is background."""
     for entry in fed.images_path.values():
         npy = Path(entry["data_file"][:-4] + ".npy")
-        data = np.load(npy) if npy.is_file() else np.load(entry["data_file"])["data"]
+        if npy.is_file():
+            data = np.load(npy)
+        else:
+            with np.load(entry["data_file"]) as archive:
+                data = archive["data"]
         yield data[:-1].astype(np.float32), np.clip(data[-1], 0, None).astype(np.int64)
 
 
-def kits_spacing(fed: Any) -> tuple[float, ...] | None:
-    """The one spacing nnU-Net resampled the centre's cases to, from their properties."""
+def kits_spacing(feds: list[Any]) -> tuple[float, ...] | None:
+    """The one spacing nnU-Net resampled every case to, from the cases' properties."""
     spacings = {
         tuple(float(s) for s in entry["properties"]["spacing_after_resampling"])
+        for fed in feds
         for entry in fed.images_path.values()
     }
     if len(spacings) > 1:
@@ -79,7 +84,7 @@ class Source:
     cases: Callable[[Any], Iterator[Case]]
     classes: tuple[str, ...]
     patch: Callable[[Any], tuple[int, ...]]
-    spacing: Callable[[Any], tuple[float, ...] | None] = lambda fed: None
+    spacing: Callable[[list[Any]], tuple[float, ...] | None] = lambda feds: None
     takes_path: bool = True  # whether FLamby's class accepts data_path
     softmax_output: bool = False  # whether FLamby's Baseline ends in a softmax
 
@@ -167,14 +172,14 @@ class FlambyVolumes(FlambyDataset):
         if not 0 <= fraction < 1:
             raise FedbenchError(f"setting data.val_fraction must be in [0, 1), got {fraction}")
         names = self.site_names(cfg) or []
-        read, first = {}, None
+        read, feds = {}, []
         for i, name in enumerate(names):
             train, test = self.centre(i, True, cfg), self.centre(i, False, cfg)
-            first = train if first is None else first
+            feds += [train, test]
             read[name] = (self.read(train, f"{name} train"), self.read(test, f"{name} test"))
         every = [case for pair in read.values() for part in pair for case in part]
         shape = self.shape(cfg, every)
-        patch = tuple(int(n) for n in (cfg.get("patch") or self.source.patch(first)))
+        patch = tuple(int(n) for n in (cfg.get("patch") or self.source.patch(feds[0])))
         if len(patch) != len(shape) or any(p > n for p, n in zip(patch, shape)):
             raise FedbenchError(f"{self.name}: data.patch {list(patch)} does not fit {list(shape)}")
         rate = float(cfg["foreground_rate"])
@@ -186,7 +191,7 @@ class FlambyVolumes(FlambyDataset):
         task = FlambyVolumeTask(
             in_channels=every[0][0].shape[0],
             class_names=list(self.source.classes),
-            spacing=self.source.spacing(first),
+            spacing=self.source.spacing(feds),
             loss_name=cfg.get("loss", "dice_ce"),
             patch=patch,
             baseline=m.Baseline,

@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -49,11 +50,19 @@ class Federation:
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
         self.processes: dict[str, subprocess.Popen] = {}
+        self.logs: list = []
 
     def start(self, name: str, *args: str) -> None:
-        log = open(self.home / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+        """`args` in a process group of its own (what it starts is stopped with it)."""
+        log = open(self.home / f"{name}.log", "w")  # noqa: SIM115 (closed in stop)
+        self.logs.append(log)
         self.processes[name] = subprocess.Popen(
-            [str(BIN / args[0]), *args[1:]], env=self.env, stdout=log, stderr=log, cwd=self.home
+            [str(BIN / args[0]), *args[1:]],
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            cwd=self.home,
+            start_new_session=True,
         )
 
     def up(self) -> Federation:
@@ -113,19 +122,28 @@ class Federation:
             time.sleep(0.5)
 
     def stop(self) -> None:
+        """Every process group ended (terminated, then killed after 20 s); the logs closed."""
         for process in self.processes.values():
             with contextlib.suppress(ProcessLookupError):
-                process.terminate()
+                os.killpg(process.pid, signal.SIGTERM)
         for process in self.processes.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            try:
                 process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        for log in self.logs:
+            log.close()
 
 
 @pytest.fixture
 def federation(tmp_path):
-    federation = Federation(tmp_path / "flwr").up()
-    yield federation
-    federation.stop()
+    federation = Federation(tmp_path / "flwr")
+    try:
+        yield federation.up()
+    finally:
+        federation.stop()
 
 
 def new_project(folder: Path) -> Path:
@@ -176,7 +194,7 @@ def test_a_killed_supernode_fails_the_run_in_one_line_naming_its_site(federation
     project = new_project(tmp_path / "app")
     run_id = federation.run(project, "round-timeout=20.0")
     federation.wait_for_replies(len(SITES))  # each has said which site it is
-    federation.processes["BMC"].kill()
+    os.killpg(federation.processes["BMC"].pid, signal.SIGKILL)
     deadline = time.monotonic() + 300
     while not (project / "results" / "runs").is_dir() or not records(project):
         assert time.monotonic() < deadline, "no record within 300 s"

@@ -56,6 +56,8 @@ def connect(grid: Grid, sites: list[str], timeout: float) -> dict[int, int]:
         if reply.has_error():  # the SuperLink answers for a node it lost: not a site
             continue
         site = str(reply.content["meta"]["site"])
+        if site not in sites:
+            raise FedbenchError(f"a node says it is site {site}, not one of {', '.join(sites)}")
         if site in (sites[i] for i in nodes):
             raise FedbenchError(f"two nodes say they are site {site}")
         nodes[sites.index(site)] = reply.metadata.src_node_id
@@ -99,9 +101,9 @@ def train_over_grid(
     strategy = MethodStrategy(server, exchange, on_scores, validate)
     rounds = int(config["train"]["rounds"])
     strategy.start(grid, to_record(server.shared_global()), num_rounds=rounds, timeout=timeout)
-    done = strategy.finish(rounds, server.own_keys())
+    done = strategy.finish(rounds, server.own_keys() if for_unseen_site else [])
     server.cost["client_steps"] += sum(int(done[i]["meta"]["steps"]) for i in done)
-    personalized = [from_record(done[i]["personalized"]) for i in range(len(sites))]
+    personalized = [from_record(done[i]["personalized"], device) for i in range(len(sites))]
     cost = server.round_cost()
     global_state = None
     if server.server.has_global_model:
@@ -130,6 +132,7 @@ def unseen_site_model(server: Server, done: dict, for_unseen_site: bool) -> tupl
     taking_part = sorted({i for chosen in server.participation for i in chosen})
     if not server.own_keys() or not taking_part:
         return server.unseen_site_state([], [])
-    parts = [from_record(done[i]["own"]) for i in taking_part]
+    device = next(iter(server.global_state.values())).device
+    parts = [from_record(done[i]["own"], device) for i in taking_part]
     sizes = [int(done[i]["meta"]["num_samples"]) for i in taking_part]
     return server.unseen_site_state(parts, sizes)

@@ -85,7 +85,7 @@ class Node:
         shared = tuple(method.shared_keys(model))
         kept = context.state
         if "state" in kept:
-            state = from_record(kept["state"])
+            state = from_record(kept["state"], run.device)
             method.load_state_dict(from_blob(kept["method"]))
         else:  # its first message: the federation's first model, as every client starts
             state = clone_state(first)
@@ -114,11 +114,12 @@ def hello(node: Node, message: Message) -> dict[str, Any]:
 def train(node: Node, message: Message) -> dict[str, Any]:
     """One round's local update from the received global state and payload."""
     content = message.content
+    device = node.run.device
     update = node.client.local_update(
         node.model,
         node.setup,
-        from_record(content["global"]),
-        from_record(content["payload"]),
+        from_record(content["global"], device),
+        from_record(content["payload"], device),
         int(content["config"]["round"]),
     )
     meta = {"num_samples": update.num_samples, "steps": update.steps}
@@ -127,7 +128,8 @@ def train(node: Node, message: Message) -> dict[str, Any]:
 
 def evaluate(node: Node, message: Message) -> dict[str, Any]:
     """The validation score of the model this client keeps, under the new global state."""
-    node.model.load_state_dict(node.client.personalized(from_record(message.content["global"])))
+    shared = from_record(message.content["global"], node.run.device)
+    node.model.load_state_dict(node.client.personalized(shared))
     batch = node.run.config["eval"]["batch_size"]
     score = validation_score(node.model, node.site.val.to(node.run.device), node.setup.task, batch)
     return {"scores": {"val": score}}
@@ -136,7 +138,7 @@ def evaluate(node: Node, message: Message) -> dict[str, Any]:
 def finish(node: Node, message: Message) -> dict[str, Any]:
     """After the last round: the model this client keeps (after `final_update`, for methods
     with one), its values of the keys the server never shared, and the steps it took."""
-    shared = from_record(message.content["global"])
+    shared = from_record(message.content["global"], node.run.device)
     state, steps = node.client.personalized(shared), 0
     if type(node.client.method).final_update is not Method.final_update:
         rounds = int(message.content["config"]["round"])

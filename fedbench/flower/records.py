@@ -26,9 +26,10 @@ def to_record(state: State) -> ArrayRecord:
     return record
 
 
-def from_record(record: ArrayRecord) -> State:
-    """The state dict an ArrayRecord holds (tensors of their own, on the CPU)."""
-    return {key: torch.from_numpy(array.numpy().copy()) for key, array in record.items()}
+def from_record(record: ArrayRecord, device: torch.device | None = None) -> State:
+    """The state dict an ArrayRecord holds (tensors of their own, on `device`: the CPU unless
+    said, as the receiving side's engine keeps its states on its run's device)."""
+    return {key: torch.from_numpy(array.numpy().copy()).to(device) for key, array in record.items()}
 
 
 def to_blob(value: Any) -> ArrayRecord:

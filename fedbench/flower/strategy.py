@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import Strategy
 
@@ -89,6 +90,7 @@ class MethodStrategy(Strategy):
     ) -> None:
         self.server, self.exchange, self.on_scores = server, exchange, on_scores
         self.validate = validate
+        self.device = next(iter(server.global_state.values())).device  # the server's states'
         self.round_messages: dict[int, tuple[State, dict[int, State]]] = {}
         self.train_bytes = {"down": 0, "up": 0}
 
@@ -124,7 +126,7 @@ class MethodStrategy(Strategy):
         before = self.exchange.flower_bytes["up"]
         got = self.exchange.checked(list(payloads), list(replies), server_round, "training")
         self.train_bytes["up"] += self.exchange.flower_bytes["up"] - before
-        updates = [self.update(i, got[i]) for i in payloads]
+        updates = [self.update(i, got[i], self.device) for i in payloads]
         for update in updates:
             self.server.count(shared, payloads[update.client], update)
         self.server.apply(shared, updates)
@@ -133,12 +135,12 @@ class MethodStrategy(Strategy):
         return to_record(self.server.shared_global()), None
 
     @staticmethod
-    def update(client: int, content: RecordDict) -> ClientUpdate:
+    def update(client: int, content: RecordDict, device: torch.device) -> ClientUpdate:
         meta = content["meta"]
         return ClientUpdate(
-            from_record(content["state"]),
+            from_record(content["state"], device),
             int(meta["num_samples"]),
-            from_record(content["extras"]),
+            from_record(content["extras"], device),
             int(meta["steps"]),
             client,
         )
