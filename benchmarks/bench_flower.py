@@ -39,7 +39,7 @@ def test_flower_simulation_against_in_process(benchmark, tmp_path: Path) -> None
     from fedbench.engine.registry import load_registry
     from fedbench.engine.resolve import RunSpec, resolve
     from fedbench.engine.training import train_federation
-    from fedbench.flower.run import plan_of, simulation_trainer
+    from fedbench.flower.run import simulation_trainer
 
     overrides = [f"train.rounds={ROUNDS}", "eval.history=false"]
     spec = RunSpec("fedavg", dataset="synth-prostate", preset="quick", overrides=overrides)
@@ -50,7 +50,7 @@ def test_flower_simulation_against_in_process(benchmark, tmp_path: Path) -> None
     cpu = torch.device("cpu")
     trainers = {
         "in-process": lambda on_round: train_federation(*args, cpu, on_round),
-        "flower": lambda on_round: simulation_trainer(plan_of(spec))(*args, cpu, on_round),
+        "flower": lambda on_round: simulation_trainer(spec)(*args, cpu, on_round),
     }
     calls: dict[str, list[float]] = {name: [] for name in trainers}
     steady: dict[str, list[float]] = {name: [] for name in trainers}

@@ -303,16 +303,22 @@ class FlambyDataset(Dataset):
         return f"recorded your acceptance of FLamby's {self.module_name} data terms in {marker}"
 
 
-def dataset_class(module: str, folder: Path) -> type[FlambyDataset]:
-    """A FlambyDataset subclass for one FLamby module (not imported yet)."""
+D = TypeVar("D", bound=FlambyDataset)
+
+
+def dataset_class(
+    module: str, folder: Path, base: type[D] = FlambyDataset, what: str = ""
+) -> type[D]:
+    """A subclass of `base` for one FLamby module (not imported yet); `what` says how it is
+    served (" as volumes")."""
     attrs = {
         "name": flamby_dataset_name(module),
         "aliases": (module,),
         "module_name": module,
         "folder": folder,
-        "description": f"FLamby {module} (installed flamby)",
+        "description": f"FLamby {module}{what} (installed flamby)",
     }
-    return type(f"Flamby_{module}", (FlambyDataset,), attrs)
+    return type(f"{base.__name__}_{module}", (base,), attrs)
 
 
 @hookimpl

@@ -32,8 +32,8 @@ from fedbench.volumes import PatchSplit, VolumeSegmentationTask, centred
 from fedbench_datasets.flamby_bridge import (
     VOLUMETRIC,
     FlambyDataset,
+    dataset_class,
     fed_class,
-    flamby_dataset_name,
     flamby_modules,
 )
 from fedbench_datasets.flamby_support import carve_val, pandas_values_for_torch
@@ -240,19 +240,8 @@ def stacked(cases: list[Case], shape: tuple[int, ...]) -> tuple[torch.Tensor, to
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 
-def volume_class(module: str, folder: Path) -> type[FlambyVolumes]:
-    """A FlambyVolumes subclass for one volumetric FLamby module (not imported yet)."""
-    attrs = {
-        "name": flamby_dataset_name(module),
-        "aliases": (module,),
-        "module_name": module,
-        "folder": folder,
-        "description": f"FLamby {module} as volumes (installed flamby)",
-    }
-    return type(f"FlambyVolumes_{module}", (FlambyVolumes,), attrs)
-
-
 @hookimpl
 def fedbench_datasets() -> list[type]:
     found = flamby_modules()
-    return [volume_class(m, found[m]) for m in sorted(VOLUMETRIC & found.keys())]
+    modules = sorted(VOLUMETRIC & found.keys())
+    return [dataset_class(m, found[m], FlambyVolumes, " as volumes") for m in modules]

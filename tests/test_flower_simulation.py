@@ -52,7 +52,7 @@ def trained_both_ways(method: str, overrides: list[str], results_dir, holdout: s
     from fedbench.engine.registry import load_registry
     from fedbench.engine.resolve import RunSpec, resolve
     from fedbench.engine.training import train_federation
-    from fedbench.flower.run import plan_of, simulation_trainer
+    from fedbench.flower.run import simulation_trainer
 
     spec = RunSpec(
         method=method,
@@ -67,7 +67,7 @@ def trained_both_ways(method: str, overrides: list[str], results_dir, holdout: s
     sites = [s for s in data.sites if s.name != holdout]
     args = (data, sites, run.method, lambda: run.build_model(data.task), run.config, 0)
     ours = train_federation(*args, torch.device("cpu"))
-    theirs = simulation_trainer(plan_of(spec))(*args, torch.device("cpu"))
+    theirs = simulation_trainer(spec)(*args, torch.device("cpu"))
     return ours, theirs
 
 

@@ -41,7 +41,7 @@ def run_command(
 
     require_flower()
     from fedbench.engine.resolve import RunSpec
-    from fedbench.flower.run import flower_run, plan_of, simulation_trainer
+    from fedbench.flower.run import flower_run, simulation_trainer
 
     spec = RunSpec(
         method=method,
@@ -53,7 +53,7 @@ def run_command(
         overrides=list(set_ or []),
         results_dir=results_dir,
     )
-    record = flower_run(spec, "simulation", simulation_trainer(plan_of(spec))).record
+    record = flower_run(spec, "simulation", simulation_trainer(spec)).record
     if json_:
         sys.stdout.write(json.dumps(record, indent=2) + "\n")
     else:

@@ -25,6 +25,14 @@ class Plan:
     results_dir: str = "results"
     holdout: str | None = None
 
+    @classmethod
+    def of(cls, spec: RunSpec) -> Plan:
+        """The plan of a command line's run (every site: a trainer names its holdout)."""
+        return cls(
+            spec.method, spec.dataset, spec.seed, spec.preset, tuple(spec.overrides),
+            str(spec.results_dir),
+        )  # fmt: skip
+
     def spec(self) -> RunSpec:
         """The RunSpec of this plan (device: the node's own, as `auto` picks it)."""
         return RunSpec(

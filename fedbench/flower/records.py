@@ -17,19 +17,16 @@ if TYPE_CHECKING:
 
 
 def to_record(state: State) -> ArrayRecord:
-    """A state dict as an ArrayRecord, keys in order."""
-    from flwr.app import Array, ArrayRecord
+    """A state dict as an ArrayRecord, keys in order (Flower's own conversion)."""
+    from flwr.app import ArrayRecord
 
-    record = ArrayRecord()
-    for key, tensor in state.items():
-        record[key] = Array(tensor.detach().cpu().contiguous().numpy())  # 0-d stays 0-d
-    return record
+    return ArrayRecord(dict(state))
 
 
 def from_record(record: ArrayRecord, device: torch.device | None = None) -> State:
     """The state dict an ArrayRecord holds (tensors of their own, on `device`: the CPU unless
     said, as the receiving side's engine keeps its states on its run's device)."""
-    return {key: torch.from_numpy(array.numpy().copy()).to(device) for key, array in record.items()}
+    return {key: tensor.to(device) for key, tensor in record.to_torch_state_dict().items()}
 
 
 def to_blob(value: Any) -> ArrayRecord:

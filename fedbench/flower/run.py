@@ -29,17 +29,6 @@ ROUND_TIMEOUT_S = 600.0
 Trainer = Callable[..., Any]
 
 
-def plan_of(spec: RunSpec) -> Plan:
-    return Plan(
-        method=spec.method,
-        dataset=spec.dataset,
-        seed=spec.seed,
-        preset=spec.preset,
-        overrides=tuple(spec.overrides),
-        results_dir=str(spec.results_dir),
-    )
-
-
 @contextmanager
 def quiet_flower() -> Iterator[None]:
     """Flower's INFO lines (each round, each strategy step) kept off the run's output."""
@@ -52,9 +41,9 @@ def quiet_flower() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def simulation_trainer(plan: Plan, timeout: float = ROUND_TIMEOUT_S) -> Trainer:
-    """A trainer (`train_federation`'s signature) that runs each federation on Flower's
-    simulation engine: one virtual node per site, each loading its own site."""
+def simulation_trainer(spec: RunSpec, timeout: float = ROUND_TIMEOUT_S) -> Trainer:
+    """A trainer (`train_federation`'s signature) that runs each federation of `spec`'s run on
+    Flower's simulation engine: one virtual node per site, each loading its own site."""
 
     def train(data, sites, method_cls, build_model, config, seed, device, on_round=None, **kw):
         from flwr.serverapp import ServerApp
@@ -70,10 +59,9 @@ def simulation_trainer(plan: Plan, timeout: float = ROUND_TIMEOUT_S) -> Trainer:
         @server.main()
         def main(grid: Grid, context: Any) -> None:
             try:
-                outcome["federation"] = train_over_grid(
-                    grid, names, method_cls, build_model, config, seed, device, on_round,
-                    kw.get("history", True), kw.get("for_unseen_site", True), timeout,
-                )  # fmt: skip
+                outcome["federation"] = grid_trainer(grid, timeout)(
+                    data, sites, method_cls, build_model, config, seed, device, on_round, **kw
+                )
             except BaseException as exc:  # handed back to the run, which records it
                 outcome["error"] = exc
 
@@ -81,7 +69,7 @@ def simulation_trainer(plan: Plan, timeout: float = ROUND_TIMEOUT_S) -> Trainer:
         with quiet_flower():
             run_simulation(
                 server,
-                client_app(replace(plan, holdout=holdout)),
+                client_app(replace(Plan.of(spec), holdout=holdout)),
                 num_supernodes=len(sites),
                 backend_config={
                     "client_resources": resources,

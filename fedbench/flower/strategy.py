@@ -114,9 +114,9 @@ class MethodStrategy(Strategy):
                 }
             )
             messages.append(self.exchange.message(i, content, "train"))
-        before = self.exchange.flower_bytes["down"]
-        self.exchange.flower_bytes["down"] += sum(wire_bytes(m) for m in messages)
-        self.train_bytes["down"] += self.exchange.flower_bytes["down"] - before
+        sent = sum(wire_bytes(m) for m in messages)
+        self.exchange.flower_bytes["down"] += sent
+        self.train_bytes["down"] += sent
         return messages
 
     def aggregate_train(
